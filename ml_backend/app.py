@@ -1,0 +1,171 @@
+"""The HTTP face Label Studio talks to: an app factory, no app or model object at import time."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from ml_backend.config import BackendConfig
+from ml_backend.errors import BackendError, BadRequest, Unauthorized
+from ml_backend.intake import handle_event
+from ml_backend.label_schema import parse_label_config
+from ml_backend.label_studio import WebhookSync
+from ml_backend.metrics import CONTENT_TYPE, Metrics
+from ml_backend.store import Store
+
+logger = logging.getLogger(__name__)
+
+MODEL_CLASS = "RLHFBackend"
+UNTRAINED_VERSION = "untrained"
+OPEN_ENDPOINTS = {"health", "index"}
+
+
+class Services:
+    """What a worker process holds: config, store and metrics (models join lazily, per worker)."""
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        self.store = Store(config.db_path).initialize()
+        self.metrics = Metrics(self.store)
+        self.webhook_sync = WebhookSync(config)
+
+    def model_version(self, project_id: int | None = None) -> str:
+        if project_id is not None:
+            project = self.store.project(project_id)
+            if project is not None and project.model_version:
+                return project.model_version
+        return UNTRAINED_VERSION
+
+
+def create_app(config: BackendConfig | None = None) -> Flask:
+    config = config or BackendConfig.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    services = Services(config)
+    app.extensions["rlhf"] = services
+
+    _register_hooks(app, services)
+    _register_routes(app, services)
+    _register_errors(app)
+    return app
+
+
+def _register_hooks(app: Flask, services: Services) -> None:
+    @app.before_request
+    def _start() -> None:
+        g.started = time.perf_counter()
+        if services.config.auth_enabled and request.endpoint not in OPEN_ENDPOINTS:
+            _check_basic_auth(services.config)
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        endpoint = request.endpoint or "unknown"
+        services.metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        started = g.get("started")
+        if started is not None:
+            services.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+
+def _check_basic_auth(config: BackendConfig) -> None:
+    expected = base64.b64encode(
+        f"{config.basic_auth_user}:{config.basic_auth_pass}".encode()
+    ).decode()
+    header = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(header.encode(), f"Basic {expected}".encode()):
+        raise Unauthorized("basic auth required: send the BASIC_AUTH_USER/BASIC_AUTH_PASS pair")
+
+
+def _json_body() -> dict[str, Any]:
+    payload = request.get_json(force=True, silent=True)
+    if payload is None:
+        raise BadRequest("request body must be valid JSON")
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    return payload
+
+
+def parse_project_id(value: Any) -> int:
+    """Label Studio sends ``project`` as ``"<id>.<timestamp>"`` in /setup and /predict."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        head = value.split(".", 1)[0]
+        if head.isdigit():
+            return int(head)
+    raise BadRequest(f"'project' must be a project id like '1' or '1.1700000000', got {value!r}")
+
+
+def _register_routes(app: Flask, services: Services) -> None:
+    @app.get("/")
+    @app.get("/health", endpoint="health")
+    def index() -> Response:
+        return jsonify(
+            status="UP", model_class=MODEL_CLASS, model_version=services.model_version()
+        )
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = _json_body()
+        project_id = parse_project_id(body.get("project"))
+        schema = body.get("schema")
+        if not isinstance(schema, str) or not schema.strip():
+            raise BadRequest("'schema' (the project's label config XML) is required")
+        hostname = _optional_str(body, "hostname")
+        access_token = _optional_str(body, "access_token")
+        parse_label_config(schema)  # raises UnsupportedLabelConfig naming what is missing
+        services.store.upsert_project(project_id, schema, hostname, access_token)
+        services.webhook_sync.schedule(
+            project_id, hostname, access_token, webhook_url=request.host_url + "webhook"
+        )
+        return jsonify(model_version=services.model_version(project_id))
+
+    @app.post("/predict")
+    def predict() -> Response:
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+            raise BadRequest("'tasks' must be a list of task objects")
+        return jsonify(results=[])
+
+    @app.post("/webhook")
+    def webhook() -> tuple[Response, int]:
+        payload = _json_body()
+        result = handle_event(services.store, payload, services.config.train_every)
+        services.metrics.webhook_events.labels(result.action).inc()
+        return jsonify(result.as_json()), 200
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(services.metrics.exposition(), content_type=CONTENT_TYPE)
+
+
+def _optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"'{key}' must be a string")
+    return value
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(BackendError)
+    def _backend_error(exc: BackendError) -> tuple[Response, int, dict[str, str]]:
+        headers = {"WWW-Authenticate": 'Basic realm="rlhf-backend"'} if exc.status == 401 else {}
+        return jsonify(error=type(exc).__name__, message=exc.message), exc.status, headers
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        return jsonify(error=exc.name, message=exc.description), exc.code or 500
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Response, int]:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(error="InternalError", message="internal error; see the server log"), 500

@@ -1,0 +1,123 @@
+"""The backend's configuration: one dataclass, read from the environment in one place.
+
+Every field names its environment variable and carries a help string; the README's
+configuration table is generated from these fields (``rlhf-backend config --markdown``) and a
+test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message says how to fix it."""
+
+
+def _setting(default: Any, env: str, help: str) -> Any:
+    return field(default=default, metadata={"env": env, "help": help})
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    data_dir: Path = _setting(
+        Path("data"),
+        "RLHF_DATA_DIR",
+        "Directory for the annotation store (SQLite), model registry and metrics files.",
+    )
+    host: str = _setting("0.0.0.0", "RLHF_HOST", "Address `rlhf-backend serve` binds to.")
+    port: int = _setting(9090, "RLHF_PORT", "Port `rlhf-backend serve` listens on.")
+    workers: int = _setting(2, "RLHF_WORKERS", "Gunicorn worker processes serving HTTP.")
+    threads: int = _setting(4, "RLHF_THREADS", "Threads per gunicorn worker.")
+    basic_auth_user: str = _setting(
+        "",
+        "BASIC_AUTH_USER",
+        "Require HTTP basic auth with this user on every endpoint except /health.",
+    )
+    basic_auth_pass: str = _setting("", "BASIC_AUTH_PASS", "Password for BASIC_AUTH_USER.")
+    max_body_bytes: int = _setting(
+        32 * 1024 * 1024,
+        "RLHF_MAX_BODY_BYTES",
+        "Largest request body accepted; larger requests get 413.",
+    )
+    public_url: str = _setting(
+        "",
+        "RLHF_PUBLIC_URL",
+        "URL at which Label Studio reaches this backend (for the project webhook). "
+        "Default: the address Label Studio used for /setup.",
+    )
+    label_studio_url: str = _setting(
+        "",
+        "LABEL_STUDIO_URL",
+        "Label Studio URL; overrides the `hostname` Label Studio sends in /setup.",
+    )
+    label_studio_api_key: str = _setting(
+        "",
+        "LABEL_STUDIO_API_KEY",
+        "Label Studio API token; overrides the `access_token` Label Studio sends in /setup.",
+    )
+    train_every: int = _setting(
+        50,
+        "RLHF_TRAIN_EVERY",
+        "Queue a training job after this many new usable annotations in a project (0: never).",
+    )
+    log_level: str = _setting("INFO", "LOG_LEVEL", "Python logging level.")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ConfigError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither.")
+        for name in ("port", "workers", "threads", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_env_name(name)} must be a positive integer.")
+        if self.train_every < 0:
+            raise ConfigError("RLHF_TRAIN_EVERY must be 0 (never) or a positive integer.")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "store.sqlite3"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BackendConfig:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _env_name(field_name: str) -> str:
+    return next(f.metadata["env"] for f in dataclasses.fields(BackendConfig) if f.name == field_name)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = type(f.default)
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{f.metadata['env']}={raw!r} is not an integer.") from None
+    if issubclass(kind, Path):
+        return Path(raw)
+    return raw
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from the dataclass."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(BackendConfig):
+        default = f.default if f.default != "" else "(unset)"
+        rows.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)

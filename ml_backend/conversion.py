@@ -1,0 +1,264 @@
+"""The one conversion from a Label Studio annotation to the records the trainer learns from.
+
+Two record kinds come out, each tagged with where it came from (project, task, annotation,
+annotator) so that nothing a human said is anonymous or unattributable:
+
+``preference``: ``{"prompt", "chosen", "rejected", "tie", "source", "control", ...}``
+``feedback``:   ``{"prompt", "response", "feedback", "control", ...}`` (``response`` is None for
+                feedback on the whole item)
+
+Example, with the pairwise template and ``selected: right``:
+
+>>> from ml_backend.label_schema import parse_label_config
+>>> schema = parse_label_config(
+...     '<View><Text name="prompt" value="$prompt"/>'
+...     '<Pairwise name="comparison" toName="answer1,answer2"/>'
+...     '<Text name="answer1" value="$answer1"/><Text name="answer2" value="$answer2"/></View>')
+>>> convert(
+...     [{"from_name": "comparison", "type": "pairwise", "value": {"selected": "right"}}],
+...     {"prompt": "hi", "answer1": "hello", "answer2": "go away"},
+...     schema,
+...     Provenance(project=1, task=1, annotation=7, annotator=3),
+... )  # doctest: +NORMALIZE_WHITESPACE
+[('preference', {'project': 1, 'task': 1, 'annotation': 7, 'annotator': 3,
+  'prompt': 'hi', 'chosen': 'go away', 'rejected': 'hello', 'tie': False,
+  'source': 'pairwise', 'control': 'comparison'})]
+
+Ties are kept (``tie: True``; ``chosen``/``rejected`` are then just the two responses in config
+order). Cancelled (skipped) annotations produce no records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from itertools import combinations
+from typing import Any
+
+from ml_backend.errors import AnnotationMismatch
+from ml_backend.label_schema import TIE, RankerControl, RLHFSchema, TextField
+
+Record = tuple[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    project: int
+    task: int | None
+    annotation: int
+    annotator: int | None
+
+
+def convert(
+    result: list[dict[str, Any]],
+    task_data: dict[str, Any],
+    schema: RLHFSchema,
+    provenance: Provenance,
+) -> list[Record]:
+    """Turn one annotation's ``result`` on a task into preference and feedback records."""
+    by_control: dict[str, dict[str, Any]] = {}
+    for item in result:
+        if isinstance(item, dict) and isinstance(item.get("value"), dict):
+            by_control[str(item.get("from_name"))] = item["value"]
+    prompt = field_text(task_data, schema.prompt)
+    base = asdict(provenance)
+
+    pairs = [*_pairwise_pairs(by_control, task_data, schema)]
+    pairs += _choices_pairs(by_control, task_data, schema)
+    pairs += _ranker_pairs(by_control, task_data, schema)
+    pairs += _rating_pairs(by_control, task_data, schema)
+    records: list[Record] = [
+        (
+            "preference",
+            {
+                **base,
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "tie": tie,
+                "source": source,
+                "control": control,
+            },
+        )
+        for chosen, rejected, tie, source, control in pairs
+    ]
+    for control in schema.feedback:
+        text = _textarea_text(by_control.get(control.name))
+        if text:
+            response = field_text(task_data, control.target) if control.target else None
+            records.append(
+                (
+                    "feedback",
+                    {
+                        **base,
+                        "prompt": prompt,
+                        "response": response,
+                        "feedback": text,
+                        "control": control.name,
+                    },
+                )
+            )
+    return records
+
+
+Pair = tuple[str, str, bool, str, str]  # chosen, rejected, tie, source, control
+
+
+def _pairwise_pairs(
+    by_control: dict[str, dict[str, Any]], task_data: dict[str, Any], schema: RLHFSchema
+) -> list[Pair]:
+    tie_selected = any(
+        by_control.get(c.name, {}).get("choices")
+        for c in schema.choices
+        if set(c.choice_to_index.values()) == {TIE}
+    )
+    pairs = []
+    for control in schema.pairwise:
+        left = field_text(task_data, control.left)
+        right = field_text(task_data, control.right)
+        if tie_selected:
+            pairs.append((left, right, True, "pairwise", control.name))
+            continue
+        selected = by_control.get(control.name, {}).get("selected")
+        if selected is None:
+            continue
+        if selected not in ("left", "right"):
+            raise AnnotationMismatch(
+                f"Pairwise {control.name!r}: selected must be 'left' or 'right', got {selected!r}"
+            )
+        chosen, rejected = (left, right) if selected == "left" else (right, left)
+        pairs.append((chosen, rejected, False, "pairwise", control.name))
+    return pairs
+
+
+def _choices_pairs(
+    by_control: dict[str, dict[str, Any]], task_data: dict[str, Any], schema: RLHFSchema
+) -> list[Pair]:
+    pairs = []
+    for control in schema.preference_choices:
+        picked = by_control.get(control.name, {}).get("choices") or []
+        if not picked:
+            continue
+        value = picked[0]
+        if value not in control.choice_to_index:
+            raise AnnotationMismatch(f"Choices {control.name!r}: unknown choice {value!r}")
+        texts = [field_text(task_data, r) for r in control.responses]
+        index = control.choice_to_index[value]
+        if index == TIE:
+            pairs += [(a, b, True, "choices", control.name) for a, b in combinations(texts, 2)]
+        else:
+            pairs += [
+                (texts[index], other, False, "choices", control.name)
+                for i, other in enumerate(texts)
+                if i != index
+            ]
+    return pairs
+
+
+def _ranker_pairs(
+    by_control: dict[str, dict[str, Any]], task_data: dict[str, Any], schema: RLHFSchema
+) -> list[Pair]:
+    pairs = []
+    for control in schema.rankers:
+        value = by_control.get(control.name, {}).get("ranker")
+        if value is None:
+            continue
+        texts = list_item_texts(task_data, control.items)
+        groups = _ranked_groups(value, control)
+        unknown = [item for group in groups for item in group if item not in texts]
+        if unknown:
+            raise AnnotationMismatch(
+                f"Ranker {control.name!r}: items {unknown} are not in the task's "
+                f"{control.items.key!r} list"
+            )
+        for better, worse in combinations(groups, 2):
+            pairs += [
+                (texts[a], texts[b], False, "ranker", control.name) for a in better for b in worse
+            ]
+    return pairs
+
+
+def _ranked_groups(value: Any, control: RankerControl) -> list[list[str]]:
+    """Groups of item ids, best group first; items in one group are not compared.
+
+    Accepts the list form (``[id, ...]``, one item per group), the plain dict form
+    (``{list_name: [id, ...]}``) and the bucket form (``{bucket: [id, ...], "_": [...]}``,
+    buckets ranked in config order; the unplaced ``"_"`` column is ignored).
+    """
+    if isinstance(value, list):
+        return [[str(item)] for item in value]
+    if not isinstance(value, dict):
+        raise AnnotationMismatch(f"Ranker {control.name!r}: value.ranker must be a list or dict")
+    if control.buckets:
+        return [[str(i) for i in value.get(bucket) or []] for bucket in control.buckets]
+    ordered = value.get(control.items.name)
+    if ordered is None:
+        columns = [k for k in value if k != "_"]
+        if len(columns) != 1:
+            raise AnnotationMismatch(
+                f"Ranker {control.name!r}: expected the key {control.items.name!r} in value.ranker"
+            )
+        ordered = value[columns[0]]
+    return [[str(item)] for item in ordered or []]
+
+
+def _rating_pairs(
+    by_control: dict[str, dict[str, Any]], task_data: dict[str, Any], schema: RLHFSchema
+) -> list[Pair]:
+    rated = []
+    for control in schema.ratings:
+        rating = by_control.get(control.name, {}).get("rating")
+        if rating is None:
+            continue
+        if not isinstance(rating, int | float):
+            raise AnnotationMismatch(f"Rating {control.name!r}: rating must be a number")
+        rated.append((float(rating), field_text(task_data, control.target), control.name))
+    pairs = []
+    for (r_a, text_a, name_a), (r_b, text_b, name_b) in combinations(rated, 2):
+        control = f"{name_a},{name_b}"
+        if r_a == r_b:
+            pairs.append((text_a, text_b, True, "rating", control))
+        elif r_a > r_b:
+            pairs.append((text_a, text_b, False, "rating", control))
+        else:
+            pairs.append((text_b, text_a, False, "rating", control))
+    return pairs
+
+
+def _textarea_text(value: dict[str, Any] | None) -> str:
+    if not value:
+        return ""
+    text = value.get("text")
+    if isinstance(text, list):
+        text = "\n".join(str(t) for t in text)
+    return str(text or "").strip()
+
+
+def field_text(task_data: dict[str, Any], field: TextField) -> str:
+    """The text an object tag shows for a task (Paragraphs are joined as ``author: text`` lines)."""
+    if field.key not in task_data:
+        raise AnnotationMismatch(
+            f"task data has no {field.key!r} field, which the label config's "
+            f"<{field.tag} name={field.name!r}> shows"
+        )
+    value = task_data[field.key]
+    if isinstance(value, list):
+        return "\n".join(
+            f"{p.get('author', '')}: {p.get('text', '')}" if isinstance(p, dict) else str(p)
+            for p in value
+        )
+    return "" if value is None else str(value)
+
+
+def list_item_texts(task_data: dict[str, Any], field: TextField) -> dict[str, str]:
+    """A List object's items as ``{id: text}`` (the text is the item's body, else its title)."""
+    items = task_data.get(field.key)
+    if not isinstance(items, list):
+        raise AnnotationMismatch(f"task data field {field.key!r} must be a list of items")
+    texts = {}
+    for index, item in enumerate(items):
+        if isinstance(item, dict):
+            item_id = str(item.get("id", index))
+            texts[item_id] = str(item.get("body") or item.get("text") or item.get("title") or "")
+        else:
+            texts[str(index)] = str(item)
+    return texts

@@ -1,0 +1,37 @@
+"""The backend's own exception types. ``ml_backend.app`` maps them to HTTP responses in one place."""
+
+from __future__ import annotations
+
+
+class BackendError(Exception):
+    """An error a client can act on; ``status`` is the HTTP status it maps to."""
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(BackendError):
+    status = 400
+
+
+class Unauthorized(BackendError):
+    status = 401
+
+
+class NotFound(BackendError):
+    status = 404
+
+
+class UnsupportedLabelConfig(BackendError):
+    """The project's label config has nothing this backend can learn from or predict."""
+
+    status = 422
+
+
+class AnnotationMismatch(BackendError):
+    """An annotation's result does not fit the label config it was made with."""
+
+    status = 422

@@ -1,0 +1,162 @@
+"""Annotation intake: validate a Label Studio webhook, store it durably, then answer.
+
+The request path never trains: at most it queues a training job (a row in the store) for the
+trainer worker. Everything here is one or two short SQLite transactions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ml_backend.conversion import Provenance, convert
+from ml_backend.errors import AnnotationMismatch, BadRequest, NotFound, UnsupportedLabelConfig
+from ml_backend.label_schema import parse_label_config
+from ml_backend.store import IncomingAnnotation, Store
+
+logger = logging.getLogger(__name__)
+
+ANNOTATION_CREATED = "ANNOTATION_CREATED"
+ANNOTATION_UPDATED = "ANNOTATION_UPDATED"
+ANNOTATIONS_DELETED = "ANNOTATIONS_DELETED"
+ANNOTATION_DELETED = "ANNOTATION_DELETED"
+START_TRAINING = "START_TRAINING"
+PROJECT_UPDATED = "PROJECT_UPDATED"
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    action: str
+    status: str  # stored | stale | deleted | queued | coalesced | updated | ignored
+    detail: dict[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"action": self.action, "status": self.status, **self.detail}
+
+
+def handle_event(store: Store, payload: Any, train_every: int) -> IntakeResult:
+    """Apply one webhook event to the store. Raises BadRequest/NotFound for unusable input."""
+    if not isinstance(payload, dict):
+        raise BadRequest("webhook body must be a JSON object")
+    action = payload.get("action")
+    if not isinstance(action, str) or not action:
+        raise BadRequest("webhook body needs an 'action' string, e.g. 'ANNOTATION_CREATED'")
+    if action in (ANNOTATION_CREATED, ANNOTATION_UPDATED):
+        return _store_annotation(store, action, payload, train_every)
+    if action in (ANNOTATIONS_DELETED, ANNOTATION_DELETED):
+        return _delete_annotations(store, action, payload)
+    if action == START_TRAINING:
+        project_id = _known_project(store, payload)
+        job = store.enqueue_training(project_id, trigger="start_training")
+        status = "queued" if job else "coalesced"
+        return IntakeResult(action, status, {"job_id": job.job_id if job else None})
+    if action == PROJECT_UPDATED:
+        project_id = _known_project(store, payload)
+        return IntakeResult(action, "updated", {"project": project_id})
+    logger.info("ignoring webhook action %s", action)
+    return IntakeResult(action, "ignored", {})
+
+
+def _project_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    project = payload.get("project")
+    if isinstance(project, int) and not isinstance(project, bool):
+        return {"id": project}
+    if not isinstance(project, dict):
+        raise BadRequest("webhook body needs a 'project' object with an integer 'id'")
+    _require_int(project, "id", "project")
+    return project
+
+
+def _known_project(store: Store, payload: dict[str, Any]) -> int:
+    """The event's project id; a label config carried by the event updates the stored one."""
+    project = _project_payload(payload)
+    project_id = project["id"]
+    label_config = project.get("label_config")
+    if label_config is not None and not isinstance(label_config, str):
+        raise BadRequest("project.label_config must be a string")
+    stored = store.project(project_id)
+    if label_config and (stored is None or stored.label_config != label_config):
+        store.upsert_project(project_id, label_config)
+    elif stored is None:
+        raise NotFound(
+            f"project {project_id} is unknown: connect this backend to it in Label Studio "
+            "(POST /setup) or send the project's label_config with the event"
+        )
+    return project_id
+
+
+def _store_annotation(
+    store: Store, action: str, payload: dict[str, Any], train_every: int
+) -> IntakeResult:
+    annotation = payload.get("annotation")
+    if not isinstance(annotation, dict):
+        raise BadRequest(f"{action} needs an 'annotation' object")
+    annotation_id = _require_int(annotation, "id", "annotation")
+    result = annotation.get("result") or []
+    if not isinstance(result, list):
+        raise BadRequest("annotation.result must be a list")
+    task = payload.get("task")
+    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+        raise BadRequest(f"{action} needs a 'task' object with a 'data' object")
+    project_id = _known_project(store, payload)
+    project = store.project(project_id)
+    assert project is not None  # _known_project registered it or raised
+    incoming = IncomingAnnotation(
+        annotation_id=annotation_id,
+        project_id=project_id,
+        task_id=_optional_int(task.get("id")),
+        annotator=_optional_int(annotation.get("completed_by")),
+        task_data=task["data"],
+        result=result,
+        was_cancelled=bool(annotation.get("was_cancelled")),
+        ls_updated_at=str(annotation.get("updated_at") or annotation.get("created_at") or ""),
+        label_config=project.label_config,
+    )
+    records = [] if incoming.was_cancelled else _records(incoming)
+    if not store.upsert_annotation(incoming, records):
+        logger.info("annotation %s: stale or deleted, kept the stored state", annotation_id)
+        return IntakeResult(action, "stale", {"annotation": annotation_id})
+    job = store.enqueue_training(project_id, "annotations", min_new=train_every) if train_every else None
+    detail: dict[str, Any] = {"annotation": annotation_id, "records": len(records)}
+    if job is not None:
+        detail["job_id"] = job.job_id
+    return IntakeResult(action, "stored", detail)
+
+
+def _records(annotation: IncomingAnnotation) -> list[tuple[str, dict[str, Any]]]:
+    """Training records, or none when the annotation does not fit the config (it is still kept)."""
+    try:
+        schema = parse_label_config(annotation.label_config)
+        provenance = Provenance(
+            annotation.project_id, annotation.task_id, annotation.annotation_id, annotation.annotator
+        )
+        return convert(annotation.result, annotation.task_data, schema, provenance)
+    except (UnsupportedLabelConfig, AnnotationMismatch) as exc:
+        logger.warning(
+            "annotation %s stored without training records: %s", annotation.annotation_id, exc
+        )
+        return []
+
+
+def _delete_annotations(store: Store, action: str, payload: dict[str, Any]) -> IntakeResult:
+    listed = payload.get("annotations")
+    if listed is None and isinstance(payload.get("annotation"), dict):
+        listed = [payload["annotation"]]
+    if not isinstance(listed, list) or not all(isinstance(a, dict) for a in listed):
+        raise BadRequest(f"{action} needs an 'annotations' list of objects with an 'id'")
+    ids = [_require_int(a, "id", "annotations[]") for a in listed]
+    project_id = _project_payload(payload)["id"]
+    store.delete_annotations(project_id, ids)
+    return IntakeResult(action, "deleted", {"annotations": ids})
+
+
+def _require_int(obj: dict[str, Any], key: str, where: str) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadRequest(f"{where}.{key} must be an integer")
+    return value
+
+
+def _optional_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

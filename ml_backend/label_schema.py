@@ -1,0 +1,286 @@
+"""What a project's label config asks annotators for, read with label-studio-sdk's LabelInterface.
+
+Field names always come from the config: a project whose texts are ``$question``,
+``$response_a`` and ``$response_b`` is served exactly like one with ``$prompt``, ``$answer1``
+and ``$answer2``. What the backend recognises:
+
+* **Pairwise** over two text objects: ``selected: left`` prefers the first ``toName`` object.
+* **Ranker** over a **List**: items earlier in the order (or in an earlier **Bucket**) are better.
+* **Rating** on each of two or more responses: higher rating is better, equal ratings tie.
+* **Choices** whose every choice names a response or a tie (``A is better``, ``Response 2``,
+  ``Tie``; a ``Choice``'s ``alias`` is read first): the chosen response is better. A Choices
+  with only tie-like choices is an optional "tie" button next to a Pairwise.
+* **TextArea** on a response: language feedback on that response; on anything else: feedback
+  on the whole item.
+
+The prompt is the first Text, HyperText or Paragraphs object that is not a response.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any
+from xml.etree import ElementTree
+
+from label_studio_sdk.label_interface import LabelInterface
+
+from ml_backend.errors import UnsupportedLabelConfig
+
+TEXT_OBJECTS = ("Text", "HyperText", "Paragraphs")
+TIE = -1
+
+_TIE_WORDS = re.compile(r"\b(tie|tied|equal|equally|same|both|neither|draw|no preference)\b", re.I)
+_POSITION_WORDS = [
+    re.compile(r"\b(A|1|left|first|one)\b|^a\b", re.I),
+    re.compile(r"\b(B|2|right|second|two)\b|^b\b", re.I),
+    re.compile(r"\b(C|3|third|three)\b", re.I),
+    re.compile(r"\b(D|4|fourth|four)\b", re.I),
+]
+
+
+@dataclass(frozen=True)
+class TextField:
+    """An object tag that shows a text from the task: its tag name and the task data key."""
+
+    name: str
+    key: str
+    tag: str
+
+
+@dataclass(frozen=True)
+class PairwiseControl:
+    name: str
+    left: TextField
+    right: TextField
+
+
+@dataclass(frozen=True)
+class RankerControl:
+    name: str
+    items: TextField  # the List object; its data is a list of {"id", "title", "body"}
+    buckets: tuple[str, ...]  # Bucket names, best first; empty: one ordered list
+
+
+@dataclass(frozen=True)
+class RatingControl:
+    name: str
+    target: TextField
+    max_rating: int
+
+
+@dataclass(frozen=True)
+class ChoicesPreference:
+    name: str
+    responses: tuple[TextField, ...]
+    choice_to_index: dict[str, int]  # choice value -> index into responses, or TIE
+
+
+@dataclass(frozen=True)
+class FeedbackControl:
+    name: str
+    target: TextField | None  # a response, or None for feedback on the whole item
+
+
+@dataclass(frozen=True)
+class RLHFSchema:
+    prompt: TextField
+    responses: tuple[TextField, ...]
+    pairwise: tuple[PairwiseControl, ...]
+    rankers: tuple[RankerControl, ...]
+    ratings: tuple[RatingControl, ...]
+    choices: tuple[ChoicesPreference, ...]
+    feedback: tuple[FeedbackControl, ...]
+
+    @property
+    def learns_preferences(self) -> bool:
+        rated = len(self.ratings) >= 2
+        return bool(self.pairwise or self.rankers or rated or self.preference_choices)
+
+    @property
+    def preference_choices(self) -> tuple[ChoicesPreference, ...]:
+        """Choices that pick a response (not only a tie button)."""
+        return tuple(c for c in self.choices if any(i != TIE for i in c.choice_to_index.values()))
+
+
+def parse_label_config(xml: str) -> RLHFSchema:
+    """Read an RLHF schema from a label config, or raise UnsupportedLabelConfig naming the gap."""
+    return _parse_cached(xml)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cached(xml: str) -> RLHFSchema:
+    try:
+        interface = LabelInterface(xml)
+    except Exception as exc:  # the SDK raises bare XML/parsing errors of several types
+        raise UnsupportedLabelConfig(f"label config is not valid Label Studio XML: {exc}") from exc
+    objects = {obj.name: _text_field(obj) for obj in interface.objects}
+    controls = list(interface.controls)
+
+    pairwise = tuple(_pairwise(c, objects) for c in controls if c.tag == "Pairwise")
+    root = ElementTree.fromstring(xml)  # Bucket tags are not exposed by LabelInterface
+    rankers = tuple(_ranker(c, objects, root) for c in controls if c.tag == "Ranker")
+    ratings = tuple(
+        RatingControl(c.name, _single_target(c, objects), int(c.attr.get("maxRating", 5)))
+        for c in controls
+        if c.tag == "Rating"
+    )
+    responses = _responses(pairwise, rankers, ratings)
+    choices = tuple(
+        choice
+        for c in controls
+        if c.tag == "Choices"
+        and (choice := _choices_preference(c, objects, responses, pairwise)) is not None
+    )
+    if not responses:
+        for choice in choices:
+            responses = choice.responses
+    response_names = {r.name for r in responses}
+    feedback = tuple(
+        FeedbackControl(c.name, _feedback_target(c, objects, response_names))
+        for c in controls
+        if c.tag == "TextArea"
+    )
+    prompt = next(
+        (
+            field
+            for field in objects.values()
+            if field.tag in TEXT_OBJECTS and field.name not in response_names
+        ),
+        None,
+    )
+    if prompt is None:
+        raise UnsupportedLabelConfig(
+            "label config has no <Text> tag for the prompt: add e.g. "
+            '<Text name="prompt" value="$prompt"/> next to the responses'
+        )
+    schema = RLHFSchema(prompt, responses, pairwise, rankers, ratings, choices, feedback)
+    if not schema.learns_preferences and not any(f.target for f in feedback):
+        raise UnsupportedLabelConfig(
+            "label config has no control tag the RLHF backend can learn from: add a <Pairwise> "
+            "over two responses, a <Ranker> over a <List>, a <Rating> per response, a <Choices> "
+            "naming the better response, or a <TextArea> on a response (see label_configs/)"
+        )
+    return schema
+
+
+def _text_field(obj: Any) -> TextField:
+    value = obj.value or ""
+    return TextField(name=obj.name, key=value.lstrip("$"), tag=obj.tag)
+
+
+def _targets(control: Any, objects: dict[str, TextField]) -> list[TextField]:
+    targets = []
+    for name in control.to_name or []:
+        if name not in objects:
+            raise UnsupportedLabelConfig(
+                f"<{control.tag} name={control.name!r}> points to {name!r}, "
+                "which is not an object tag in the config"
+            )
+        targets.append(objects[name])
+    return targets
+
+
+def _single_target(control: Any, objects: dict[str, TextField]) -> TextField:
+    targets = _targets(control, objects)
+    if len(targets) != 1:
+        raise UnsupportedLabelConfig(
+            f"<{control.tag} name={control.name!r}> must point to exactly one object (toName)"
+        )
+    return targets[0]
+
+
+def _pairwise(control: Any, objects: dict[str, TextField]) -> PairwiseControl:
+    targets = _targets(control, objects)
+    if len(targets) != 2 or any(t.tag not in TEXT_OBJECTS for t in targets):
+        raise UnsupportedLabelConfig(
+            f"<Pairwise name={control.name!r}> must point to two <Text> responses, "
+            'e.g. toName="answer1,answer2"'
+        )
+    return PairwiseControl(control.name, targets[0], targets[1])
+
+
+def _ranker(control: Any, objects: dict[str, TextField], root: ElementTree.Element) -> RankerControl:
+    target = _single_target(control, objects)
+    if target.tag != "List":
+        raise UnsupportedLabelConfig(
+            f"<Ranker name={control.name!r}> must point to a <List> of candidate responses"
+        )
+    element = next(e for e in root.iter("Ranker") if e.attrib.get("name") == control.name)
+    buckets = tuple(b.attrib["name"] for b in element.iter("Bucket") if "name" in b.attrib)
+    return RankerControl(control.name, target, buckets)
+
+
+def _responses(
+    pairwise: tuple[PairwiseControl, ...],
+    rankers: tuple[RankerControl, ...],
+    ratings: tuple[RatingControl, ...],
+) -> tuple[TextField, ...]:
+    found: dict[str, TextField] = {}
+    for p in pairwise:
+        found.setdefault(p.left.name, p.left)
+        found.setdefault(p.right.name, p.right)
+    for r in rankers:
+        found.setdefault(r.items.name, r.items)
+    for rating in ratings:
+        if rating.target.tag in TEXT_OBJECTS:
+            found.setdefault(rating.target.name, rating.target)
+    return tuple(found.values())
+
+
+def _choice_texts(control: Any) -> dict[str, list[str]]:
+    """Each choice as stored in results (its alias, else its value) -> the texts to read it by."""
+    return {
+        key: [t for t in (tag.attr.get("alias"), tag.attr.get("value")) if t]
+        for key, tag in control.labels_attrs.items()
+    }
+
+
+def _choices_preference(
+    control: Any,
+    objects: dict[str, TextField],
+    responses: tuple[TextField, ...],
+    pairwise: tuple[PairwiseControl, ...],
+) -> ChoicesPreference | None:
+    """A Choices control is a preference when every choice names a response or a tie."""
+    targets = [t for t in _targets(control, objects) if t.tag in TEXT_OBJECTS]
+    candidates = responses or (tuple(targets) if len(targets) >= 2 else ())
+    if not candidates:
+        texts = [f for f in objects.values() if f.tag in TEXT_OBJECTS]
+        candidates = tuple(texts[1:]) if len(texts) >= 3 else ()
+    if pairwise:
+        candidates = (pairwise[0].left, pairwise[0].right)
+    choices = _choice_texts(control)
+    if not choices or not candidates:
+        return None
+    mapping: dict[str, int] = {}
+    for key, texts in choices.items():
+        index = next(
+            (i for i in (_choice_index(t, candidates) for t in texts) if i is not None), None
+        )
+        if index is None:
+            return None
+        mapping[key] = index
+    return ChoicesPreference(control.name, tuple(candidates), mapping)
+
+
+def _choice_index(value: str, candidates: tuple[TextField, ...]) -> int | None:
+    if _TIE_WORDS.search(value):
+        return TIE
+    lowered = value.lower()
+    for i, field in enumerate(candidates):
+        if field.name.lower() in lowered or (field.key and field.key.lower() in lowered):
+            return i
+    matches = [i for i, pattern in enumerate(_POSITION_WORDS) if pattern.search(value)]
+    if len(matches) == 1 and matches[0] < len(candidates):
+        return matches[0]
+    return None
+
+
+def _feedback_target(
+    control: Any, objects: dict[str, TextField], response_names: set[str]
+) -> TextField | None:
+    targets = _targets(control, objects)
+    in_responses = [t for t in targets if t.name in response_names and t.tag != "List"]
+    return in_responses[0] if len(in_responses) == 1 else None

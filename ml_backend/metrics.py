@@ -1,0 +1,87 @@
+"""Prometheus metrics (prometheus-client).
+
+Request counters and latency histograms are per-process objects; under gunicorn they are
+aggregated across workers with prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
+is set by ``rlhf-backend serve`` before any worker starts). Values that the store already knows
+(annotations by kind, queue depth, model versions) are read from it at scrape time, so every
+worker reports the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from ml_backend.store import Store
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self, store: Store) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "rlhf_http_requests",
+            "HTTP requests served",
+            ["endpoint", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "rlhf_http_request_duration_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30),
+            registry=self.registry,
+        )
+        self.webhook_events = Counter(
+            "rlhf_webhook_events",
+            "Webhook events received, by action",
+            ["action"],
+            registry=self.registry,
+        )
+        self._store_collector = StoreCollector(store)
+
+    def exposition(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+        else:
+            registry = self.registry
+        output = generate_latest(registry)
+        return output + generate_latest(self._store_collector)  # type: ignore[arg-type]
+
+
+class StoreCollector(Collector):
+    """Gauges computed from the store when Prometheus scrapes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        stored = GaugeMetricFamily(
+            "rlhf_annotations_stored",
+            "Live annotations in the store, by the kind of training record they yield",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self.store.annotation_counts_by_kind().items()):
+            stored.add_metric([kind], count)
+        yield stored
+        yield GaugeMetricFamily(
+            "rlhf_training_queue_depth",
+            "Training jobs queued or running",
+            value=self.store.queue_depth(),
+        )
+        versions = GaugeMetricFamily(
+            "rlhf_model_version_info",
+            "The model version served for each project (value is always 1)",
+            labels=["project", "model_version"],
+        )
+        for project_id, version in sorted(self.store.model_versions().items()):
+            versions.add_metric([str(project_id), version], 1)
+        yield versions
+

@@ -1,0 +1,52 @@
+"""Gunicorn, run in-process: the master forks workers, each builds its own app after the fork."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from ml_backend.config import BackendConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+class _Gunicorn(BaseApplication):  # type: ignore[misc]
+    def __init__(self, config: BackendConfig) -> None:
+        self.backend_config = config
+        super().__init__()
+
+    def load_config(self) -> None:
+        c = self.backend_config
+        settings = {
+            "bind": f"{c.host}:{c.port}",
+            "workers": c.workers,
+            "threads": c.threads,
+            "worker_class": "gthread",
+            "preload_app": False,  # app (and later models) built in each worker, after the fork
+            "timeout": 120,  # above Label Studio's 100 s predict timeout
+            "graceful_timeout": 30,
+            "child_exit": _child_exit,
+            "accesslog": None,  # request lines stay out of the log: bodies and tokens never land there
+            "loglevel": c.log_level.lower(),
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from ml_backend.app import create_app
+
+        return create_app(self.backend_config)
+
+
+def run_gunicorn(config: BackendConfig) -> int:
+    logger.info("serving on %s:%s with %s workers", config.host, config.port, config.workers)
+    _Gunicorn(config).run()
+    return 0

@@ -1,0 +1,452 @@
+"""The durable annotation store: SQLite in WAL mode under the data directory.
+
+Every webhook the backend acknowledges is committed here first (``synchronous=FULL``), so it
+survives ``kill -9`` of the server. Several gunicorn workers, the trainer worker and the CLI share
+the file; each process (and thread) opens its own connection lazily, never across a fork.
+
+State is kept equal to what Label Studio holds, whatever order deliveries arrive in:
+
+* an annotation row is replaced only by a delivery whose Label Studio ``updated_at`` is not older
+  than the stored one (a late ``ANNOTATION_CREATED`` does not undo an earlier-arrived update);
+* a deletion leaves a tombstone, which no later create or update resurrects (Label Studio never
+  reuses annotation ids);
+* the training records derived from an annotation are replaced in the same transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS label_configs (
+    config_hash TEXT PRIMARY KEY,
+    xml TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS projects (
+    project_id INTEGER PRIMARY KEY,
+    config_hash TEXT NOT NULL REFERENCES label_configs(config_hash),
+    hostname TEXT,
+    access_token TEXT,
+    model_version TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS annotations (
+    annotation_id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL,
+    task_id INTEGER,
+    annotator INTEGER,
+    config_hash TEXT REFERENCES label_configs(config_hash),
+    task_data TEXT,
+    result TEXT,
+    was_cancelled INTEGER NOT NULL DEFAULT 0,
+    ls_updated_at TEXT NOT NULL DEFAULT '',
+    deleted INTEGER NOT NULL DEFAULT 0,
+    kinds TEXT NOT NULL DEFAULT '',
+    seq INTEGER NOT NULL,
+    stored_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS annotations_project ON annotations(project_id, deleted);
+CREATE TABLE IF NOT EXISTS records (
+    record_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    annotation_id INTEGER NOT NULL,
+    project_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_annotation ON records(annotation_id);
+CREATE INDEX IF NOT EXISTS records_project ON records(project_id, kind);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    seq_at_enqueue INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, project_id);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED = "queued", "running", "done", "failed"
+
+
+@dataclass(frozen=True)
+class IncomingAnnotation:
+    """One annotation as Label Studio delivered it, with the task and label config it belongs to."""
+
+    annotation_id: int
+    project_id: int
+    task_id: int | None
+    annotator: int | None
+    task_data: dict[str, Any]
+    result: list[dict[str, Any]]
+    was_cancelled: bool
+    ls_updated_at: str
+    label_config: str
+
+
+@dataclass(frozen=True)
+class Project:
+    project_id: int
+    label_config: str
+    hostname: str | None
+    access_token: str | None
+    model_version: str | None
+
+
+@dataclass(frozen=True)
+class StoredAnnotation:
+    annotation_id: int
+    project_id: int
+    task_id: int | None
+    annotator: int | None
+    task_data: dict[str, Any]
+    result: list[dict[str, Any]]
+    was_cancelled: bool
+    ls_updated_at: str
+    kinds: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: int
+    project_id: int
+    kind: str
+    status: str
+    trigger: str
+    attempts: int
+    error: str | None
+
+
+def config_hash(xml: str) -> str:
+    return hashlib.sha256(xml.encode()).hexdigest()[:16]
+
+
+class Store:
+    """Thread- and process-safe access to the SQLite store at ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self._pid = os.getpid()
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._pid != os.getpid():  # forked: never reuse the parent's connections
+            self._local = threading.local()
+            self._pid = os.getpid()
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, taken with BEGIN IMMEDIATE so concurrent writers queue up."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def initialize(self) -> Store:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._write() as conn:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        return self
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- projects ----------------------------------------------------------------------------
+
+    def upsert_project(
+        self,
+        project_id: int,
+        label_config: str,
+        hostname: str | None = None,
+        access_token: str | None = None,
+    ) -> None:
+        """Remember a project's label config and, when given, how to reach its Label Studio."""
+        with self._write() as conn:
+            digest = _put_config(conn, label_config)
+            conn.execute(
+                """INSERT INTO projects(project_id, config_hash, hostname, access_token, updated_at)
+                   VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT(project_id) DO UPDATE SET
+                     config_hash = excluded.config_hash,
+                     hostname = COALESCE(excluded.hostname, projects.hostname),
+                     access_token = COALESCE(excluded.access_token, projects.access_token),
+                     updated_at = excluded.updated_at""",
+                (project_id, digest, hostname, access_token, time.time()),
+            )
+
+    def project(self, project_id: int) -> Project | None:
+        row = self._connection().execute(
+            """SELECT p.*, c.xml FROM projects p JOIN label_configs c USING (config_hash)
+               WHERE project_id = ?""",
+            (project_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Project(
+            project_id=row["project_id"],
+            label_config=row["xml"],
+            hostname=row["hostname"],
+            access_token=row["access_token"],
+            model_version=row["model_version"],
+        )
+
+    def project_ids(self) -> list[int]:
+        rows = self._connection().execute("SELECT project_id FROM projects ORDER BY project_id")
+        return [row[0] for row in rows]
+
+    def set_project_model_version(self, project_id: int, model_version: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE projects SET model_version = ? WHERE project_id = ?",
+                (model_version, project_id),
+            )
+
+    # -- annotations -------------------------------------------------------------------------
+
+    def upsert_annotation(
+        self, annotation: IncomingAnnotation, records: list[tuple[str, dict[str, Any]]]
+    ) -> bool:
+        """Store an annotation and its training records. Returns False for a stale delivery.
+
+        ``records`` are ``(kind, payload)`` pairs from :mod:`ml_backend.conversion`.
+        """
+        with self._write() as conn:
+            current = conn.execute(
+                "SELECT deleted, ls_updated_at FROM annotations WHERE annotation_id = ?",
+                (annotation.annotation_id,),
+            ).fetchone()
+            if current is not None and (
+                current["deleted"] or current["ls_updated_at"] > annotation.ls_updated_at
+            ):
+                return False
+            digest = _put_config(conn, annotation.label_config)
+            kinds = ",".join(sorted({kind for kind, _ in records}))
+            conn.execute(
+                """INSERT OR REPLACE INTO annotations(annotation_id, project_id, task_id, annotator,
+                       config_hash, task_data, result, was_cancelled, ls_updated_at, deleted,
+                       kinds, seq, stored_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)""",
+                (
+                    annotation.annotation_id,
+                    annotation.project_id,
+                    annotation.task_id,
+                    annotation.annotator,
+                    digest,
+                    json.dumps(annotation.task_data),
+                    json.dumps(annotation.result),
+                    int(annotation.was_cancelled),
+                    annotation.ls_updated_at,
+                    kinds,
+                    _next_seq(conn),
+                    time.time(),
+                ),
+            )
+            _replace_records(conn, annotation.annotation_id, annotation.project_id, records)
+            return True
+
+    def delete_annotations(self, project_id: int, annotation_ids: list[int]) -> None:
+        """Tombstone annotations (known or not yet seen) and drop their training records."""
+        with self._write() as conn:
+            for annotation_id in annotation_ids:
+                conn.execute(
+                    """INSERT INTO annotations(annotation_id, project_id, deleted, seq, stored_at)
+                       VALUES (?, ?, 1, ?, ?)
+                       ON CONFLICT(annotation_id) DO UPDATE SET
+                         deleted = 1, kinds = '', seq = excluded.seq,
+                         stored_at = excluded.stored_at""",
+                    (annotation_id, project_id, _next_seq(conn), time.time()),
+                )
+                _replace_records(conn, annotation_id, project_id, [])
+
+    def annotations(self, project_id: int) -> list[StoredAnnotation]:
+        """Live (not deleted) annotations of a project, in id order."""
+        rows = self._connection().execute(
+            """SELECT * FROM annotations WHERE project_id = ? AND deleted = 0
+               ORDER BY annotation_id""",
+            (project_id,),
+        )
+        return [
+            StoredAnnotation(
+                annotation_id=row["annotation_id"],
+                project_id=row["project_id"],
+                task_id=row["task_id"],
+                annotator=row["annotator"],
+                task_data=json.loads(row["task_data"]),
+                result=json.loads(row["result"]),
+                was_cancelled=bool(row["was_cancelled"]),
+                ls_updated_at=row["ls_updated_at"],
+                kinds=tuple(k for k in row["kinds"].split(",") if k),
+            )
+            for row in rows
+        ]
+
+    def records(self, project_id: int, kind: str | None = None) -> list[dict[str, Any]]:
+        """Training records of a project (``kind``: ``preference`` or ``feedback``)."""
+        query = "SELECT payload FROM records WHERE project_id = ?"
+        params: tuple[Any, ...] = (project_id,)
+        if kind is not None:
+            query += " AND kind = ?"
+            params += (kind,)
+        rows = self._connection().execute(query + " ORDER BY record_id", params)
+        return [json.loads(row[0]) for row in rows]
+
+    def annotation_counts_by_kind(self) -> dict[str, int]:
+        """Live annotations per record kind (``none`` for those that yield no training data)."""
+        counts: dict[str, int] = {}
+        rows = self._connection().execute(
+            "SELECT kinds, COUNT(*) FROM annotations WHERE deleted = 0 GROUP BY kinds"
+        )
+        for kinds, n in rows:
+            for kind in kinds.split(",") if kinds else ["none"]:
+                counts[kind] = counts.get(kind, 0) + n
+        return counts
+
+    # -- training jobs -----------------------------------------------------------------------
+
+    def enqueue_training(self, project_id: int, trigger: str, min_new: int = 0) -> Job | None:
+        """Queue a training job unless one is already waiting (bursts coalesce into one job).
+
+        With ``min_new`` > 0, queue only once that many usable annotations changed since the
+        last job was queued. Returns the queued job, or None when nothing was queued.
+        """
+        with self._write() as conn:
+            waiting = conn.execute(
+                "SELECT job_id FROM jobs WHERE project_id = ? AND status = ?",
+                (project_id, JOB_QUEUED),
+            ).fetchone()
+            if waiting is not None:
+                return None
+            if min_new > 0 and _usable_changes_since_last_job(conn, project_id) < min_new:
+                return None
+            cursor = conn.execute(
+                """INSERT INTO jobs(project_id, kind, status, trigger, seq_at_enqueue, created_at)
+                   VALUES (?, 'train', ?, ?, ?, ?)""",
+                (project_id, JOB_QUEUED, trigger, _current_seq(conn), time.time()),
+            )
+            job_id = cursor.lastrowid
+        logger.info("queued training job %s for project %s (%s)", job_id, project_id, trigger)
+        return self.job(job_id)
+
+    def job(self, job_id: int | None) -> Job | None:
+        row = self._connection().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def jobs(self, project_id: int | None = None) -> list[Job]:
+        query, params = "SELECT * FROM jobs", ()
+        if project_id is not None:
+            query, params = query + " WHERE project_id = ?", (project_id,)
+        return [_job(row) for row in self._connection().execute(query + " ORDER BY job_id", params)]
+
+    def queue_depth(self) -> int:
+        row = self._connection().execute(
+            "SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", (JOB_QUEUED, JOB_RUNNING)
+        ).fetchone()
+        return int(row[0])
+
+    def model_versions(self) -> dict[int, str]:
+        rows = self._connection().execute(
+            "SELECT project_id, model_version FROM projects WHERE model_version IS NOT NULL"
+        )
+        return {row[0]: row[1] for row in rows}
+
+
+def _put_config(conn: sqlite3.Connection, xml: str) -> str:
+    digest = config_hash(xml)
+    conn.execute("INSERT OR IGNORE INTO label_configs(config_hash, xml) VALUES (?, ?)", (digest, xml))
+    return digest
+
+
+def _replace_records(
+    conn: sqlite3.Connection,
+    annotation_id: int,
+    project_id: int,
+    records: list[tuple[str, dict[str, Any]]],
+) -> None:
+    conn.execute("DELETE FROM records WHERE annotation_id = ?", (annotation_id,))
+    conn.executemany(
+        "INSERT INTO records(annotation_id, project_id, kind, payload) VALUES (?, ?, ?, ?)",
+        [(annotation_id, project_id, kind, json.dumps(payload)) for kind, payload in records],
+    )
+
+
+def _current_seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _next_seq(conn: sqlite3.Connection) -> int:
+    """A store-wide change counter: every annotation write gets a larger number."""
+    value = _current_seq(conn) + 1
+    conn.execute(
+        "INSERT INTO counters(name, value) VALUES ('seq', ?) "
+        "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+        (value,),
+    )
+    return value
+
+
+def _usable_changes_since_last_job(conn: sqlite3.Connection, project_id: int) -> int:
+    row = conn.execute(
+        "SELECT MAX(seq_at_enqueue) FROM jobs WHERE project_id = ?", (project_id,)
+    ).fetchone()
+    since = row[0] or 0
+    row = conn.execute(
+        """SELECT COUNT(*) FROM annotations
+           WHERE project_id = ? AND deleted = 0 AND kinds != '' AND seq > ?""",
+        (project_id, since),
+    ).fetchone()
+    return int(row[0])
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        job_id=row["job_id"],
+        project_id=row["project_id"],
+        kind=row["kind"],
+        status=row["status"],
+        trigger=row["trigger"],
+        attempts=row["attempts"],
+        error=row["error"],
+    )
