@@ -1,0 +1,161 @@
+"""The HTTP protocol Label Studio speaks, against the captured 1.23.2 requests."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from ml_backend.app import create_app, parse_project_id
+from ml_backend.config import BackendConfig
+from ml_backend.errors import BadRequest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def capture(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())["body"]
+
+
+@pytest.fixture
+def app(tmp_path):
+    return create_app(BackendConfig(data_dir=tmp_path))
+
+
+@pytest.fixture
+def http(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def store(app):
+    return app.extensions["rlhf"].store
+
+
+def test_health_reports_up_model_class_and_version(http):
+    for path in ("/", "/health"):
+        body = http.get(path).get_json()
+        assert body == {"status": "UP", "model_class": "RLHFBackend", "model_version": "untrained"}
+
+
+def test_setup_remembers_project_config_and_label_studio(http, store):
+    body = capture("01_setup.json")
+    response = http.post("/setup", json=body)
+    assert response.status_code == 200
+    assert response.get_json() == {"model_version": "untrained"}
+    project = store.project(1)
+    assert project.label_config == body["schema"]
+    assert project.hostname == "http://localhost:8080"
+    assert project.access_token == "REDACTED-PROJECT-TOKEN"
+
+
+def test_setup_rejects_unservable_config_naming_the_missing_tag(http, store):
+    schema = '<View><Text name="text" value="$text"/><Choices name="c" toName="text">' \
+        '<Choice value="positive"/><Choice value="negative"/></Choices></View>'
+    response = http.post("/setup", json={"project": "7.1700000000", "schema": schema})
+    assert response.status_code == 422
+    assert "Pairwise" in response.get_json()["message"]
+    assert store.project(7) is None
+
+
+def test_setup_requires_schema_and_project(http):
+    assert http.post("/setup", json={"project": "1.2"}).status_code == 400
+    assert http.post("/setup", json={"schema": "<View/>"}).status_code == 400
+
+
+def test_predict_answers_a_valid_request_without_error(http):
+    http.post("/setup", json=capture("01_setup.json"))
+    response = http.post("/predict", json=capture("04_predict.json"))
+    assert response.status_code == 200
+    assert isinstance(response.get_json()["results"], list)
+
+
+def test_predict_rejects_tasks_that_are_not_a_list(http):
+    response = http.post("/predict", json={"tasks": {"id": 1}})
+    assert response.status_code == 400
+    assert "tasks" in response.get_json()["message"]
+
+
+def test_webhook_stores_then_answers(http, store):
+    response = http.post("/webhook", json=capture("05_webhook_annotation_created.json"))
+    assert response.status_code == 200
+    assert response.get_json()["status"] == "stored"
+    [record] = store.records(1, "preference")
+    assert (record["chosen"], record["rejected"]) == ("go away", "hello")
+
+
+def test_start_training_queues_one_job_and_coalesces_bursts(http, store):
+    for _ in range(5):
+        assert http.post("/webhook", json=capture("08_webhook_start_training.json")).status_code == 200
+    jobs = store.jobs(1)
+    assert [(j.trigger, j.status) for j in jobs] == [("start_training", "queued")]
+
+
+def test_unknown_action_is_acknowledged_and_ignored(http, store):
+    response = http.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 1}})
+    assert response.status_code == 200
+    assert response.get_json()["status"] == "ignored"
+    assert store.annotations(1) == []
+
+
+def test_body_over_limit_gets_413(tmp_path):
+    app = create_app(BackendConfig(data_dir=tmp_path, max_body_bytes=1024))
+    response = app.test_client().post("/webhook", data=b"{" + b" " * 4096 + b"}")
+    assert response.status_code == 413
+    assert "error" in response.get_json()
+
+
+def test_metrics_expose_requests_annotations_queue_and_versions(http, store):
+    http.post("/webhook", json=capture("05_webhook_annotation_created.json"))
+    http.post("/webhook", json=capture("08_webhook_start_training.json"))
+    store.set_project_model_version(1, "rm-0001.policy-0000")
+    text = http.get("/metrics").get_data(as_text=True)
+    assert 'rlhf_annotations_stored{kind="preference"} 1.0' in text
+    assert "rlhf_training_queue_depth 1.0" in text
+    assert 'rlhf_model_version_info{model_version="rm-0001.policy-0000",project="1"} 1.0' in text
+    assert 'rlhf_http_requests_total{endpoint="webhook",method="POST",status="200"} 2.0' in text
+    assert "rlhf_http_request_duration_seconds_bucket" in text
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1.1795430590", 1), ("12", 12), (3, 3)])
+def test_parse_project_id_accepts_label_studio_forms(value, expected):
+    assert parse_project_id(value) == expected
+
+
+@pytest.mark.parametrize("value", [None, "", "abc", "x.1", True, 1.5, [1]])
+def test_parse_project_id_rejects_others(value):
+    with pytest.raises(BadRequest):
+        parse_project_id(value)
+
+
+class TestBasicAuth:
+    @pytest.fixture
+    def http(self, tmp_path):
+        config = BackendConfig(data_dir=tmp_path, basic_auth_user="ls", basic_auth_pass="s3cret")
+        return create_app(config).test_client()
+
+    @staticmethod
+    def auth(user: str, password: str) -> dict[str, str]:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    def test_health_stays_open(self, http):
+        assert http.get("/health").status_code == 200
+
+    @pytest.mark.parametrize("path", ["/setup", "/predict", "/webhook"])
+    def test_post_endpoints_need_credentials(self, http, path):
+        response = http.post(path, json={})
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"].startswith("Basic")
+        assert http.post(path, json={}, headers=self.auth("ls", "wrong")).status_code == 401
+
+    def test_metrics_need_credentials(self, http):
+        assert http.get("/metrics").status_code == 401
+        assert http.get("/metrics", headers=self.auth("ls", "s3cret")).status_code == 200
+
+    def test_right_credentials_pass(self, http):
+        body = capture("05_webhook_annotation_created.json")
+        response = http.post("/webhook", json=body, headers=self.auth("ls", "s3cret"))
+        assert response.status_code == 200
