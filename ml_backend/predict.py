@@ -1,0 +1,151 @@
+"""Predictions in the project's own control tags, from the reward-model ensemble.
+
+For every task that carries responses the backend predicts, per response, a reward and for
+each pair a Bradley–Terry preference with its epistemic uncertainty; it answers in the
+project's control tags (Pairwise ``selected``, Ranker order, a Rating per response, the
+preference Choice).
+
+``score`` follows Label Studio's convention that the Data Manager and uncertainty sampling show
+the LOWEST score first: ``score = 1 − u`` where ``u`` in [0, 1] is the acquisition value (the
+default strategy of :mod:`trainer.acquisition`) of the most informative pair in the task. A
+score near 0 means "a human label here teaches the reward model most"; near 1, "the model is
+already sure". Tasks with only a prompt get no prediction from ``/predict`` (Label Studio cannot
+take new task data from a prediction): the pre-annotation job generates their candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from ml_backend.conversion import field_text, list_item_texts
+from ml_backend.errors import AnnotationMismatch
+from ml_backend.label_schema import RLHFSchema, TextField
+from trainer.acquisition import acquisition
+
+logger = logging.getLogger(__name__)
+
+# Scores every (prompt, response) of every item in one batched call: returns, per item, the
+# per-head rewards of its responses, shape (n_responses, K).
+HeadRewardFn = Callable[[list[tuple[str, list[str]]]], list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The responses a task shows, in config order (ids are List item ids, or field names)."""
+
+    prompt: str
+    ids: list[str]
+    texts: list[str]
+
+
+def task_candidates(task_data: dict[str, Any], schema: RLHFSchema) -> Candidates | None:
+    """The prompt and responses of a task, or None when the task has no responses yet."""
+    try:
+        prompt = field_text(task_data, schema.prompt)
+        if schema.rankers:
+            items = list_item_texts(task_data, schema.rankers[0].items)
+            ids, texts = list(items), list(items.values())
+        else:
+            ids = [field.name for field in schema.responses]
+            texts = [field_text(task_data, field) for field in schema.responses]
+    except AnnotationMismatch:
+        return None
+    if len(texts) < 2 or not all(t.strip() for t in texts):
+        return None
+    return Candidates(prompt, ids, texts)
+
+
+def pair_probabilities(head_rewards: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """All pairs (i < j) and the per-head probability that i beats j: (P, K)."""
+    pairs = list(combinations(range(head_rewards.shape[0]), 2))
+    if not pairs:
+        return pairs, np.zeros((0, head_rewards.shape[1]))
+    left = head_rewards[[i for i, _ in pairs]]  # (P, K)
+    right = head_rewards[[j for _, j in pairs]]  # (P, K)
+    return pairs, 1.0 / (1.0 + np.exp(-(left - right)))
+
+
+def build_prediction(
+    schema: RLHFSchema,
+    candidates: Candidates,
+    head_rewards: np.ndarray,
+    model_version: str,
+    strategy: str = "default",
+) -> dict[str, Any]:
+    """One Label Studio prediction for a task, from its responses' per-head rewards (n, K)."""
+    rewards = head_rewards.mean(axis=1)  # (n,)
+    pairs, p_heads = pair_probabilities(head_rewards)
+    uncertainty = acquisition(strategy)(p_heads, np.random.default_rng(0))
+    score = float(1.0 - uncertainty.max()) if len(pairs) else 1.0
+    result: list[dict[str, Any]] = []
+    for control in schema.pairwise:
+        left, right = candidates.ids.index(control.left.name), candidates.ids.index(control.right.name)
+        selected = "left" if rewards[left] >= rewards[right] else "right"
+        result.append(_region(control.name, control.left.name, "pairwise", {"selected": selected}))
+    for ranker in schema.rankers:
+        order = [candidates.ids[i] for i in np.argsort(-rewards, kind="stable")]
+        result.append(
+            _region(ranker.name, ranker.items.name, "ranker", {"ranker": {ranker.items.name: order}})
+        )
+    for rating in schema.ratings:
+        if rating.target.name in candidates.ids:
+            reward = rewards[candidates.ids.index(rating.target.name)]
+            stars = 1 + round((rating.max_rating - 1) / (1.0 + np.exp(-reward)))
+            result.append(_region(rating.name, rating.target.name, "rating", {"rating": stars}))
+    for choice in schema.preference_choices:
+        picked = _predicted_choice(choice.choice_to_index, choice.responses, candidates, rewards)
+        if picked is not None:
+            target = choice.responses[0].name
+            result.append(_region(choice.name, target, "choices", {"choices": [picked]}))
+    return {"model_version": model_version, "score": round(score, 6), "result": result}
+
+
+def _predicted_choice(
+    choice_to_index: dict[str, int],
+    responses: tuple[TextField, ...],
+    candidates: Candidates,
+    rewards: np.ndarray,
+) -> str | None:
+    names = [r.name for r in responses]
+    if not all(n in candidates.ids for n in names):
+        return None
+    best = int(np.argmax([rewards[candidates.ids.index(n)] for n in names]))
+    return next((key for key, index in choice_to_index.items() if index == best), None)
+
+
+def _region(from_name: str, to_name: str, kind: str, value: dict[str, Any]) -> dict[str, Any]:
+    return {"from_name": from_name, "to_name": to_name, "type": kind, "value": value}
+
+
+def predict_tasks(
+    schema: RLHFSchema,
+    tasks: list[dict[str, Any]],
+    head_reward_fn: HeadRewardFn,
+    model_version: str,
+    strategy: str = "default",
+) -> list[list[dict[str, Any]]]:
+    """One list of predictions per task (empty for prompt-only tasks), scored in one batch."""
+    found = [task_candidates(_task_data(task), schema) for task in tasks]
+    scorable = [c for c in found if c is not None]
+    head_rewards = iter(head_reward_fn([(c.prompt, c.texts) for c in scorable]) if scorable else [])
+    results = []
+    for candidates in found:
+        if candidates is None:
+            results.append([])
+            continue
+        results.append(
+            [build_prediction(schema, candidates, next(head_rewards), model_version, strategy)]
+        )
+    return results
+
+
+def _task_data(task: dict[str, Any]) -> dict[str, Any]:
+    data = task.get("data")
+    return data if isinstance(data, dict) else {}
+

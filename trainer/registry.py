@@ -1,0 +1,217 @@
+"""The model registry: every trained version of a project's reward model and policy.
+
+A version is a directory under ``<data_dir>/models/project-<id>/<version>/`` (the checkpoint,
+which carries its own config and provenance) plus a row in the store's SQLite file with its
+config, training-data snapshot, metrics, creation time and status. ``rm-0000`` (untrained heads)
+and ``policy-0000`` (the configured base policy) exist implicitly from the start.
+
+The served ``model_version`` of a project is ``<reward model>.<policy>``, e.g.
+``rm-0003.policy-0001``: it changes only when a new version is promoted, so Label Studio keeps
+the predictions it already has between retrains.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REWARD_MODEL, POLICY = "rm", "policy"
+BASE_VERSIONS = {REWARD_MODEL: "rm-0000", POLICY: "policy-0000"}
+CANDIDATE, PROMOTED, REJECTED = "candidate", "promoted", "rejected"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS model_versions (
+    project_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    version TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    config TEXT NOT NULL,
+    data_snapshot TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    promoted_at REAL,
+    PRIMARY KEY (project_id, kind, number)
+)
+"""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    project_id: int
+    kind: str
+    version: str
+    path: Path | None  # None for the implicit base versions
+    status: str
+    reason: str | None
+    config: dict[str, Any]
+    data_snapshot: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: float
+
+    @property
+    def is_base(self) -> bool:
+        return self.path is None
+
+
+def served_version_string(reward_model: str, policy: str) -> str:
+    return f"{reward_model}.{policy}"
+
+
+class Registry:
+    """Versions and promotions, shared by every process through the store's SQLite file."""
+
+    def __init__(self, db_path: Path, models_dir: Path) -> None:
+        self.db_path = Path(db_path)
+        self.models_dir = Path(models_dir)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(SCHEMA)
+        return conn
+
+    def new_version_dir(self, project_id: int, kind: str) -> tuple[str, Path]:
+        """Reserve the next version name for a candidate; the trainer writes the checkpoint there."""
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT MAX(number) FROM model_versions WHERE project_id = ? AND kind = ?",
+                (project_id, kind),
+            ).fetchone()
+        number = (row[0] or 0) + 1
+        version = f"{kind}-{number:04d}"
+        path = self.models_dir / f"project-{project_id}" / version
+        return version, path
+
+    def record(
+        self,
+        project_id: int,
+        kind: str,
+        version: str,
+        path: Path,
+        config: dict[str, Any],
+        data_snapshot: dict[str, Any],
+        metrics: dict[str, Any],
+        status: str = CANDIDATE,
+        reason: str | None = None,
+    ) -> ModelVersion:
+        number = int(version.rsplit("-", 1)[1])
+        now = time.time()
+        conn = self._connect()
+        try:
+            conn.execute(
+                """INSERT INTO model_versions(project_id, kind, number, version, path, status,
+                       reason, config, data_snapshot, metrics, created_at, promoted_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    project_id,
+                    kind,
+                    number,
+                    version,
+                    str(path),
+                    status,
+                    reason,
+                    json.dumps(config),
+                    json.dumps(data_snapshot),
+                    json.dumps(metrics),
+                    now,
+                    now if status == PROMOTED else None,
+                ),
+            )
+        finally:
+            conn.close()
+        found = self.get(project_id, kind, version)
+        assert found is not None
+        return found
+
+    def get(self, project_id: int, kind: str, version: str) -> ModelVersion | None:
+        if version == BASE_VERSIONS[kind]:
+            return _base(project_id, kind)
+        conn = self._connect()
+        try:
+            row = conn.execute(
+                "SELECT * FROM model_versions WHERE project_id = ? AND kind = ? AND version = ?",
+                (project_id, kind, version),
+            ).fetchone()
+        finally:
+            conn.close()
+        return _version(row) if row else None
+
+    def served(self, project_id: int, kind: str) -> ModelVersion:
+        """The newest promoted version of ``kind``, or the base version."""
+        conn = self._connect()
+        try:
+            row = conn.execute(
+                """SELECT * FROM model_versions WHERE project_id = ? AND kind = ? AND status = ?
+                   ORDER BY promoted_at DESC, number DESC LIMIT 1""",
+                (project_id, kind, PROMOTED),
+            ).fetchone()
+        finally:
+            conn.close()
+        return _version(row) if row else _base(project_id, kind)
+
+    def served_version(self, project_id: int) -> str:
+        return served_version_string(
+            self.served(project_id, REWARD_MODEL).version, self.served(project_id, POLICY).version
+        )
+
+    def versions(self, project_id: int, kind: str | None = None) -> list[ModelVersion]:
+        query = "SELECT * FROM model_versions WHERE project_id = ?"
+        params: tuple[Any, ...] = (project_id,)
+        if kind:
+            query, params = query + " AND kind = ?", (*params, kind)
+        conn = self._connect()
+        try:
+            rows = conn.execute(query + " ORDER BY kind, number", params).fetchall()
+        finally:
+            conn.close()
+        return [_version(row) for row in rows]
+
+    def set_status(self, project_id: int, kind: str, version: str, status: str, reason: str) -> None:
+        conn = self._connect()
+        try:
+            conn.execute(
+                """UPDATE model_versions SET status = ?, reason = ?,
+                       promoted_at = CASE WHEN ? = 'promoted' THEN ? ELSE promoted_at END
+                   WHERE project_id = ? AND kind = ? AND version = ?""",
+                (status, reason, status, time.time(), project_id, kind, version),
+            )
+        finally:
+            conn.close()
+
+
+def _base(project_id: int, kind: str) -> ModelVersion:
+    return ModelVersion(
+        project_id=project_id,
+        kind=kind,
+        version=BASE_VERSIONS[kind],
+        path=None,
+        status=PROMOTED,
+        reason="base version (no training yet)",
+        config={},
+        data_snapshot={},
+        metrics={},
+        created_at=0.0,
+    )
+
+
+def _version(row: sqlite3.Row) -> ModelVersion:
+    return ModelVersion(
+        project_id=row["project_id"],
+        kind=row["kind"],
+        version=row["version"],
+        path=Path(row["path"]),
+        status=row["status"],
+        reason=row["reason"],
+        config=json.loads(row["config"]),
+        data_snapshot=json.loads(row["data_snapshot"]),
+        metrics=json.loads(row["metrics"]),
+        created_at=row["created_at"],
+    )
