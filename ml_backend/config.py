@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 
+STRATEGY_NAMES = ("default", "random", "entropy", "margin", "variance", "bald")
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message says how to fix it."""
 
@@ -66,15 +69,66 @@ class BackendConfig:
         "RLHF_TRAIN_EVERY",
         "Queue a training job after this many new usable annotations in a project (0: never).",
     )
+    job_max_attempts: int = _setting(
+        3, "RLHF_JOB_MAX_ATTEMPTS", "Runs of a failing job before it is marked failed."
+    )
+    job_stale_after_s: float = _setting(
+        60.0,
+        "RLHF_JOB_STALE_AFTER_S",
+        "A running job whose worker sent no heartbeat for this long is picked up again.",
+    )
+    embedded_worker: int = _setting(
+        1, "RLHF_EMBEDDED_WORKER", "`serve` also runs one job worker process (0: no, use `worker`)."
+    )
+    reward_backbone: str = _setting(
+        "",
+        "RLHF_REWARD_BACKBONE",
+        "Reward-model encoder: HF model id or local path (default: offline all-MiniLM-L6-v2).",
+    )
+    reward_heads: int = _setting(
+        8, "RLHF_REWARD_HEADS", "Reward heads in the ensemble (epistemic uncertainty)."
+    )
+    policy_model: str = _setting(
+        "",
+        "RLHF_POLICY_MODEL",
+        "Policy causal LM: HF model id or local path (default: a tiny offline model).",
+    )
+    num_candidates: int = _setting(
+        4, "RLHF_NUM_CANDIDATES", "Candidates generated per prompt-only task."
+    )
+    max_new_tokens: int = _setting(64, "RLHF_MAX_NEW_TOKENS", "Longest generated response.")
+    temperature: float = _setting(1.0, "RLHF_TEMPERATURE", "Sampling temperature.")
+    top_p: float = _setting(0.95, "RLHF_TOP_P", "Nucleus sampling mass.")
+    strategy: str = _setting(
+        "default",
+        "RLHF_STRATEGY",
+        "Acquisition strategy for scores and selection: random, entropy, margin, variance, "
+        "bald, default.",
+    )
     log_level: str = _setting("INFO", "LOG_LEVEL", "Python logging level.")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ConfigError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither.")
-        for name in ("port", "workers", "threads", "max_body_bytes"):
+        for name in (
+            "port",
+            "workers",
+            "threads",
+            "max_body_bytes",
+            "job_max_attempts",
+            "reward_heads",
+            "num_candidates",
+            "max_new_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_env_name(name)} must be a positive integer.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("RLHF_TOP_P must be in (0, 1].")
+        if self.temperature <= 0.0:
+            raise ConfigError("RLHF_TEMPERATURE must be positive.")
+        if self.strategy not in STRATEGY_NAMES:
+            raise ConfigError(f"RLHF_STRATEGY must be one of {', '.join(STRATEGY_NAMES)}.")
         if self.train_every < 0:
             raise ConfigError("RLHF_TRAIN_EVERY must be 0 (never) or a positive integer.")
 
@@ -99,7 +153,9 @@ class BackendConfig:
 
 
 def _env_name(field_name: str) -> str:
-    return next(f.metadata["env"] for f in dataclasses.fields(BackendConfig) if f.name == field_name)
+    return next(
+        f.metadata["env"] for f in dataclasses.fields(BackendConfig) if f.name == field_name
+    )
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:
@@ -109,6 +165,11 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
             return int(raw)
         except ValueError:
             raise ConfigError(f"{f.metadata['env']}={raw!r} is not an integer.") from None
+    if kind is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{f.metadata['env']}={raw!r} is not a number.") from None
     if issubclass(kind, Path):
         return Path(raw)
     return raw

@@ -28,3 +28,10 @@ def test_unknown_strategy_names_the_choices():
 
 def test_default_is_a_known_strategy():
     assert acquisition("default") in {entropy, margin, variance, bald}
+
+
+def test_config_accepts_exactly_the_known_strategies():
+    from ml_backend.config import STRATEGY_NAMES
+    from trainer.acquisition import STRATEGIES
+
+    assert set(STRATEGY_NAMES) == {*STRATEGIES, "default"}

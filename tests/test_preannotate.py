@@ -1,0 +1,154 @@
+"""The pre-annotation job's logic against an in-memory Label Studio stand-in.
+
+The real Label Studio path (label-studio-sdk calls) is exercised in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ml_backend.label_schema import parse_label_config
+from ml_backend.preannotate import fill_candidates, preannotate_project
+
+PAIRWISE = """<View><Text name="prompt" value="$prompt"/>
+<Pairwise name="comparison" toName="answer1,answer2"/>
+<Text name="answer1" value="$answer1"/><Text name="answer2" value="$answer2"/></View>"""
+RANKING = """<View><Text name="prompt" value="$prompt"/>
+<List name="candidates" value="$candidates" title="Candidates"/>
+<Ranker name="rank" toName="candidates"/></View>"""
+
+
+class FakeModels:
+    """Rewards: the length of a response; the two heads disagree most on candidates 1 and 2."""
+
+    def __init__(self, version="rm-0000.policy-0000"):
+        self.version = version
+        self.generated_for: list[str] = []
+
+    def served_version(self, project_id):
+        return self.version
+
+    def generate(self, project_id, prompts, n):
+        self.generated_for += prompts
+        return [[f"{p} answer {i}{'+' * (i == 1)}{'-' * (i == 2)}" for i in range(n)] for p in prompts]
+
+    def head_rewards(self, project_id, items):
+        out = []
+        for _, responses in items:
+            rows = []
+            for r in responses:
+                base = len(r) / 10
+                swing = 3.0 if r.endswith("+") else -3.0 if r.endswith("-") else 0.0
+                rows.append([base + swing, base - swing])
+            out.append(np.array(rows))
+        return out
+
+
+class FakeLabelStudio:
+    def __init__(self, tasks, crash_after_updates=None):
+        self.tasks = {t["id"]: t for t in tasks}
+        self.predictions: dict[int, list[dict]] = {}
+        self.updates = 0
+        self.crash_after_updates = crash_after_updates
+        self.project_versions: dict[int, str] = {}
+
+    def unlabeled_tasks(self, project_id):
+        for task in self.tasks.values():
+            yield {"id": task["id"], "data": dict(task["data"]),
+                   "predictions": list(self.predictions.get(task["id"], []))}
+
+    def update_task_data(self, task_id, data):
+        if self.crash_after_updates is not None and self.updates >= self.crash_after_updates:
+            raise ConnectionError("Label Studio went away")
+        self.tasks[task_id]["data"] = data
+        self.updates += 1
+
+    def create_prediction(self, task_id, prediction):
+        self.predictions.setdefault(task_id, []).append(prediction)
+
+    def set_project_model_version(self, project_id, model_version):
+        self.project_versions[project_id] = model_version
+
+
+def prompt_tasks(n, start=1):
+    return [{"id": i, "data": {"prompt": f"q{i}"}} for i in range(start, start + n)]
+
+
+def test_prompt_only_tasks_get_the_most_uncertain_pair_and_a_prediction():
+    ls = FakeLabelStudio(prompt_tasks(3))
+    report = preannotate_project(1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=4)
+    assert (report.generated, report.predicted) == (3, 3)
+    for task in ls.tasks.values():
+        # candidates 1 and 2 are the ones the heads disagree on
+        assert {task["data"]["answer1"], task["data"]["answer2"]} == {
+            f"{task['data']['prompt']} answer 1+", f"{task['data']['prompt']} answer 2-"}
+        [prediction] = ls.predictions[task["id"]]
+        assert prediction["model_version"] == "rm-0000.policy-0000"
+        assert prediction["result"][0]["type"] == "pairwise"
+    assert ls.project_versions == {1: "rm-0000.policy-0000"}
+
+
+def test_tasks_with_responses_are_predicted_not_regenerated():
+    tasks = [{"id": 1, "data": {"prompt": "p", "answer1": "a", "answer2": "bb"}}]
+    models = FakeModels()
+    ls = FakeLabelStudio(tasks)
+    report = preannotate_project(1, parse_label_config(PAIRWISE), models, ls, num_candidates=4)
+    assert models.generated_for == []
+    assert ls.tasks[1]["data"] == {"prompt": "p", "answer1": "a", "answer2": "bb"}
+    assert report.predicted == 1
+
+
+def test_crash_halfway_leaves_whole_tasks_and_a_rerun_continues():
+    ls = FakeLabelStudio(prompt_tasks(6), crash_after_updates=4)
+    schema = parse_label_config(PAIRWISE)
+    with pytest.raises(ConnectionError):
+        preannotate_project(1, schema, FakeModels(), ls, num_candidates=3, batch_size=2)
+    written = [t for t in ls.tasks.values() if "answer1" in t["data"]]
+    assert len(written) == 4
+    assert all(t["data"]["answer1"] and t["data"]["answer2"] for t in written)
+    first_answers = {t["id"]: dict(t["data"]) for t in written}
+
+    ls.crash_after_updates = None
+    models = FakeModels()
+    report = preannotate_project(1, schema, models, ls, num_candidates=3, batch_size=2)
+    assert all("answer1" in t["data"] for t in ls.tasks.values())
+    assert all(len(ls.predictions[i]) == 1 for i in ls.tasks)  # one prediction per task, no dupes
+    assert {t["id"]: t["data"] for t in ls.tasks.values() if t["id"] in first_answers} == first_answers
+    assert sorted(models.generated_for) == ["q5", "q6"]
+    assert report.generated == 2
+
+
+def test_rerun_at_the_same_version_does_nothing():
+    ls = FakeLabelStudio(prompt_tasks(2))
+    schema = parse_label_config(PAIRWISE)
+    preannotate_project(1, schema, FakeModels(), ls, num_candidates=2)
+    report = preannotate_project(1, schema, FakeModels(), ls, num_candidates=2)
+    assert (report.tasks_seen, report.generated, report.predicted) == (0, 0, 0)
+
+
+def test_new_version_repredicts_without_regenerating():
+    ls = FakeLabelStudio(prompt_tasks(2))
+    schema = parse_label_config(PAIRWISE)
+    preannotate_project(1, schema, FakeModels(), ls, num_candidates=2)
+    models = FakeModels("rm-0001.policy-0000")
+    report = preannotate_project(1, schema, models, ls, num_candidates=2)
+    assert (report.generated, report.predicted) == (0, 2)
+    assert models.generated_for == []
+    assert ls.project_versions[1] == "rm-0001.policy-0000"
+
+
+def test_ranker_gets_every_candidate_as_list_items():
+    schema = parse_label_config(RANKING)
+    data = fill_candidates(schema, {"prompt": "p"}, ["x", "y", "z"], np.zeros((3, 2)), "default")
+    assert data["candidates"] == [
+        {"id": "c1", "title": "Response 1", "body": "x"},
+        {"id": "c2", "title": "Response 2", "body": "y"},
+        {"id": "c3", "title": "Response 3", "body": "z"},
+    ]
+
+
+def test_task_without_prompt_is_reported_not_crashed():
+    ls = FakeLabelStudio([{"id": 1, "data": {"other": "x"}}])
+    report = preannotate_project(1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=2)
+    assert report.generated == 0 and "prompt" in report.errors[0]
