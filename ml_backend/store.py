@@ -76,9 +76,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     trigger TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
+    result TEXT,
+    worker TEXT,
     seq_at_enqueue INTEGER NOT NULL,
     created_at REAL NOT NULL,
     started_at REAL,
+    heartbeat_at REAL,
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, project_id);
@@ -89,6 +92,7 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED = "queued", "running", "done", "failed"
+JOB_TRAIN, JOB_PREANNOTATE = "train", "preannotate"
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,7 @@ class Job:
     trigger: str
     attempts: int
     error: str | None
+    result: dict[str, Any] | None = None
 
 
 def config_hash(xml: str) -> str:
@@ -351,23 +356,83 @@ class Store:
         With ``min_new`` > 0, queue only once that many usable annotations changed since the
         last job was queued. Returns the queued job, or None when nothing was queued.
         """
+        return self.enqueue_job(project_id, JOB_TRAIN, trigger, min_new)
+
+    def enqueue_job(
+        self, project_id: int, kind: str, trigger: str, min_new: int = 0
+    ) -> Job | None:
         with self._write() as conn:
             waiting = conn.execute(
-                "SELECT job_id FROM jobs WHERE project_id = ? AND status = ?",
-                (project_id, JOB_QUEUED),
+                "SELECT job_id FROM jobs WHERE project_id = ? AND kind = ? AND status = ?",
+                (project_id, kind, JOB_QUEUED),
             ).fetchone()
             if waiting is not None:
                 return None
-            if min_new > 0 and _usable_changes_since_last_job(conn, project_id) < min_new:
+            if min_new > 0 and _usable_changes_since_last_job(conn, project_id, kind) < min_new:
                 return None
             cursor = conn.execute(
                 """INSERT INTO jobs(project_id, kind, status, trigger, seq_at_enqueue, created_at)
-                   VALUES (?, 'train', ?, ?, ?, ?)""",
-                (project_id, JOB_QUEUED, trigger, _current_seq(conn), time.time()),
+                   VALUES (?, ?, ?, ?, ?, ?)""",
+                (project_id, kind, JOB_QUEUED, trigger, _current_seq(conn), time.time()),
             )
             job_id = cursor.lastrowid
-        logger.info("queued training job %s for project %s (%s)", job_id, project_id, trigger)
+        logger.info("queued %s job %s for project %s (%s)", kind, job_id, project_id, trigger)
         return self.job(job_id)
+
+    def claim_job(self, worker: str, kinds: tuple[str, ...] = (JOB_TRAIN, JOB_PREANNOTATE)) -> Job | None:
+        """Take the oldest queued job whose project has no job of the same kind running."""
+        marks = ",".join("?" * len(kinds))
+        with self._write() as conn:
+            row = conn.execute(
+                f"""SELECT job_id FROM jobs j WHERE status = ? AND kind IN ({marks})
+                    AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.status = ?
+                                    AND r.project_id = j.project_id AND r.kind = j.kind)
+                    ORDER BY job_id LIMIT 1""",
+                (JOB_QUEUED, *kinds, JOB_RUNNING),
+            ).fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            conn.execute(
+                """UPDATE jobs SET status = ?, worker = ?, attempts = attempts + 1,
+                       started_at = ?, heartbeat_at = ? WHERE job_id = ?""",
+                (JOB_RUNNING, worker, now, now, row[0]),
+            )
+        return self.job(row[0])
+
+    def heartbeat(self, job_id: int) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE jobs SET heartbeat_at = ? WHERE job_id = ?", (time.time(), job_id))
+
+    def finish_job(
+        self, job_id: int, status: str, error: str | None = None, result: dict | None = None
+    ) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = ?, error = ?, result = ?, finished_at = ? WHERE job_id = ?",
+                (status, error, json.dumps(result) if result else None, time.time(), job_id),
+            )
+
+    def recover_stale_jobs(self, stale_after_s: float, max_attempts: int) -> list[int]:
+        """Running jobs whose worker stopped beating: queue them again, or fail them for good."""
+        cutoff = time.time() - stale_after_s
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT job_id, attempts FROM jobs WHERE status = ? AND heartbeat_at < ?",
+                (JOB_RUNNING, cutoff),
+            ).fetchall()
+            for job_id, attempts in rows:
+                if attempts >= max_attempts:
+                    conn.execute(
+                        "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE job_id = ?",
+                        (JOB_FAILED, "worker died; attempts exhausted", time.time(), job_id),
+                    )
+                else:
+                    conn.execute(
+                        "UPDATE jobs SET status = ?, error = ? WHERE job_id = ?",
+                        (JOB_QUEUED, "worker died; retrying", job_id),
+                    )
+        return [row[0] for row in rows]
 
     def job(self, job_id: int | None) -> Job | None:
         row = self._connection().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -427,9 +492,10 @@ def _next_seq(conn: sqlite3.Connection) -> int:
     return value
 
 
-def _usable_changes_since_last_job(conn: sqlite3.Connection, project_id: int) -> int:
+def _usable_changes_since_last_job(conn: sqlite3.Connection, project_id: int, kind: str) -> int:
     row = conn.execute(
-        "SELECT MAX(seq_at_enqueue) FROM jobs WHERE project_id = ?", (project_id,)
+        "SELECT MAX(seq_at_enqueue) FROM jobs WHERE project_id = ? AND kind = ?",
+        (project_id, kind),
     ).fetchone()
     since = row[0] or 0
     row = conn.execute(
@@ -449,4 +515,5 @@ def _job(row: sqlite3.Row) -> Job:
         trigger=row["trigger"],
         attempts=row["attempts"],
         error=row["error"],
+        result=json.loads(row["result"]) if row["result"] else None,
     )
