@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -26,11 +27,84 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
     metrics_dir.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
+    import threading
+
     from ml_backend.server import run_gunicorn
     from ml_backend.store import Store
+    from trainer.worker import supervise
 
     Store(config.db_path).initialize().close()  # schema created once, before any fork
-    return run_gunicorn(config)
+    stop = threading.Event()
+    if config.embedded_worker:
+        command = [sys.executable, "-m", "ml_backend.cli", "worker"]
+        env = {**os.environ, "RLHF_DATA_DIR": str(config.data_dir)}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        threading.Thread(
+            target=supervise, args=(command, stop, env), name="worker-supervisor", daemon=True
+        ).start()
+    try:
+        return run_gunicorn(config)
+    finally:
+        stop.set()
+
+
+def _worker(config: BackendConfig, args: argparse.Namespace) -> int:
+    from trainer.worker import Worker, default_handlers
+
+    worker = Worker(config, default_handlers(config))
+    worker.install_signal_handlers()
+    worker.run(once=args.once)
+    return 0
+
+
+def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) -> int:
+    """Queue a job for the project's workers, or (default) run it here with a progress bar."""
+    from ml_backend.store import JOB_DONE, Store
+    from trainer.worker import Worker, default_handlers
+
+    store = Store(config.db_path).initialize()
+    if store.project(args.project) is None:
+        print(
+            f"rlhf-backend: project {args.project} is unknown here: connect this backend to it "
+            "in Label Studio first (it then calls /setup)",
+            file=sys.stderr,
+        )
+        return 2
+    job = store.enqueue_job(args.project, kind, trigger="cli")
+    if job is None:
+        print(f"a {kind} job for project {args.project} is already queued", file=sys.stderr)
+        return 0
+    if args.queue:
+        print(f"queued {kind} job {job.job_id} for project {args.project}")
+        return 0
+    worker = Worker(config, default_handlers(config))
+    claimed = store.claim_job(worker.name, (kind,))
+    if claimed is None:
+        print(f"another worker is already running a {kind} job for this project", file=sys.stderr)
+        return 1
+    worker.run_job(claimed)
+    finished = store.job(claimed.job_id)
+    assert finished is not None
+    print(
+        json.dumps(
+            {
+                "job": finished.job_id,
+                "status": finished.status,
+                "error": finished.error,
+                "result": finished.result,
+            },
+            indent=2,
+        )
+    )
+    return 0 if finished.status == JOB_DONE else 1
+
+
+def _preannotate(config: BackendConfig, args: argparse.Namespace) -> int:
+    return _enqueue_or_run(config, args, "preannotate")
+
+
+def _train(config: BackendConfig, args: argparse.Namespace) -> int:
+    return _enqueue_or_run(config, args, "train")
 
 
 def _print_config(config: BackendConfig, args: argparse.Namespace) -> int:
@@ -40,6 +114,9 @@ def _print_config(config: BackendConfig, args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "serve": (_serve, "Run the HTTP service (gunicorn) Label Studio connects to."),
+    "worker": (_worker, "Run training and pre-annotation jobs from the store."),
+    "preannotate": (_preannotate, "Generate candidates and predictions for a project's tasks."),
+    "train": (_train, "Retrain the reward model and policy of a project now."),
     "config": (_print_config, "Print the configuration variables as a Markdown table."),
 }
 
@@ -55,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--host", help="override RLHF_HOST")
             sub.add_argument("--port", type=int, help="override RLHF_PORT")
             sub.add_argument("--workers", type=int, help="override RLHF_WORKERS")
+            sub.add_argument("--data-dir", help="override RLHF_DATA_DIR")
+        if name == "worker":
+            sub.add_argument("--once", action="store_true", help="exit when the queue is empty")
+            sub.add_argument("--data-dir", help="override RLHF_DATA_DIR")
+        if name in ("preannotate", "train"):
+            sub.add_argument("--project", type=int, required=True, help="Label Studio project id")
+            sub.add_argument("--queue", action="store_true", help="queue it for the workers")
             sub.add_argument("--data-dir", help="override RLHF_DATA_DIR")
     return parser
 

@@ -116,7 +116,9 @@ def preannotate_project(
         for task in tasks.unlabeled_tasks(project_id)
         if not any(p.get("model_version") == version for p in task.get("predictions") or [])
     ]
-    bar = tqdm(total=len(pending), desc=f"pre-annotating project {project_id}", disable=not progress)
+    bar = tqdm(
+        total=len(pending), desc=f"pre-annotating project {project_id}", disable=not progress
+    )
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
         _generate_where_needed(project_id, schema, models, tasks, batch, n, strategy, report)

@@ -85,13 +85,18 @@ def build_prediction(
     score = float(1.0 - uncertainty.max()) if len(pairs) else 1.0
     result: list[dict[str, Any]] = []
     for control in schema.pairwise:
-        left, right = candidates.ids.index(control.left.name), candidates.ids.index(control.right.name)
+        left, right = (
+            candidates.ids.index(control.left.name),
+            candidates.ids.index(control.right.name),
+        )
         selected = "left" if rewards[left] >= rewards[right] else "right"
         result.append(_region(control.name, control.left.name, "pairwise", {"selected": selected}))
     for ranker in schema.rankers:
         order = [candidates.ids[i] for i in np.argsort(-rewards, kind="stable")]
         result.append(
-            _region(ranker.name, ranker.items.name, "ranker", {"ranker": {ranker.items.name: order}})
+            _region(
+                ranker.name, ranker.items.name, "ranker", {"ranker": {ranker.items.name: order}}
+            )
         )
     for rating in schema.ratings:
         if rating.target.name in candidates.ids:
@@ -148,4 +153,3 @@ def predict_tasks(
 def _task_data(task: dict[str, Any]) -> dict[str, Any]:
     data = task.get("data")
     return data if isinstance(data, dict) else {}
-

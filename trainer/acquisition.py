@@ -64,5 +64,7 @@ def acquisition(name: str) -> Callable[..., np.ndarray]:
     """The acquisition function called ``name`` (``default`` is the measured best)."""
     name = DEFAULT_STRATEGY if name == "default" else name
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)} or default")
+        raise ValueError(
+            f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)} or default"
+        )
     return STRATEGIES[name]

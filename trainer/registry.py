@@ -79,7 +79,7 @@ class Registry:
         return conn
 
     def new_version_dir(self, project_id: int, kind: str) -> tuple[str, Path]:
-        """Reserve the next version name for a candidate; the trainer writes the checkpoint there."""
+        """Reserve the next version name; the trainer writes the checkpoint there."""
         with self._connect() as conn:
             row = conn.execute(
                 "SELECT MAX(number) FROM model_versions WHERE project_id = ? AND kind = ?",
@@ -174,7 +174,9 @@ class Registry:
             conn.close()
         return [_version(row) for row in rows]
 
-    def set_status(self, project_id: int, kind: str, version: str, status: str, reason: str) -> None:
+    def set_status(
+        self, project_id: int, kind: str, version: str, status: str, reason: str
+    ) -> None:
         conn = self._connect()
         try:
             conn.execute(

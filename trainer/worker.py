@@ -36,7 +36,7 @@ class Worker:
         self.stopping = threading.Event()
 
     def run(self, once: bool = False, poll_s: float = 1.0) -> int:
-        """Run jobs until stopped (or, with ``once``, until the queue is empty). Returns jobs run."""
+        """Run jobs until stopped (with ``once``: until the queue is empty); returns jobs run."""
         done = 0
         logger.info("worker %s started", self.name)
         while not self.stopping.is_set():
