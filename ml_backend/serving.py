@@ -1,0 +1,126 @@
+"""Models as a worker process serves them: loaded lazily, once, after the fork; swapped atomically.
+
+Each gunicorn worker (and the job worker) holds one ``ModelServer``. Nothing is loaded until the
+first request that needs a model, so nothing touches CUDA before gunicorn forks. When the
+registry promotes a new version, the next request loads it under a lock and replaces the
+project's entry in one assignment; requests already running keep the model object they started
+with and finish on the old version.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ml_backend.config import BackendConfig
+from trainer.registry import POLICY, REWARD_MODEL, ModelVersion, Registry, served_version_string
+
+logger = logging.getLogger(__name__)
+
+
+def reward_model_config(config: BackendConfig) -> Any:
+    from trainer.reward_model import RewardModelConfig
+
+    return RewardModelConfig(backbone=config.reward_backbone, num_heads=config.reward_heads)
+
+
+def policy_config(config: BackendConfig, model: str | None = None) -> Any:
+    from trainer.policy import PolicyConfig
+
+    return PolicyConfig(
+        model=model if model is not None else config.policy_model,
+        num_candidates=config.num_candidates,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+    )
+
+
+class ModelServer:
+    def __init__(self, config: BackendConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self._lock = threading.Lock()
+        self._reward: dict[int, tuple[str, Any]] = {}  # project -> (version, RewardModel)
+        self._policy: dict[int, tuple[str, Any]] = {}  # project -> (version, Policy)
+        self._base_reward: Any = None
+        self._base_policy: Any = None
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.config.data_dir / "cache"
+
+    def served_version(self, project_id: int) -> str:
+        return served_version_string(
+            self.registry.served(project_id, REWARD_MODEL).version,
+            self.registry.served(project_id, POLICY).version,
+        )
+
+    def reward_model(self, project_id: int) -> tuple[str, Any]:
+        served = self.registry.served(project_id, REWARD_MODEL)
+        current = self._reward.get(project_id)
+        if current is not None and current[0] == served.version:
+            return current
+        with self._lock:
+            current = self._reward.get(project_id)
+            if current is None or current[0] != served.version:
+                current = (served.version, self._load_reward(served))
+                self._reward[project_id] = current  # one assignment: the swap
+                logger.info("project %s: serving reward model %s", project_id, served.version)
+        return current
+
+    def _load_reward(self, served: ModelVersion) -> Any:
+        from trainer.reward_model import RewardModel
+
+        if served.path is None:
+            if self._base_reward is None:
+                self._base_reward = RewardModel.create(reward_model_config(self.config))
+            return self._base_reward
+        return RewardModel.load(served.path)
+
+    def policy(self, project_id: int) -> tuple[str, Any]:
+        served = self.registry.served(project_id, POLICY)
+        current = self._policy.get(project_id)
+        if current is not None and current[0] == served.version:
+            return current
+        with self._lock:
+            current = self._policy.get(project_id)
+            if current is None or current[0] != served.version:
+                current = (served.version, self._load_policy(served))
+                self._policy[project_id] = current
+                logger.info("project %s: serving policy %s", project_id, served.version)
+        return current
+
+    def _load_policy(self, served: ModelVersion) -> Any:
+        from trainer.policy import Policy
+
+        if served.path is None:
+            if self._base_policy is None:
+                self._base_policy = Policy.load(policy_config(self.config), self.cache_dir)
+            return self._base_policy
+        return Policy.load(policy_config(self.config, str(served.path)), self.cache_dir)
+
+    def head_rewards(self, project_id: int, items: list[tuple[str, list[str]]]) -> list[np.ndarray]:
+        """Per-head rewards (n_i, K) for every item, from one batched backbone pass."""
+        _, model = self.reward_model(project_id)
+        return head_rewards(model, items)
+
+    def generate(self, project_id: int, prompts: list[str], n: int) -> list[list[str]]:
+        _, policy = self.policy(project_id)
+        return policy.generate(prompts, n)
+
+
+def head_rewards(model: Any, items: list[tuple[str, list[str]]]) -> list[np.ndarray]:
+    prompts = [prompt for prompt, responses in items for _ in responses]
+    responses = [response for _, responses in items for response in responses]
+    if not responses:
+        return [np.zeros((0, model.config.num_heads)) for _ in items]
+    with torch.inference_mode():
+        rewards = model.head_rewards(model.embed(prompts, responses)).float().cpu().numpy()
+    split_at = np.cumsum([len(r) for _, r in items])[:-1]
+    return np.split(rewards, split_at)

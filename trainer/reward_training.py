@@ -1,0 +1,260 @@
+"""Bradley–Terry training of the reward-model ensemble on human preference pairs.
+
+The backbone stays frozen and every distinct (prompt, response) is embedded once per run, so a
+retrain costs one backbone pass over the new texts plus a few hundred cheap head updates. Each
+head trains on its own bootstrap resample of the pairs (Poisson(1) weights), which is what makes
+the heads disagree where the data is thin: the epistemic uncertainty active learning feeds on.
+Ties train towards p = 0.5 rather than being dropped.
+
+TRL's RewardTrainer fine-tunes one scalar head through the whole model per step; that is the
+wrong tool for an ensemble on cached embeddings retrained after every batch of labels, so this
+loop is ours (about 40 lines). Policy training uses TRL (DPO).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RewardTrainingConfig:
+    epochs: int = field(default=100, metadata={"help": "Passes over the training pairs."})
+    learning_rate: float = field(default=1e-2, metadata={"help": "Adam learning rate (heads)."})
+    weight_decay: float = field(default=1e-3, metadata={"help": "L2 on the head weights."})
+    batch_size: int = field(default=256, metadata={"help": "Pairs per optimisation step."})
+    bootstrap: bool = field(default=True, metadata={"help": "Poisson(1) resample per head."})
+    heldout_fraction: float = field(
+        default=0.15, metadata={"help": "Share of tasks held out for evaluation (stable split)."}
+    )
+    promotion_tolerance: float = field(
+        default=0.02,
+        metadata={"help": "Promote unless held-out accuracy drops by more than this."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for bootstrap weights and shuffling."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError("heldout_fraction must be in [0, 1)")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+    tie: bool = False
+    annotator: int | None = None
+    group: str = ""  # what the held-out split is keyed on (the task), so no task leaks
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Pair:
+        return cls(
+            prompt=record["prompt"],
+            chosen=record["chosen"],
+            rejected=record["rejected"],
+            tie=bool(record.get("tie")),
+            annotator=record.get("annotator"),
+            group=f"{record.get('project')}:{record.get('task')}",
+        )
+
+
+def is_heldout(group: str, fraction: float) -> bool:
+    """A stable split: the same task is held out in every retrain, whatever else arrives."""
+    digest = hashlib.sha256(group.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_pairs(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
+    train = [p for p in pairs if not is_heldout(p.group, fraction)]
+    heldout = [p for p in pairs if is_heldout(p.group, fraction)]
+    return train, heldout
+
+
+EmbedFn = Callable[[list[str], list[str]], torch.Tensor]  # (prompts, responses) -> (N, H)
+HeadFn = Callable[[torch.Tensor], torch.Tensor]  # (N, H) -> (N, K)
+
+
+class EmbeddingCache:
+    """Embeds each distinct (prompt, response) once; pairs become row indices."""
+
+    def __init__(self, embed: EmbedFn) -> None:
+        self.embed = embed
+        self.index: dict[tuple[str, str], int] = {}
+        self.rows: list[torch.Tensor] = []
+
+    def add(self, pairs: list[Pair]) -> None:
+        new = []
+        for p in pairs:
+            for response in (p.chosen, p.rejected):
+                key = (p.prompt, response)
+                if key not in self.index:
+                    self.index[key] = len(self.index)
+                    new.append(key)
+        if new:
+            with torch.inference_mode():
+                emb = self.embed([k[0] for k in new], [k[1] for k in new])
+            self.rows.append(emb.float().cpu())
+
+    def matrix(self) -> torch.Tensor:
+        return torch.cat(self.rows) if self.rows else torch.zeros(0)
+
+    def pair_indices(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        chosen = torch.tensor([self.index[(p.prompt, p.chosen)] for p in pairs])
+        rejected = torch.tensor([self.index[(p.prompt, p.rejected)] for p in pairs])
+        target = torch.tensor([0.5 if p.tie else 1.0 for p in pairs])
+        return chosen, rejected, target
+
+
+def train_heads(
+    heads: torch.nn.Module,
+    head_fn: HeadFn,
+    embeddings: torch.Tensor,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    target: torch.Tensor,
+    num_heads: int,
+    config: RewardTrainingConfig,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> dict[str, float]:
+    """Bradley–Terry on (chosen, rejected) rows of ``embeddings`` (N, H); returns loss stats."""
+    generator = torch.Generator().manual_seed(config.seed)
+    n = len(chosen)
+    if config.bootstrap:  # (n, K) Poisson(1) weights: each head sees its own resample
+        weights = torch.poisson(torch.ones(n, num_heads), generator=generator)
+    else:
+        weights = torch.ones(n, num_heads)
+    optimizer = torch.optim.AdamW(
+        [p for p in heads.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+    )
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    step, last = 0, float("nan")
+    heads.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, config.batch_size):
+            batch = order[start : start + config.batch_size]
+            margin = head_fn(embeddings[chosen[batch]]) - head_fn(embeddings[rejected[batch]])
+            loss_per = torch.nn.functional.binary_cross_entropy_with_logits(
+                margin, target[batch, None].expand_as(margin), reduction="none"
+            )  # (B, K)
+            w = weights[batch]
+            loss = (loss_per * w).sum() / w.sum().clamp(min=1.0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            last = float(loss.detach())
+            if on_step is not None:
+                on_step(step, total, last)
+    heads.eval()
+    return {"steps": step, "final_loss": last}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    n_pairs: int
+    accuracy: float | None  # on non-tie pairs
+    ece: float | None  # expected calibration error of P(chosen > rejected), 10 bins
+    mean_uncertainty: float | None
+    per_annotator: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def preference_probabilities(
+    head_fn: HeadFn, embeddings: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor
+) -> np.ndarray:
+    """Per-head P(chosen > rejected): (P, K)."""
+    with torch.inference_mode():
+        margin = head_fn(embeddings[chosen]) - head_fn(embeddings[rejected])
+        return torch.sigmoid(margin).float().numpy()
+
+
+def expected_calibration_error(p_chosen: np.ndarray, bins: int = 10) -> float:
+    """ECE of the predicted preference: confidence max(p, 1-p) vs. being right, in ``bins``."""
+    confidence = np.maximum(p_chosen, 1 - p_chosen)
+    correct = (p_chosen > 0.5).astype(float)
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    ece = 0.0
+    for low, high in pairwise(edges):
+        in_bin = (confidence >= low) & ((confidence < high) | (high == 1.0))
+        if in_bin.any():
+            ece += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+    return float(ece)
+
+
+def evaluate(pairs: list[Pair], p_heads: np.ndarray) -> Evaluation:
+    if len(pairs) == 0:
+        return Evaluation(0, None, None, None, {})
+    p = p_heads.mean(axis=1)
+    decisive = np.array([not pair.tie for pair in pairs])
+    accuracy = float((p[decisive] > 0.5).mean()) if decisive.any() else None
+    ece = expected_calibration_error(p[decisive]) if decisive.any() else None
+    by_annotator: dict[str, list[bool]] = defaultdict(list)
+    for pair, prob, keep in zip(pairs, p, decisive):
+        if keep:
+            by_annotator[str(pair.annotator)].append(bool(prob > 0.5))
+    per_annotator = {a: float(np.mean(v)) for a, v in sorted(by_annotator.items())}
+    return Evaluation(
+        n_pairs=len(pairs),
+        accuracy=accuracy,
+        ece=ece,
+        mean_uncertainty=float(p_heads.std(axis=1).mean()),
+        per_annotator=per_annotator,
+    )
+
+
+def should_promote(
+    candidate: Evaluation, serving: Evaluation, tolerance: float
+) -> tuple[bool, str]:
+    """The gate: held-out accuracy may not drop by more than ``tolerance``."""
+    if candidate.accuracy is None or serving.accuracy is None:
+        return True, "no decisive held-out pairs yet: promoted on training data alone"
+    if candidate.accuracy + tolerance < serving.accuracy:
+        return False, (
+            f"held-out accuracy {candidate.accuracy:.3f} is worse than the serving model's "
+            f"{serving.accuracy:.3f} by more than {tolerance}"
+        )
+    return True, (
+        f"held-out accuracy {candidate.accuracy:.3f} vs serving {serving.accuracy:.3f} "
+        f"(tolerance {tolerance})"
+    )
+
+
+class Progress:
+    """Step, loss and ETA, logged (and shown by a callback) while training runs."""
+
+    def __init__(self, label: str, report: Callable[[dict[str, float]], None] | None = None):
+        self.label = label
+        self.report = report
+        self.started = time.monotonic()
+        self.last_log = 0.0
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / step * (total - step) if step else float("nan")
+        state = {"step": step, "total": total, "loss": loss, "eta_s": eta}
+        if self.report is not None:
+            self.report(state)
+        if time.monotonic() - self.last_log > 5.0 or step == total:
+            self.last_log = time.monotonic()
+            logger.info("%s: step %d/%d loss %.4f eta %.0fs", self.label, step, total, loss, eta)
