@@ -25,17 +25,23 @@ Example, with the pairwise template and ``selected: right``:
   'source': 'pairwise', 'control': 'comparison'})]
 
 Ties are kept (``tie: True``; ``chosen``/``rejected`` are then just the two responses in config
-order). Cancelled (skipped) annotations produce no records.
+order). A comparison with an empty response (a prompt-only task whose responses were not
+generated yet) yields no preference. Cancelled (skipped) annotations produce no records; that
+is decided in ``ml_backend.intake``, not here.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from typing import Any
 
 from ml_backend.errors import AnnotationMismatch
 from ml_backend.label_schema import TIE, RankerControl, RLHFSchema, TextField
+
+logger = logging.getLogger(__name__)
 
 Record = tuple[str, dict[str, Any]]
 
@@ -66,6 +72,7 @@ def convert(
     pairs += _choices_pairs(by_control, task_data, schema)
     pairs += _ranker_pairs(by_control, task_data, schema)
     pairs += _rating_pairs(by_control, task_data, schema)
+    pairs = _drop_empty(pairs)
     records: list[Record] = [
         (
             "preference",
@@ -101,6 +108,18 @@ def convert(
 
 
 Pair = tuple[str, str, bool, str, str]  # chosen, rejected, tie, source, control
+
+
+def _drop_empty(pairs: list[Pair]) -> list[Pair]:
+    """A comparison with a blank response teaches nothing (its task had no responses yet)."""
+    kept = [p for p in pairs if p[0].strip() and p[1].strip()]
+    if len(kept) < len(pairs):
+        logger.warning(
+            "dropped %d comparison(s) with an empty response: the task's responses were not "
+            "filled in when it was annotated",
+            len(pairs) - len(kept),
+        )
+    return kept
 
 
 def _pairwise_pairs(
@@ -180,9 +199,10 @@ def _ranker_pairs(
 def _ranked_groups(value: Any, control: RankerControl) -> list[list[str]]:
     """Groups of item ids, best group first; items in one group are not compared.
 
-    Accepts the list form (``[id, ...]``, one item per group), the plain dict form
-    (``{list_name: [id, ...]}``) and the bucket form (``{bucket: [id, ...], "_": [...]}``,
-    buckets ranked in config order; the unplaced ``"_"`` column is ignored).
+    Accepts the list form (``[id, ...]``, one item per group), the plain dict form (Label
+    Studio 1.23 keys it by the Ranker's name, ``{ranker_name: [id, ...]}``; the List's name
+    is read too) and the bucket form (``{bucket: [id, ...], "_": [...]}``, buckets ranked in
+    config order; the unplaced ``"_"`` column is ignored).
     """
     if isinstance(value, list):
         return [[str(item)] for item in value]
@@ -190,28 +210,41 @@ def _ranked_groups(value: Any, control: RankerControl) -> list[list[str]]:
         raise AnnotationMismatch(f"Ranker {control.name!r}: value.ranker must be a list or dict")
     if control.buckets:
         return [[str(i) for i in value.get(bucket) or []] for bucket in control.buckets]
-    ordered = value.get(control.items.name)
-    if ordered is None:
-        columns = [k for k in value if k != "_"]
-        if len(columns) != 1:
-            raise AnnotationMismatch(
-                f"Ranker {control.name!r}: expected the key {control.items.name!r} in value.ranker"
-            )
-        ordered = value[columns[0]]
-    return [[str(item)] for item in ordered or []]
+    for key in (control.name, control.items.name):
+        if key in value:
+            return [[str(item)] for item in value[key] or []]
+    columns = [k for k in value if k != "_"]
+    if len(columns) != 1:
+        raise AnnotationMismatch(
+            f"Ranker {control.name!r}: expected the key {control.name!r} in value.ranker, "
+            f"got {sorted(value)}"
+        )
+    return [[str(item)] for item in value[columns[0]] or []]
 
 
 def _rating_pairs(
     by_control: dict[str, dict[str, Any]], task_data: dict[str, Any], schema: RLHFSchema
 ) -> list[Pair]:
-    rated = []
+    """Responses compared by rating; the k-th Rating of each response is one criterion."""
+    criteria: dict[int, list[tuple[float, str, str]]] = defaultdict(list)
+    seen_per_target: dict[str, int] = defaultdict(int)
     for control in schema.ratings:
+        criterion = seen_per_target[control.target.name]
+        seen_per_target[control.target.name] += 1
         rating = by_control.get(control.name, {}).get("rating")
         if rating is None:
             continue
-        if not isinstance(rating, int | float):
+        if isinstance(rating, bool) or not isinstance(rating, int | float):
             raise AnnotationMismatch(f"Rating {control.name!r}: rating must be a number")
-        rated.append((float(rating), field_text(task_data, control.target), control.name))
+        text = field_text(task_data, control.target)
+        criteria[criterion].append((float(rating), text, control.name))
+    pairs = []
+    for rated in criteria.values():
+        pairs += _rated_pairs(rated)
+    return pairs
+
+
+def _rated_pairs(rated: list[tuple[float, str, str]]) -> list[Pair]:
     pairs = []
     for (r_a, text_a, name_a), (r_b, text_b, name_b) in combinations(rated, 2):
         control = f"{name_a},{name_b}"
@@ -234,7 +267,11 @@ def _textarea_text(value: dict[str, Any] | None) -> str:
 
 
 def field_text(task_data: dict[str, Any], field: TextField) -> str:
-    """The text an object tag shows for a task (Paragraphs are joined as ``author: text`` lines)."""
+    """The text an object tag shows for a task.
+
+    Paragraphs are joined as ``author: text`` lines, read with the tag's ``nameKey`` and
+    ``textKey`` (``role: content`` for a chat transcript).
+    """
     if field.key not in task_data:
         raise AnnotationMismatch(
             f"task data has no {field.key!r} field, which the label config's "
@@ -243,7 +280,9 @@ def field_text(task_data: dict[str, Any], field: TextField) -> str:
     value = task_data[field.key]
     if isinstance(value, list):
         return "\n".join(
-            f"{p.get('author', '')}: {p.get('text', '')}" if isinstance(p, dict) else str(p)
+            f"{p.get(field.name_key, '')}: {p.get(field.text_key, '')}"
+            if isinstance(p, dict)
+            else str(p)
             for p in value
         )
     return "" if value is None else str(value)

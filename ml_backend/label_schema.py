@@ -7,6 +7,8 @@ and ``$answer2``. What the backend recognises:
 * **Pairwise** over two text objects: ``selected: left`` prefers the first ``toName`` object.
 * **Ranker** over a **List**: items earlier in the order (or in an earlier **Bucket**) are better.
 * **Rating** on each of two or more responses: higher rating is better, equal ratings tie.
+  With several Ratings per response (helpfulness, harmlessness), the k-th Rating of a response
+  is compared with the k-th Rating of every other response.
 * **Choices** whose every choice names a response or a tie (``A is better``, ``Response 2``,
   ``Tie``; a ``Choice``'s ``alias`` is read first): the chosen response is better. A Choices
   with only tie-like choices is an optional "tie" button next to a Pairwise.
@@ -42,11 +44,20 @@ _POSITION_WORDS = [
 
 @dataclass(frozen=True)
 class TextField:
-    """An object tag that shows a text from the task: its tag name and the task data key."""
+    """An object tag that shows a text from the task: its tag name and the task data key.
+
+    ``is_variable`` is False for a tag whose value is fixed text in the config (an instruction
+    such as ``<Text name="help" value="Read both answers"/>``), not a ``$field`` of the task.
+    ``name_key``/``text_key`` are a Paragraphs tag's ``nameKey``/``textKey`` (who speaks, what
+    they say: ``role``/``content`` for chat transcripts).
+    """
 
     name: str
     key: str
     tag: str
+    is_variable: bool = True
+    name_key: str = "author"
+    text_key: str = "text"
 
 
 @dataclass(frozen=True)
@@ -95,7 +106,7 @@ class RLHFSchema:
 
     @property
     def learns_preferences(self) -> bool:
-        rated = len(self.ratings) >= 2
+        rated = len({r.target.name for r in self.ratings}) >= 2
         return bool(self.pairwise or self.rankers or rated or self.preference_choices)
 
     @property
@@ -143,11 +154,7 @@ def _parse_cached(xml: str) -> RLHFSchema:
         if c.tag == "TextArea"
     )
     prompt = next(
-        (
-            field
-            for field in objects.values()
-            if field.tag in TEXT_OBJECTS and field.name not in response_names
-        ),
+        (field for field in _task_texts(objects) if field.name not in response_names),
         None,
     )
     if prompt is None:
@@ -167,7 +174,19 @@ def _parse_cached(xml: str) -> RLHFSchema:
 
 def _text_field(obj: Any) -> TextField:
     value = obj.value or ""
-    return TextField(name=obj.name, key=value.lstrip("$"), tag=obj.tag)
+    return TextField(
+        name=obj.name,
+        key=value.lstrip("$"),
+        tag=obj.tag,
+        is_variable=value.startswith("$"),
+        name_key=obj.attr.get("nameKey", "author"),
+        text_key=obj.attr.get("textKey", "text"),
+    )
+
+
+def _task_texts(objects: dict[str, TextField]) -> list[TextField]:
+    """Text objects that show a task field (not fixed instruction text), in config order."""
+    return [f for f in objects.values() if f.tag in TEXT_OBJECTS and f.is_variable]
 
 
 def _targets(control: Any, objects: dict[str, TextField]) -> list[TextField]:
@@ -201,7 +220,9 @@ def _pairwise(control: Any, objects: dict[str, TextField]) -> PairwiseControl:
     return PairwiseControl(control.name, targets[0], targets[1])
 
 
-def _ranker(control: Any, objects: dict[str, TextField], root: ElementTree.Element) -> RankerControl:
+def _ranker(
+    control: Any, objects: dict[str, TextField], root: ElementTree.Element
+) -> RankerControl:
     target = _single_target(control, objects)
     if target.tag != "List":
         raise UnsupportedLabelConfig(
@@ -247,7 +268,7 @@ def _choices_preference(
     targets = [t for t in _targets(control, objects) if t.tag in TEXT_OBJECTS]
     candidates = responses or (tuple(targets) if len(targets) >= 2 else ())
     if not candidates:
-        texts = [f for f in objects.values() if f.tag in TEXT_OBJECTS]
+        texts = _task_texts(objects)  # the first is the prompt, the others the responses
         candidates = tuple(texts[1:]) if len(texts) >= 3 else ()
     if pairwise:
         candidates = (pairwise[0].left, pairwise[0].right)
@@ -255,9 +276,9 @@ def _choices_preference(
     if not choices or not candidates:
         return None
     mapping: dict[str, int] = {}
-    for key, texts in choices.items():
+    for key, readings in choices.items():
         index = next(
-            (i for i in (_choice_index(t, candidates) for t in texts) if i is not None), None
+            (i for i in (_choice_index(t, candidates) for t in readings) if i is not None), None
         )
         if index is None:
             return None
@@ -268,14 +289,22 @@ def _choices_preference(
 def _choice_index(value: str, candidates: tuple[TextField, ...]) -> int | None:
     if _TIE_WORDS.search(value):
         return TIE
-    lowered = value.lower()
-    for i, field in enumerate(candidates):
-        if field.name.lower() in lowered or (field.key and field.key.lower() in lowered):
-            return i
+    # Whole words only: a response named "a" is not meant by "Answer B is better".
+    named = {
+        i
+        for i, field in enumerate(candidates)
+        if _mentions(value, field.name) or (field.key and _mentions(value, field.key))
+    }
+    if named:
+        return named.pop() if len(named) == 1 else None
     matches = [i for i, pattern in enumerate(_POSITION_WORDS) if pattern.search(value)]
     if len(matches) == 1 and matches[0] < len(candidates):
         return matches[0]
     return None
+
+
+def _mentions(text: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.I) is not None
 
 
 def _feedback_target(

@@ -93,11 +93,8 @@ def build_prediction(
         result.append(_region(control.name, control.left.name, "pairwise", {"selected": selected}))
     for ranker in schema.rankers:
         order = [candidates.ids[i] for i in np.argsort(-rewards, kind="stable")]
-        result.append(
-            _region(
-                ranker.name, ranker.items.name, "ranker", {"ranker": {ranker.items.name: order}}
-            )
-        )
+        value = _ranker_value(ranker.name, ranker.buckets, order)
+        result.append(_region(ranker.name, ranker.items.name, "ranker", {"ranker": value}))
     for rating in schema.ratings:
         if rating.target.name in candidates.ids:
             reward = rewards[candidates.ids.index(rating.target.name)]
@@ -122,6 +119,17 @@ def _predicted_choice(
         return None
     best = int(np.argmax([rewards[candidates.ids.index(n)] for n in names]))
     return next((key for key, index in choice_to_index.items() if index == best), None)
+
+
+def _ranker_value(name: str, buckets: tuple[str, ...], order: list[str]) -> dict[str, list[str]]:
+    """Label Studio's Ranker value: the order under the Ranker's name, or tiers when bucketed
+    (ranked items spread evenly over the buckets, best bucket first)."""
+    if not buckets:
+        return {name: order}
+    value: dict[str, list[str]] = {bucket: [] for bucket in buckets}
+    for rank, item in enumerate(order):
+        value[buckets[rank * len(buckets) // len(order)]].append(item)
+    return value
 
 
 def _region(from_name: str, to_name: str, kind: str, value: dict[str, Any]) -> dict[str, Any]:

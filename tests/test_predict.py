@@ -105,8 +105,21 @@ def test_ranker_orders_items_by_reward_and_validates():
              {"id": "c3", "title": "3", "body": "three"}]
     tasks = [{"data": {"prompt": "p", "candidates": items}}]
     [[prediction]] = predict_tasks(parse_label_config(RANKING), tasks, fn, "v")
-    assert prediction["result"][0]["value"] == {"ranker": {"candidates": ["c2", "c3", "c1"]}}
+    assert prediction["result"][0]["value"] == {"ranker": {"rank": ["c2", "c3", "c1"]}}
     assert valid(RANKING, prediction) == []
+
+
+def test_bucketed_ranker_spreads_the_order_over_tiers_best_first():
+    config = RANKING.replace('<Ranker name="rank" toName="candidates"/>',
+                             '<Ranker name="rank" toName="candidates"><Bucket name="best"/>'
+                             '<Bucket name="worst"/></Ranker>')
+    fn = fixed_rewards({"one": [0.0], "two": [3.0], "three": [1.0], "four": [-1.0]})
+    items = [{"id": f"c{i}", "title": str(i), "body": b}
+             for i, b in enumerate(["one", "two", "three", "four"], 1)]
+    [[prediction]] = predict_tasks(parse_label_config(config), [{"data": {"prompt": "p",
+                                   "candidates": items}}], fn, "v")
+    assert prediction["result"][0]["value"] == {"ranker": {"best": ["c2", "c3"],
+                                                           "worst": ["c1", "c4"]}}
 
 
 def test_rating_per_response_within_range_and_validates():

@@ -1,0 +1,451 @@
+"""convert: one annotation's result on a task -> the exact preference and feedback records.
+
+Results are shaped as Label Studio 1.23 sends them in webhooks (see tests/fixtures/).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ml_backend.conversion import Provenance, convert, field_text, list_item_texts
+from ml_backend.errors import AnnotationMismatch
+from ml_backend.label_schema import TextField, parse_label_config
+
+PROVENANCE = Provenance(project=3, task=41, annotation=907, annotator=12)
+IDS = {"project": 3, "task": 41, "annotation": 907, "annotator": 12}
+
+PAIRWISE = (
+    '<View><Text name="prompt" value="$prompt"/>'
+    '<Pairwise name="comparison" toName="answer1,answer2"/>'
+    '<Text name="answer1" value="$answer1"/><Text name="answer2" value="$answer2"/>'
+    '<TextArea name="fb1" toName="answer1"/><TextArea name="fb2" toName="answer2"/>'
+    '<TextArea name="general" toName="prompt"/>'
+    '<Choices name="tie" toName="prompt" choice="single"><Choice value="Tie / equally good"/>'
+    "</Choices>"
+    '<Choices name="safety" toName="prompt"><Choice value="Toxic"/><Choice value="Safe"/>'
+    "</Choices></View>"
+)
+PAIR_TASK = {"prompt": "2+2?", "answer1": "4", "answer2": "5"}
+
+
+def result(from_name: str, kind: str, value: dict[str, Any], to_name: str = "") -> dict:
+    """One result item as Label Studio stores it."""
+    return {
+        "id": f"r-{from_name}",
+        "from_name": from_name,
+        "to_name": to_name or from_name,
+        "type": kind,
+        "origin": "manual",
+        "value": value,
+    }
+
+
+def preference(chosen: str, rejected: str, source: str, control: str, tie: bool = False, **kw):
+    record = {**IDS, "prompt": kw.get("prompt", "2+2?"), "chosen": chosen, "rejected": rejected}
+    return ("preference", {**record, "tie": tie, "source": source, "control": control})
+
+
+def feedback(response: str | None, text: str, control: str, prompt: str = "2+2?"):
+    record = {**IDS, "prompt": prompt, "response": response, "feedback": text}
+    return ("feedback", {**record, "control": control})
+
+
+def run(xml: str, items: list[dict], task: dict) -> list:
+    return convert(items, task, parse_label_config(xml), PROVENANCE)
+
+
+# Pairwise ------------------------------------------------------------------------------------
+
+
+def test_pairwise_left_prefers_the_first_to_name_object():
+    records = run(PAIRWISE, [result("comparison", "pairwise", {"selected": "left"})], PAIR_TASK)
+
+    assert records == [preference("4", "5", "pairwise", "comparison")]
+
+
+def test_pairwise_right_prefers_the_second_to_name_object():
+    records = run(PAIRWISE, [result("comparison", "pairwise", {"selected": "right"})], PAIR_TASK)
+
+    assert records == [preference("5", "4", "pairwise", "comparison")]
+
+
+def test_tie_button_overrides_the_pairwise_click():
+    records = run(
+        PAIRWISE,
+        [
+            result("comparison", "pairwise", {"selected": "right"}),
+            result("tie", "choices", {"choices": ["Tie / equally good"]}, "prompt"),
+        ],
+        PAIR_TASK,
+    )
+
+    # A tie keeps the two responses in config order.
+    assert records == [preference("4", "5", "pairwise", "comparison", tie=True)]
+
+
+def test_tie_button_alone_is_a_tie():
+    records = run(
+        PAIRWISE, [result("tie", "choices", {"choices": ["Tie / equally good"]})], PAIR_TASK
+    )
+
+    assert records == [preference("4", "5", "pairwise", "comparison", tie=True)]
+
+
+def test_unticked_tie_button_leaves_the_click():
+    records = run(
+        PAIRWISE,
+        [
+            result("comparison", "pairwise", {"selected": "left"}),
+            result("tie", "choices", {"choices": []}),
+        ],
+        PAIR_TASK,
+    )
+
+    assert records == [preference("4", "5", "pairwise", "comparison")]
+
+
+def test_pairwise_with_an_unknown_side_is_a_mismatch():
+    with pytest.raises(AnnotationMismatch) as caught:
+        run(PAIRWISE, [result("comparison", "pairwise", {"selected": "middle"})], PAIR_TASK)
+
+    assert caught.value.message == (
+        "Pairwise 'comparison': selected must be 'left' or 'right', got 'middle'"
+    )
+
+
+def test_choices_that_are_not_preferences_add_no_records():
+    records = run(
+        PAIRWISE,
+        [
+            result("comparison", "pairwise", {"selected": "left"}),
+            result("safety", "choices", {"choices": ["Toxic"]}),
+        ],
+        PAIR_TASK,
+    )
+
+    assert records == [preference("4", "5", "pairwise", "comparison")]
+
+
+def test_empty_result_gives_no_records():
+    assert run(PAIRWISE, [], PAIR_TASK) == []
+
+
+def test_comparison_with_an_empty_response_gives_no_preference():
+    task = {"prompt": "2+2?", "answer1": "", "answer2": "   "}
+    records = run(
+        PAIRWISE,
+        [
+            result("comparison", "pairwise", {"selected": "left"}),
+            result("general", "textarea", {"text": ["Responses are missing."]}, "prompt"),
+        ],
+        task,
+    )
+
+    assert records == [feedback(None, "Responses are missing.", "general")]
+
+
+# Feedback ------------------------------------------------------------------------------------
+
+
+def test_textarea_on_a_response_is_feedback_on_that_response():
+    records = run(
+        PAIRWISE,
+        [
+            result("fb2", "textarea", {"text": ["Wrong: 2+2 is 4."]}, "answer2"),
+            result("fb1", "textarea", {"text": ["Correct but terse.", "Say why."]}, "answer1"),
+        ],
+        PAIR_TASK,
+    )
+
+    # Records follow the config's order; several submitted texts are joined by lines.
+    assert records == [
+        feedback("4", "Correct but terse.\nSay why.", "fb1"),
+        feedback("5", "Wrong: 2+2 is 4.", "fb2"),
+    ]
+
+
+def test_textarea_on_the_prompt_is_feedback_on_the_whole_item():
+    records = run(
+        PAIRWISE, [result("general", "textarea", {"text": ["  Both ignore units.  "]})], PAIR_TASK
+    )
+
+    assert records == [feedback(None, "Both ignore units.", "general")]
+
+
+def test_blank_textarea_gives_no_feedback():
+    records = run(PAIRWISE, [result("fb1", "textarea", {"text": ["  ", ""]})], PAIR_TASK)
+
+    assert records == []
+
+
+# Ranker --------------------------------------------------------------------------------------
+
+RANKER = (
+    '<View><Text name="prompt" value="$prompt"/>'
+    '<List name="candidates" value="$candidates" title="Candidates"/>'
+    '<Ranker name="rank" toName="candidates"/></View>'
+)
+RANKER_BUCKETS = (
+    '<View><Text name="prompt" value="$prompt"/>'
+    '<List name="candidates" value="$candidates" title="Unsorted"/>'
+    '<Ranker name="rank" toName="candidates">'
+    '<Bucket name="best" title="Best"/><Bucket name="ok" title="OK"/>'
+    '<Bucket name="bad" title="Bad"/></Ranker></View>'
+)
+RANK_TASK = {
+    "prompt": "Capital of France?",
+    "candidates": [
+        {"id": "a", "title": "Candidate 1", "body": "Paris"},
+        {"id": "b", "title": "Candidate 2", "body": "Lyon"},
+        {"id": "c", "title": "Candidate 3", "body": "Paris, on the Seine"},
+        {"id": "d", "title": "Only a title"},
+    ],
+}
+
+
+def ranked(chosen: str, rejected: str) -> tuple:
+    return preference(chosen, rejected, "ranker", "rank", prompt="Capital of France?")
+
+
+ORDER_C_A_B = [
+    ranked("Paris, on the Seine", "Paris"),
+    ranked("Paris, on the Seine", "Lyon"),
+    ranked("Paris", "Lyon"),
+]
+
+
+def test_ranker_dict_form_keyed_by_ranker_name_as_label_studio_sends_it():
+    value = {"ranker": {"rank": ["c", "a", "b"]}}
+    records = run(RANKER, [result("rank", "ranker", value, "candidates")], RANK_TASK)
+
+    assert records == ORDER_C_A_B
+
+
+def test_ranker_dict_form_keyed_by_list_name():
+    value = {"ranker": {"candidates": ["c", "a", "b"]}}
+    records = run(RANKER, [result("rank", "ranker", value, "candidates")], RANK_TASK)
+
+    assert records == ORDER_C_A_B
+
+
+def test_ranker_list_form():
+    records = run(RANKER, [result("rank", "ranker", {"ranker": ["c", "a", "b"]})], RANK_TASK)
+
+    assert records == ORDER_C_A_B
+
+
+def test_ranker_item_without_body_is_read_by_its_title():
+    records = run(RANKER, [result("rank", "ranker", {"ranker": ["d", "b"]})], RANK_TASK)
+
+    assert records == [ranked("Only a title", "Lyon")]
+
+
+def test_ranker_buckets_rank_in_config_order_and_unsorted_items_are_ignored():
+    value = {"ranker": {"bad": ["b"], "_": ["d"], "best": ["c", "a"], "ok": []}}
+    records = run(RANKER_BUCKETS, [result("rank", "ranker", value, "candidates")], RANK_TASK)
+
+    # Items in one bucket are not compared with each other.
+    assert records == [ranked("Paris, on the Seine", "Lyon"), ranked("Paris", "Lyon")]
+
+
+def test_ranker_submitted_untouched_with_buckets_gives_nothing():
+    value = {"ranker": {"_": ["a", "b", "c", "d"], "best": [], "ok": [], "bad": []}}
+
+    assert run(RANKER_BUCKETS, [result("rank", "ranker", value)], RANK_TASK) == []
+
+
+def test_ranker_with_unknown_item_ids_is_a_mismatch():
+    with pytest.raises(AnnotationMismatch) as caught:
+        run(RANKER, [result("rank", "ranker", {"ranker": {"rank": ["a", "x", "y"]}})], RANK_TASK)
+
+    assert caught.value.message == (
+        "Ranker 'rank': items ['x', 'y'] are not in the task's 'candidates' list"
+    )
+
+
+def test_ranker_dict_with_unknown_columns_is_a_mismatch():
+    value = {"ranker": {"first": ["a"], "second": ["b"]}}
+    with pytest.raises(AnnotationMismatch) as caught:
+        run(RANKER, [result("rank", "ranker", value)], RANK_TASK)
+
+    assert caught.value.message == (
+        "Ranker 'rank': expected the key 'rank' in value.ranker, got ['first', 'second']"
+    )
+
+
+# Rating --------------------------------------------------------------------------------------
+
+RATING = (
+    '<View><Text name="prompt" value="$prompt"/>'
+    '<Text name="answer1" value="$answer1"/><Rating name="r1" toName="answer1"/>'
+    '<Text name="answer2" value="$answer2"/><Rating name="r2" toName="answer2"/>'
+    '<Text name="answer3" value="$answer3"/><Rating name="r3" toName="answer3"/></View>'
+)
+RATING_TASK = {"prompt": "2+2?", "answer1": "4", "answer2": "5", "answer3": "four"}
+
+
+def ratings(**stars: float) -> list[dict]:
+    return [result(name, "rating", {"rating": value}) for name, value in stars.items()]
+
+
+def test_higher_rating_is_preferred_for_every_pair_of_rated_responses():
+    records = run(RATING, ratings(r1=5, r2=1, r3=3), RATING_TASK)
+
+    assert records == [
+        preference("4", "5", "rating", "r1,r2"),
+        preference("4", "four", "rating", "r1,r3"),
+        preference("four", "5", "rating", "r2,r3"),
+    ]
+
+
+def test_equal_ratings_are_a_tie():
+    records = run(RATING, ratings(r1=4, r2=4), RATING_TASK)
+
+    assert records == [preference("4", "5", "rating", "r1,r2", tie=True)]
+
+
+def test_unrated_response_is_left_out():
+    assert run(RATING, ratings(r2=2), RATING_TASK) == []
+
+
+def test_non_numeric_rating_is_a_mismatch():
+    with pytest.raises(AnnotationMismatch) as caught:
+        run(RATING, ratings(r1="five", r2=1), RATING_TASK)
+
+    assert caught.value.message == "Rating 'r1': rating must be a number"
+
+
+def test_several_ratings_per_response_compare_like_with_like():
+    xml = (
+        '<View><Text name="prompt" value="$prompt"/>'
+        '<Text name="answer1" value="$answer1"/>'
+        '<Rating name="helpful_1" toName="answer1"/><Rating name="harmless_1" toName="answer1"/>'
+        '<Text name="answer2" value="$answer2"/>'
+        '<Rating name="helpful_2" toName="answer2"/><Rating name="harmless_2" toName="answer2"/>'
+        "</View>"
+    )
+    items = ratings(helpful_1=2, harmless_1=5, helpful_2=4, harmless_2=5)
+
+    assert run(xml, items, PAIR_TASK) == [
+        preference("5", "4", "rating", "helpful_1,helpful_2"),
+        preference("4", "5", "rating", "harmless_1,harmless_2", tie=True),
+    ]
+
+
+# Choices -------------------------------------------------------------------------------------
+
+CHOICES = (
+    '<View><Text name="question" value="$question"/>'
+    '<Text name="response_a" value="$response_a"/><Text name="response_b" value="$response_b"/>'
+    '<Choices name="preference" toName="question" choice="single-radio">'
+    '<Choice value="Response A is better" alias="left"/>'
+    '<Choice value="Response B is better" alias="right"/>'
+    '<Choice value="Tie" alias="same"/></Choices></View>'
+)
+CHOICES_TASK = {"question": "2+2?", "response_a": "4", "response_b": "5"}
+
+
+def test_choice_stored_under_its_alias_picks_that_response():
+    records = run(CHOICES, [result("preference", "choices", {"choices": ["right"]})], CHOICES_TASK)
+
+    assert records == [preference("5", "4", "choices", "preference")]
+
+
+def test_tie_choice_is_a_tie():
+    records = run(CHOICES, [result("preference", "choices", {"choices": ["same"]})], CHOICES_TASK)
+
+    assert records == [preference("4", "5", "choices", "preference", tie=True)]
+
+
+def test_unknown_choice_is_a_mismatch():
+    with pytest.raises(AnnotationMismatch) as caught:
+        run(CHOICES, [result("preference", "choices", {"choices": ["A"]})], CHOICES_TASK)
+
+    assert caught.value.message == "Choices 'preference': unknown choice 'A'"
+
+
+def test_choice_among_three_responses_beats_both_others():
+    xml = (
+        '<View><Text name="prompt" value="$prompt"/><Text name="answer1" value="$answer1"/>'
+        '<Text name="answer2" value="$answer2"/><Text name="answer3" value="$answer3"/>'
+        '<Choices name="best" toName="prompt"><Choice value="1"/><Choice value="2"/>'
+        '<Choice value="3"/></Choices></View>'
+    )
+    records = run(xml, [result("best", "choices", {"choices": ["3"]})], RATING_TASK)
+
+    assert records == [
+        preference("four", "4", "choices", "best"),
+        preference("four", "5", "choices", "best"),
+    ]
+
+
+# Prompt and task fields ----------------------------------------------------------------------
+
+
+def test_paragraphs_prompt_is_joined_as_speaker_lines():
+    xml = (
+        '<View><Paragraphs name="chat" value="$dialogue" nameKey="role" textKey="content"/>'
+        '<Pairwise name="comparison" toName="answer1,answer2"/>'
+        '<Text name="answer1" value="$answer1"/><Text name="answer2" value="$answer2"/></View>'
+    )
+    task = {
+        "dialogue": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "2+2?"},
+        ],
+        "answer1": "4",
+        "answer2": "5",
+    }
+    records = run(xml, [result("comparison", "pairwise", {"selected": "left"})], task)
+
+    assert records == [
+        preference(
+            "4",
+            "5",
+            "pairwise",
+            "comparison",
+            prompt="user: Hi\nassistant: Hello! How can I help?\nuser: 2+2?",
+        )
+    ]
+
+
+def test_field_text_of_paragraphs_with_default_keys():
+    field = TextField("dialogue", "dialogue", "Paragraphs")
+    task = {"dialogue": [{"author": "Ann", "text": "Hi"}, {"author": "Bob", "text": "Yo"}]}
+
+    assert field_text(task, field) == "Ann: Hi\nBob: Yo"
+
+
+def test_missing_task_field_is_a_mismatch_naming_the_field():
+    with pytest.raises(AnnotationMismatch) as caught:
+        run(
+            PAIRWISE,
+            [result("comparison", "pairwise", {"selected": "left"})],
+            {"prompt": "2+2?", "answer1": "4"},
+        )
+
+    assert caught.value.message == (
+        "task data has no 'answer2' field, which the label config's <Text name='answer2'> shows"
+    )
+
+
+def test_list_item_texts_reads_body_then_text_then_title():
+    field = TextField("candidates", "candidates", "List")
+    task = {
+        "candidates": [
+            {"id": 7, "title": "T", "body": "B"},
+            {"id": "x", "text": "X"},
+            {"title": "only title"},
+            "plain string",
+        ]
+    }
+
+    assert list_item_texts(task, field) == {
+        "7": "B",
+        "x": "X",
+        "2": "only title",
+        "3": "plain string",
+    }
