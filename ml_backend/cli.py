@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 from ml_backend.config import BackendConfig, ConfigError, markdown_table
@@ -107,6 +108,35 @@ def _train(config: BackendConfig, args: argparse.Namespace) -> int:
     return _enqueue_or_run(config, args, "train")
 
 
+def _simulate(config: BackendConfig, args: argparse.Namespace) -> int:
+    from trainer.reward_model import RewardModel
+
+    from ml_backend.serving import reward_model_config
+    from trainer.simulate import SimulationInputError, load_inputs, plot_curves, simulate
+
+    try:
+        pool, labels, evaluation = load_inputs(Path(args.pool), Path(args.labels), Path(args.eval))
+        if args.budget > len(pool):
+            raise SimulationInputError(
+                f"--budget {args.budget} is larger than the pool ({len(pool)} pairs)"
+            )
+        model = RewardModel.create(reward_model_config(config))
+        result = simulate(
+            model, pool, labels, evaluation, args.strategy, args.budget, args.batch_size, args.seed
+        )
+    except (SimulationInputError, ValueError) as exc:
+        print(f"rlhf-backend simulate: {exc}", file=sys.stderr)
+        return 2
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot_curves([result], Path(args.plot))
+    final = result["curve"][-1]
+    print(
+        f"{args.strategy}: {final['labels']} labels -> eval accuracy {final['eval_accuracy']:.3f}"
+    )
+    return 0
+
+
 def _print_config(config: BackendConfig, args: argparse.Namespace) -> int:
     print(markdown_table())
     return 0
@@ -117,6 +147,7 @@ COMMANDS = {
     "worker": (_worker, "Run training and pre-annotation jobs from the store."),
     "preannotate": (_preannotate, "Generate candidates and predictions for a project's tasks."),
     "train": (_train, "Retrain the reward model and policy of a project now."),
+    "simulate": (_simulate, "Replay active learning against a hidden oracle (JSONL files)."),
     "config": (_print_config, "Print the configuration variables as a Markdown table."),
 }
 
@@ -136,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "worker":
             sub.add_argument("--once", action="store_true", help="exit when the queue is empty")
             sub.add_argument("--data-dir", help="override RLHF_DATA_DIR")
+        if name == "simulate":
+            sub.add_argument("--pool", required=True, help="POOL.jsonl: id, prompt, responses")
+            sub.add_argument("--labels", required=True, help="LABELS.jsonl: id, preferred")
+            sub.add_argument("--eval", required=True, help="EVAL.jsonl: held-out labeled pairs")
+            sub.add_argument(
+                "--strategy",
+                default="default",
+                help="random, entropy, margin, variance, bald, batch, or default",
+            )
+            sub.add_argument("--budget", type=int, default=400, help="labels to spend")
+            sub.add_argument("--batch-size", type=int, default=50, help="labels per round")
+            sub.add_argument("--seed", type=int, default=0)
+            sub.add_argument("--out", required=True, help="RESULT.json")
+            sub.add_argument("--plot", help="CURVE.png (optional)")
         if name in ("preannotate", "train"):
             sub.add_argument("--project", type=int, required=True, help="Label Studio project id")
             sub.add_argument("--queue", action="store_true", help="queue it for the workers")

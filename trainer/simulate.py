@@ -102,7 +102,10 @@ def load_inputs(
             f"{labels_path}: no label for {len(unlabeled)} pool ids, e.g. {sorted(unlabeled)[0]!r}"
         )
     evaluation = [
-        (PoolItem(r["id"], r["prompt"], _check_responses(eval_path, r)), _check_preferred(eval_path, r))
+        (
+            PoolItem(r["id"], r["prompt"], _check_responses(eval_path, r)),
+            _check_preferred(eval_path, r),
+        )
         for r in _read_jsonl(eval_path, {**fields, "preferred": int})
     ]
     if not evaluation:
@@ -163,8 +166,14 @@ def simulate(
         pairs = [_as_pair(pool[i], labels[pool[i].id]) for i in labeled]
         chosen, rejected, target = cache.pair_indices(pairs)
         train_heads(
-            model.heads, model.head_rewards, embeddings, chosen, rejected, target,
-            model.config.num_heads, training,
+            model.heads,
+            model.head_rewards,
+            embeddings,
+            chosen,
+            rejected,
+            target,
+            model.config.num_heads,
+            training,
         )
         p_eval = preference_probabilities(
             model.head_rewards, embeddings, eval_chosen, eval_rejected
@@ -176,8 +185,9 @@ def simulate(
                 "eval_ece": round(expected_calibration_error(p_eval), 6),
             }
         )
-        logger.info("%s: %d labels, eval accuracy %.3f", strategy, len(labeled),
-                    curve[-1]["eval_accuracy"])
+        logger.info(
+            "%s: %d labels, eval accuracy %.3f", strategy, len(labeled), curve[-1]["eval_accuracy"]
+        )
     return {"strategy": strategy, "seed": seed, "curve": curve}
 
 
