@@ -128,8 +128,12 @@ def simulate(
     batch_size: int,
     seed: int,
     training: RewardTrainingConfig | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> dict[str, Any]:
-    """Run the loop; ``model`` is a RewardModel (its heads are reset from ``seed``)."""
+    """Run the loop; ``model`` is a RewardModel (its heads are reset from ``seed``).
+
+    ``cache`` may be shared between runs over the same texts with the same backbone.
+    """
     strategy_name = resolve(strategy)
     if budget > len(pool):
         raise SimulationInputError(f"--budget {budget} is larger than the pool ({len(pool)} pairs)")
@@ -141,7 +145,7 @@ def simulate(
     model.reset_heads(seed)
     training = training or RewardTrainingConfig(seed=seed, heldout_fraction=0.0)
 
-    cache = EmbeddingCache(model.embed)
+    cache = cache or EmbeddingCache(model.embed)
     as_first = [Pair(i.prompt, i.responses[0], i.responses[1]) for i in pool]
     eval_pairs = [_as_pair(item, preferred) for item, preferred in evaluation]
     cache.add(as_first + eval_pairs)  # the one backbone pass of the whole run
