@@ -4,43 +4,45 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import logging
 import time
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ml_backend.config import BackendConfig
-from ml_backend.errors import BackendError, BadRequest, Unauthorized
-from ml_backend.intake import handle_event
+from ml_backend.errors import BackendError, BadRequest, NotFound, Unauthorized
+from ml_backend.intake import MAX_ID, handle_event
 from ml_backend.label_schema import parse_label_config
 from ml_backend.label_studio import WebhookSync
 from ml_backend.metrics import CONTENT_TYPE, Metrics
+from ml_backend.predict import predict_tasks
+from ml_backend.serving import ModelServer
 from ml_backend.store import Store
+from trainer.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 MODEL_CLASS = "RLHFBackend"
-UNTRAINED_VERSION = "untrained"
 OPEN_ENDPOINTS = {"health", "index"}
 
 
 class Services:
-    """What a worker process holds: config, store and metrics (models join lazily, per worker)."""
+    """What a worker process holds: config, store, metrics, and models (loaded lazily)."""
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.store = Store(config.db_path).initialize()
-        self.metrics = Metrics(self.store)
+        self.registry = Registry(config.db_path, config.data_dir / "models")
+        self.models = ModelServer(config, self.registry)
+        self.metrics = Metrics(self.store, self.registry)
         self.webhook_sync = WebhookSync(config)
 
     def model_version(self, project_id: int | None = None) -> str:
-        if project_id is not None:
-            project = self.store.project(project_id)
-            if project is not None and project.model_version:
-                return project.model_version
-        return UNTRAINED_VERSION
+        """The served version of a project (the base version before any training)."""
+        return self.registry.served_version(project_id if project_id is not None else 0)
 
 
 def create_app(config: BackendConfig | None = None) -> Flask:
@@ -83,21 +85,27 @@ def _check_basic_auth(config: BackendConfig) -> None:
 
 
 def _json_body() -> dict[str, Any]:
-    payload = request.get_json(force=True, silent=True)
-    if payload is None:
-        raise BadRequest("request body must be valid JSON")
+    data = request.get_data()
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        # Werkzeug cuts a chunked body off at the limit instead of refusing it.
+        raise RequestEntityTooLarge()
+    try:
+        payload = json.loads(data)
+    except (ValueError, RecursionError):  # bad JSON or UTF-8 (ValueError), absurd nesting
+        raise BadRequest("request body must be valid JSON in UTF-8") from None
     if not isinstance(payload, dict):
-        raise BadRequest("request body must be a JSON object")
+        raise BadRequest(f"request body must be a JSON object, got {type(payload).__name__}")
     return payload
 
 
 def parse_project_id(value: Any) -> int:
     """Label Studio sends ``project`` as ``"<id>.<timestamp>"`` in /setup and /predict."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID:
         return value
     if isinstance(value, str):
         head = value.split(".", 1)[0]
-        if head.isdigit():
+        if head.isascii() and head.isdigit() and len(head) <= 19 and int(head) <= MAX_ID:
             return int(head)
     raise BadRequest(f"'project' must be a project id like '1' or '1.1700000000', got {value!r}")
 
@@ -106,9 +114,7 @@ def _register_routes(app: Flask, services: Services) -> None:
     @app.get("/")
     @app.get("/health", endpoint="health")
     def index() -> Response:
-        return jsonify(
-            status="UP", model_class=MODEL_CLASS, model_version=services.model_version()
-        )
+        return jsonify(status="UP", model_class=MODEL_CLASS, model_version=services.model_version())
 
     @app.post("/setup")
     def setup() -> Response:
@@ -132,7 +138,35 @@ def _register_routes(app: Flask, services: Services) -> None:
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
             raise BadRequest("'tasks' must be a list of task objects")
-        return jsonify(results=[])
+        project_id, label_config = _predict_project(body, tasks)
+        schema = parse_label_config(label_config)
+        version = services.models.served_version(project_id)
+        results = predict_tasks(
+            schema,
+            tasks,
+            lambda items: services.models.head_rewards(project_id, items),
+            version,
+            services.config.strategy,
+        )
+        return jsonify(results=results)
+
+    def _predict_project(body: dict[str, Any], tasks: list[dict[str, Any]]) -> tuple[int, str]:
+        raw = body.get("project")
+        if raw is None and tasks:
+            raw = tasks[0].get("project")
+        project_id = parse_project_id(raw)
+        label_config = body.get("label_config")
+        if label_config is None:
+            project = services.store.project(project_id)
+            if project is None:
+                raise NotFound(
+                    f"project {project_id} is unknown and the request has no label_config: "
+                    "connect the backend to it in Label Studio first"
+                )
+            label_config = project.label_config
+        if not isinstance(label_config, str):
+            raise BadRequest("'label_config' must be the label config XML string")
+        return project_id, label_config
 
     @app.post("/webhook")
     def webhook() -> tuple[Response, int]:
@@ -162,8 +196,10 @@ def _register_errors(app: Flask) -> None:
         return jsonify(error=type(exc).__name__, message=exc.message), exc.status, headers
 
     @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> tuple[Response, int]:
-        return jsonify(error=exc.name, message=exc.description), exc.code or 500
+    def _http_error(exc: HTTPException) -> tuple[Response, int, list[tuple[str, str]]]:
+        # Keep the exception's own headers (Allow on a 405), but answer JSON.
+        headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
+        return jsonify(error=exc.name, message=exc.description), exc.code or 500, headers
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:

@@ -18,12 +18,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from ml_backend.store import Store
+from trainer.registry import Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, models: Registry) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "rlhf_http_requests",
@@ -44,7 +45,7 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
-        self._store_collector = StoreCollector(store)
+        self._store_collector = StoreCollector(store, models)
 
     def exposition(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -59,8 +60,9 @@ class Metrics:
 class StoreCollector(Collector):
     """Gauges computed from the store when Prometheus scrapes."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, models: Registry) -> None:
         self.store = store
+        self.models = models
 
     def collect(self) -> Iterator[Metric]:
         stored = GaugeMetricFamily(
@@ -81,7 +83,7 @@ class StoreCollector(Collector):
             "The model version served for each project (value is always 1)",
             labels=["project", "model_version"],
         )
-        for project_id, version in sorted(self.store.model_versions().items()):
-            versions.add_metric([str(project_id), version], 1)
+        for project_id in self.store.project_ids():
+            versions.add_metric([str(project_id), self.models.served_version(project_id)], 1)
         yield versions
 

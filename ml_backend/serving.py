@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ml_backend.config import BackendConfig
 from trainer.registry import POLICY, REWARD_MODEL, ModelVersion, Registry, served_version_string
@@ -108,19 +107,8 @@ class ModelServer:
     def head_rewards(self, project_id: int, items: list[tuple[str, list[str]]]) -> list[np.ndarray]:
         """Per-head rewards (n_i, K) for every item, from one batched backbone pass."""
         _, model = self.reward_model(project_id)
-        return head_rewards(model, items)
+        return model.score_heads(items)
 
     def generate(self, project_id: int, prompts: list[str], n: int) -> list[list[str]]:
         _, policy = self.policy(project_id)
         return policy.generate(prompts, n)
-
-
-def head_rewards(model: Any, items: list[tuple[str, list[str]]]) -> list[np.ndarray]:
-    prompts = [prompt for prompt, responses in items for _ in responses]
-    responses = [response for _, responses in items for response in responses]
-    if not responses:
-        return [np.zeros((0, model.config.num_heads)) for _ in items]
-    with torch.inference_mode():
-        rewards = model.head_rewards(model.embed(prompts, responses)).float().cpu().numpy()
-    split_at = np.cumsum([len(r) for _, r in items])[:-1]
-    return np.split(rewards, split_at)

@@ -37,14 +37,14 @@ def store(app):
 def test_health_reports_up_model_class_and_version(http):
     for path in ("/", "/health"):
         body = http.get(path).get_json()
-        assert body == {"status": "UP", "model_class": "RLHFBackend", "model_version": "untrained"}
+        assert body == {"status": "UP", "model_class": "RLHFBackend", "model_version": "rm-untrained.policy-base"}
 
 
 def test_setup_remembers_project_config_and_label_studio(http, store):
     body = capture("01_setup.json")
     response = http.post("/setup", json=body)
     assert response.status_code == 200
-    assert response.get_json() == {"model_version": "untrained"}
+    assert response.get_json() == {"model_version": "rm-untrained.policy-base"}
     project = store.project(1)
     assert project.label_config == body["schema"]
     assert project.hostname == "http://localhost:8080"
@@ -110,11 +110,10 @@ def test_body_over_limit_gets_413(tmp_path):
 def test_metrics_expose_requests_annotations_queue_and_versions(http, store):
     http.post("/webhook", json=capture("05_webhook_annotation_created.json"))
     http.post("/webhook", json=capture("08_webhook_start_training.json"))
-    store.set_project_model_version(1, "rm-0001.policy-0000")
     text = http.get("/metrics").get_data(as_text=True)
     assert 'rlhf_annotations_stored{kind="preference"} 1.0' in text
     assert "rlhf_training_queue_depth 1.0" in text
-    assert 'rlhf_model_version_info{model_version="rm-0001.policy-0000",project="1"} 1.0' in text
+    assert 'rlhf_model_version_info{model_version="rm-untrained.policy-base",project="1"} 1.0' in text
     assert 'rlhf_http_requests_total{endpoint="webhook",method="POST",status="200"} 2.0' in text
     assert "rlhf_http_request_duration_seconds_bucket" in text
 

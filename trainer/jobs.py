@@ -118,7 +118,13 @@ def train_reward_model(
     _save_atomically(
         candidate,
         path,
-        {"version": version, "project": project_id, "metrics": metrics, "data": snapshot},
+        {
+            "version": version,
+            "trained": True,
+            "project": project_id,
+            "metrics": metrics,
+            "data": snapshot,
+        },
     )
     registry.record(
         project_id,

@@ -2,8 +2,9 @@
 
 A version is a directory under ``<data_dir>/models/project-<id>/<version>/`` (the checkpoint,
 which carries its own config and provenance) plus a row in the store's SQLite file with its
-config, training-data snapshot, metrics, creation time and status. ``rm-0000`` (untrained heads)
-and ``policy-0000`` (the configured base policy) exist implicitly from the start.
+config, training-data snapshot, metrics, creation time and status. ``rm-untrained``
+(untrained heads: every prediction says so) and ``policy-base`` (the configured base policy)
+exist implicitly from the start.
 
 The served ``model_version`` of a project is ``<reward model>.<policy>``, e.g.
 ``rm-0003.policy-0001``: it changes only when a new version is promoted, so Label Studio keeps
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 REWARD_MODEL, POLICY = "rm", "policy"
-BASE_VERSIONS = {REWARD_MODEL: "rm-0000", POLICY: "policy-0000"}
+BASE_VERSIONS = {REWARD_MODEL: "rm-untrained", POLICY: "policy-base"}
 CANDIDATE, PROMOTED, REJECTED = "candidate", "promoted", "rejected"
 
 SCHEMA = """

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.reward_model import EnsembleHeads
 from trainer.reward_training import (
     EmbeddingCache,
     Pair,
@@ -113,6 +114,14 @@ def load_inputs(
     return pool, labels, evaluation
 
 
+def fresh_heads(model: Any, seed: int) -> EnsembleHeads:
+    """Untrained heads for ``model`` (a run starts from no labels)."""
+    c = model.config
+    return EnsembleHeads(model.hidden_size, c.num_heads, c.head_hidden, c.prior_scale, seed).to(
+        model.device
+    )
+
+
 def _as_pair(item: PoolItem, preferred: int) -> Pair:
     chosen, rejected = item.responses[preferred], item.responses[1 - preferred]
     return Pair(item.prompt, chosen, rejected, group=item.id)
@@ -142,7 +151,7 @@ def simulate(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model = copy.deepcopy(model)
-    model.reset_heads(seed)
+    model.heads = fresh_heads(model, seed)
     training = training or RewardTrainingConfig(seed=seed, heldout_fraction=0.0)
 
     cache = cache or EmbeddingCache(model.embed)

@@ -1,0 +1,135 @@
+"""The training job end to end on a real store: records -> trained heads -> promoted version."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from ml_backend.app import create_app
+from ml_backend.config import BackendConfig
+from ml_backend.store import JOB_DONE, JOB_PREANNOTATE, JOB_QUEUED, IncomingAnnotation, Store
+from trainer.jobs import registry_for, train_job
+from trainer.registry import PROMOTED, REJECTED, REWARD_MODEL
+from trainer.tiny import ensure_tiny_encoder
+from trainer.worker import Worker
+
+CONFIG = """<View><Text name="prompt" value="$prompt"/>
+<Pairwise name="comparison" toName="answer1,answer2"/>
+<Text name="answer1" value="$answer1"/><Text name="answer2" value="$answer2"/></View>"""
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    return str(ensure_tiny_encoder(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture
+def config(tmp_path, tiny_backbone):
+    return BackendConfig(data_dir=tmp_path, reward_backbone=tiny_backbone, reward_heads=4)
+
+
+def seed_annotations(store: Store, n: int, seed: int = 0) -> None:
+    """Annotators prefer the polite answer (a rule the model can pick up)."""
+    rng = random.Random(seed)
+    store.upsert_project(1, CONFIG)
+    from ml_backend.conversion import Provenance, convert
+    from ml_backend.label_schema import parse_label_config
+
+    schema = parse_label_config(CONFIG)
+    for i in range(n):
+        polite, rude = f"thank you, here is step {i}", f"go away {i}, no"
+        left_polite = rng.random() < 0.5
+        data = {"prompt": f"question {i}", "answer1": polite if left_polite else rude,
+                "answer2": rude if left_polite else polite}
+        result = [{"from_name": "comparison", "to_name": "answer1", "type": "pairwise",
+                   "value": {"selected": "left" if left_polite else "right"}}]
+        incoming = IncomingAnnotation(i + 1, 1, i + 1, 7, data, result, False, "t", CONFIG)
+        store.upsert_annotation(incoming, convert(result, data, schema,
+                                                  Provenance(1, i + 1, i + 1, 7)))
+
+
+def test_train_job_promotes_a_trained_version_and_queues_rescoring(config):
+    store = Store(config.db_path).initialize()
+    seed_annotations(store, 60)
+    job = store.enqueue_training(1, "test")
+    result = train_job(config, store.claim_job("test"))
+    assert result["trained"] and result["promoted"], result
+    registry = registry_for(config)
+    served = registry.served(1, REWARD_MODEL)
+    assert served.version == "rm-0001" and served.status == PROMOTED
+    assert served.metrics["train_pairs"] > 0
+    assert (served.path / "config.json").is_file()
+    saved = json.loads((served.path / "config.json").read_text())
+    assert saved["provenance"]["trained"] is True
+    assert saved["provenance"]["version"] == "rm-0001"
+    assert registry.served_version(1) == "rm-0001.policy-base"
+    assert store.project(1).model_version == "rm-0001.policy-base"
+    assert [(j.kind, j.status) for j in store.jobs(1) if j.job_id != job.job_id] == [
+        (JOB_PREANNOTATE, JOB_QUEUED)
+    ]
+
+
+def test_served_predictions_carry_the_promoted_version(config):
+    store = Store(config.db_path).initialize()
+    seed_annotations(store, 40)
+    app = create_app(config)
+    http = app.test_client()
+    task = {"id": 1, "data": {"prompt": "q", "answer1": "thank you", "answer2": "go away"}}
+    body = {"project": "1.1", "label_config": CONFIG, "tasks": [task]}
+    before = http.post("/predict", json=body).get_json()["results"][0][0]
+    assert before["model_version"] == "rm-untrained.policy-base"
+    store.enqueue_training(1, "test")
+    train_job(config, store.claim_job("test"))
+    after = http.post("/predict", json=body).get_json()["results"][0][0]
+    assert after["model_version"] == "rm-0001.policy-base"
+    assert http.post("/setup", json={"project": "1.1", "schema": CONFIG}).get_json() == {
+        "model_version": "rm-0001.policy-base"
+    }
+
+
+def test_a_worse_candidate_is_rejected_with_its_reason(config, monkeypatch):
+    store = Store(config.db_path).initialize()
+    seed_annotations(store, 60)
+    store.enqueue_training(1, "test")
+    train_job(config, store.claim_job("test"))
+    import trainer.jobs as jobs
+
+    monkeypatch.setattr(jobs, "should_promote", lambda new, old, tol: (False, "worse: test"))
+    store.enqueue_training(1, "test")
+    result = train_job(config, store.claim_job("test"))
+    assert result["promoted"] is False
+    registry = registry_for(config)
+    assert registry.served(1, REWARD_MODEL).version == "rm-0001"
+    rejected = registry.get(1, REWARD_MODEL, "rm-0002")
+    assert (rejected.status, rejected.reason) == (REJECTED, "worse: test")
+
+
+def test_a_crashing_job_changes_nothing_and_is_retried_then_failed(config, monkeypatch):
+    store = Store(config.db_path).initialize()
+    seed_annotations(store, 10)
+    before = store.records(1)
+    calls = []
+
+    def crash(job):
+        calls.append(job.attempts)
+        raise RuntimeError("out of memory (simulated)")
+
+    worker = Worker(config, {"train": crash})
+    store.enqueue_training(1, "test")
+    assert worker.run(once=True) == config.job_max_attempts
+    [job] = store.jobs(1)
+    assert job.status == "failed" and "out of memory" in job.error
+    assert calls == [1, 2, 3]
+    assert store.records(1) == before
+    assert registry_for(config).served_version(1) == "rm-untrained.policy-base"
+
+
+def test_worker_runs_queued_jobs(config):
+    store = Store(config.db_path).initialize()
+    seed_annotations(store, 30)
+    store.enqueue_training(1, "test")
+    worker = Worker(config, {"train": lambda job: train_job(config, job)})
+    assert worker.run(once=True) == 1
+    assert store.jobs(1)[0].status == JOB_DONE
