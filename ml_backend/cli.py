@@ -71,17 +71,17 @@ def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) 
             file=sys.stderr,
         )
         return 2
-    job = store.enqueue_job(args.project, kind, trigger="cli")
-    if job is None:
-        print(f"a {kind} job for project {args.project} is already queued", file=sys.stderr)
-        return 0
     if args.queue:
-        print(f"queued {kind} job {job.job_id} for project {args.project}")
+        job = store.enqueue_job(args.project, kind, trigger="cli")
+        if job is None:
+            print(f"a {kind} job for project {args.project} is already queued", file=sys.stderr)
+        else:
+            print(f"queued {kind} job {job.job_id} for project {args.project}")
         return 0
     worker = Worker(config, default_handlers(config))
-    claimed = store.claim_job(worker.name, (kind,))
+    claimed = store.start_job(args.project, kind, "cli", worker.name)
     if claimed is None:
-        print(f"another worker is already running a {kind} job for this project", file=sys.stderr)
+        print(f"a worker is already running a {kind} job for this project", file=sys.stderr)
         return 1
     worker.run_job(claimed)
     finished = store.job(claimed.job_id)

@@ -222,11 +222,15 @@ class Store:
             )
 
     def project(self, project_id: int) -> Project | None:
-        row = self._connection().execute(
-            """SELECT p.*, c.xml FROM projects p JOIN label_configs c USING (config_hash)
+        row = (
+            self._connection()
+            .execute(
+                """SELECT p.*, c.xml FROM projects p JOIN label_configs c USING (config_hash)
                WHERE project_id = ?""",
-            (project_id,),
-        ).fetchone()
+                (project_id,),
+            )
+            .fetchone()
+        )
         if row is None:
             return None
         return Project(
@@ -358,9 +362,7 @@ class Store:
         """
         return self.enqueue_job(project_id, JOB_TRAIN, trigger, min_new)
 
-    def enqueue_job(
-        self, project_id: int, kind: str, trigger: str, min_new: int = 0
-    ) -> Job | None:
+    def enqueue_job(self, project_id: int, kind: str, trigger: str, min_new: int = 0) -> Job | None:
         with self._write() as conn:
             waiting = conn.execute(
                 "SELECT job_id FROM jobs WHERE project_id = ? AND kind = ? AND status = ?",
@@ -379,7 +381,9 @@ class Store:
         logger.info("queued %s job %s for project %s (%s)", kind, job_id, project_id, trigger)
         return self.job(job_id)
 
-    def claim_job(self, worker: str, kinds: tuple[str, ...] = (JOB_TRAIN, JOB_PREANNOTATE)) -> Job | None:
+    def claim_job(
+        self, worker: str, kinds: tuple[str, ...] = (JOB_TRAIN, JOB_PREANNOTATE)
+    ) -> Job | None:
         """Take the oldest queued job whose project has no job of the same kind running."""
         marks = ",".join("?" * len(kinds))
         with self._write() as conn:
@@ -399,6 +403,25 @@ class Store:
                 (JOB_RUNNING, worker, now, now, row[0]),
             )
         return self.job(row[0])
+
+    def start_job(self, project_id: int, kind: str, trigger: str, worker: str) -> Job | None:
+        """A job run right here (the CLI): recorded as running unless one already runs."""
+        with self._write() as conn:
+            running = conn.execute(
+                "SELECT job_id FROM jobs WHERE project_id = ? AND kind = ? AND status = ?",
+                (project_id, kind, JOB_RUNNING),
+            ).fetchone()
+            if running is not None:
+                return None
+            now = time.time()
+            cursor = conn.execute(
+                """INSERT INTO jobs(project_id, kind, status, trigger, attempts, worker,
+                       seq_at_enqueue, created_at, started_at, heartbeat_at)
+                   VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?)""",
+                (project_id, kind, JOB_RUNNING, trigger, worker, _current_seq(conn), now, now, now),
+            )
+            job_id = cursor.lastrowid
+        return self.job(job_id)
 
     def heartbeat(self, job_id: int) -> None:
         with self._write() as conn:
@@ -435,7 +458,9 @@ class Store:
         return [row[0] for row in rows]
 
     def job(self, job_id: int | None) -> Job | None:
-        row = self._connection().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        row = (
+            self._connection().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        )
         return _job(row) if row else None
 
     def jobs(self, project_id: int | None = None) -> list[Job]:
@@ -445,9 +470,11 @@ class Store:
         return [_job(row) for row in self._connection().execute(query + " ORDER BY job_id", params)]
 
     def queue_depth(self) -> int:
-        row = self._connection().execute(
-            "SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", (JOB_QUEUED, JOB_RUNNING)
-        ).fetchone()
+        row = (
+            self._connection()
+            .execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", (JOB_QUEUED, JOB_RUNNING))
+            .fetchone()
+        )
         return int(row[0])
 
     def model_versions(self) -> dict[int, str]:
@@ -459,7 +486,9 @@ class Store:
 
 def _put_config(conn: sqlite3.Connection, xml: str) -> str:
     digest = config_hash(xml)
-    conn.execute("INSERT OR IGNORE INTO label_configs(config_hash, xml) VALUES (?, ?)", (digest, xml))
+    conn.execute(
+        "INSERT OR IGNORE INTO label_configs(config_hash, xml) VALUES (?, ?)", (digest, xml)
+    )
     return digest
 
 
