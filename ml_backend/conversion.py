@@ -155,10 +155,12 @@ def _choices_pairs(
     pairs = []
     for control in schema.preference_choices:
         picked = by_control.get(control.name, {}).get("choices") or []
+        if not isinstance(picked, list):
+            raise AnnotationMismatch(f"Choices {control.name!r}: value.choices must be a list")
         if not picked:
             continue
         value = picked[0]
-        if value not in control.choice_to_index:
+        if not isinstance(value, str) or value not in control.choice_to_index:
             raise AnnotationMismatch(f"Choices {control.name!r}: unknown choice {value!r}")
         texts = [field_text(task_data, r) for r in control.responses]
         index = control.choice_to_index[value]
@@ -209,17 +211,24 @@ def _ranked_groups(value: Any, control: RankerControl) -> list[list[str]]:
     if not isinstance(value, dict):
         raise AnnotationMismatch(f"Ranker {control.name!r}: value.ranker must be a list or dict")
     if control.buckets:
-        return [[str(i) for i in value.get(bucket) or []] for bucket in control.buckets]
+        return [_ranked_column(value, bucket, control) for bucket in control.buckets]
     for key in (control.name, control.items.name):
         if key in value:
-            return [[str(item)] for item in value[key] or []]
+            return [[item] for item in _ranked_column(value, key, control)]
     columns = [k for k in value if k != "_"]
     if len(columns) != 1:
         raise AnnotationMismatch(
             f"Ranker {control.name!r}: expected the key {control.name!r} in value.ranker, "
             f"got {sorted(value)}"
         )
-    return [[str(item)] for item in value[columns[0]] or []]
+    return [[item] for item in _ranked_column(value, columns[0], control)]
+
+
+def _ranked_column(value: dict[str, Any], key: str, control: RankerControl) -> list[str]:
+    items = value.get(key) or []
+    if not isinstance(items, list):
+        raise AnnotationMismatch(f"Ranker {control.name!r}: value.ranker[{key!r}] must be a list")
+    return [str(item) for item in items]
 
 
 def _rating_pairs(

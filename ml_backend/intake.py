@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from ml_backend.conversion import Provenance, convert
@@ -23,6 +24,8 @@ ANNOTATIONS_DELETED = "ANNOTATIONS_DELETED"
 ANNOTATION_DELETED = "ANNOTATION_DELETED"
 START_TRAINING = "START_TRAINING"
 PROJECT_UPDATED = "PROJECT_UPDATED"
+
+MAX_ID = 2**63 - 1  # ids are SQLite INTEGERs (signed 64-bit)
 
 
 @dataclass(frozen=True)
@@ -93,9 +96,15 @@ def _store_annotation(
     if not isinstance(annotation, dict):
         raise BadRequest(f"{action} needs an 'annotation' object")
     annotation_id = _require_int(annotation, "id", "annotation")
-    result = annotation.get("result") or []
+    result = annotation.get("result")
+    if result is None:
+        result = []
     if not isinstance(result, list):
         raise BadRequest("annotation.result must be a list")
+    was_cancelled = annotation.get("was_cancelled")
+    if was_cancelled is not None and not isinstance(was_cancelled, bool):
+        raise BadRequest("annotation.was_cancelled must be true or false")
+    ls_updated_at = _ls_timestamp(annotation)
     task = payload.get("task")
     if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
         raise BadRequest(f"{action} needs a 'task' object with a 'data' object")
@@ -109,15 +118,19 @@ def _store_annotation(
         annotator=_optional_int(annotation.get("completed_by")),
         task_data=task["data"],
         result=result,
-        was_cancelled=bool(annotation.get("was_cancelled")),
-        ls_updated_at=str(annotation.get("updated_at") or annotation.get("created_at") or ""),
+        was_cancelled=bool(was_cancelled),
+        ls_updated_at=ls_updated_at,
         label_config=project.label_config,
     )
     records = [] if incoming.was_cancelled else _records(incoming)
     if not store.upsert_annotation(incoming, records):
         logger.info("annotation %s: stale or deleted, kept the stored state", annotation_id)
         return IntakeResult(action, "stale", {"annotation": annotation_id})
-    job = store.enqueue_training(project_id, "annotations", min_new=train_every) if train_every else None
+    job = (
+        store.enqueue_training(project_id, "annotations", min_new=train_every)
+        if train_every
+        else None
+    )
     detail: dict[str, Any] = {"annotation": annotation_id, "records": len(records)}
     if job is not None:
         detail["job_id"] = job.job_id
@@ -129,7 +142,10 @@ def _records(annotation: IncomingAnnotation) -> list[tuple[str, dict[str, Any]]]
     try:
         schema = parse_label_config(annotation.label_config)
         provenance = Provenance(
-            annotation.project_id, annotation.task_id, annotation.annotation_id, annotation.annotator
+            annotation.project_id,
+            annotation.task_id,
+            annotation.annotation_id,
+            annotation.annotator,
         )
         return convert(annotation.result, annotation.task_data, schema, provenance)
     except (UnsupportedLabelConfig, AnnotationMismatch) as exc:
@@ -151,12 +167,42 @@ def _delete_annotations(store: Store, action: str, payload: dict[str, Any]) -> I
     return IntakeResult(action, "deleted", {"annotations": ids})
 
 
+def _ls_timestamp(annotation: dict[str, Any]) -> str:
+    """The annotation's Label Studio ``updated_at`` (else ``created_at``), as comparable text.
+
+    Label Studio leaves out zero microseconds and may use a UTC offset other than ``Z``, so the
+    raw strings do not sort in time order; every timestamp is stored as UTC with microseconds
+    (``2026-11-23T10:43:12.926390Z``, naive ones read as UTC). ``""`` (older than any) when
+    neither is sent.
+    """
+    raw = annotation.get("updated_at") or annotation.get("created_at")
+    if raw is None or raw == "":
+        return ""
+    if not isinstance(raw, str):
+        raise BadRequest("annotation.updated_at must be an ISO 8601 timestamp string")
+    try:
+        moment = datetime.fromisoformat(
+            raw.removesuffix("Z") + ("+00:00" if raw[-1:] == "Z" else "")
+        )
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    except (ValueError, OverflowError):
+        raise BadRequest(
+            f"annotation.updated_at must be an ISO 8601 timestamp, got {raw[:40]!r}"
+        ) from None
+    return moment.isoformat(timespec="microseconds") + "Z"
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID
+
+
 def _require_int(obj: dict[str, Any], key: str, where: str) -> int:
     value = obj.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise BadRequest(f"{where}.{key} must be an integer")
+    if not _is_id(value):
+        raise BadRequest(f"{where}.{key} must be an integer id between 0 and 2**63-1")
     return value
 
 
 def _optional_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if _is_id(value) else None

@@ -133,7 +133,7 @@ def _parse_cached(xml: str) -> RLHFSchema:
     root = ElementTree.fromstring(xml)  # Bucket tags are not exposed by LabelInterface
     rankers = tuple(_ranker(c, objects, root) for c in controls if c.tag == "Ranker")
     ratings = tuple(
-        RatingControl(c.name, _single_target(c, objects), int(c.attr.get("maxRating", 5)))
+        RatingControl(c.name, _single_target(c, objects), _max_rating(c))
         for c in controls
         if c.tag == "Rating"
     )
@@ -170,6 +170,16 @@ def _parse_cached(xml: str) -> RLHFSchema:
             "naming the better response, or a <TextArea> on a response (see label_configs/)"
         )
     return schema
+
+
+def _max_rating(control: Any) -> int:
+    raw = control.attr.get("maxRating", 5)
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise UnsupportedLabelConfig(
+            f"<Rating name={control.name!r}>: maxRating must be a whole number, got {raw!r}"
+        ) from None
 
 
 def _text_field(obj: Any) -> TextField:

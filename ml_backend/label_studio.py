@@ -14,6 +14,8 @@ import base64
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from label_studio_sdk.client import LabelStudio
@@ -76,10 +78,20 @@ def ensure_webhook(
 
 
 class WebhookSync:
-    """Keeps each connected project's webhook pointed at us, with our auth header."""
+    """Keeps each connected project's webhook pointed at us, with our auth header.
+
+    Label Studio calls ``/setup`` often (each time its model list is read, before each batch of
+    predictions), so a project whose webhook is being fixed, or was confirmed in the last
+    ``CONFIRMED_TTL_S`` seconds, is not checked again by this process.
+    """
+
+    CONFIRMED_TTL_S = 300.0
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
+        self._lock = threading.Lock()
+        self._busy: set[tuple[int, str, str]] = set()
+        self._confirmed_at: dict[tuple[int, str, str], float] = {}
 
     def headers(self) -> dict[str, str]:
         if not self.config.auth_enabled:
@@ -103,17 +115,39 @@ class WebhookSync:
                 project_id,
             )
             return None
-        url = self.config.public_url.rstrip("/") + "/webhook" if self.config.public_url else webhook_url
+        if self.config.public_url:
+            webhook_url = self.config.public_url.rstrip("/") + "/webhook"
+        key = (project_id, hostname, webhook_url)
+        with self._lock:
+            confirmed_at = self._confirmed_at.get(key)
+            recent = (
+                confirmed_at is not None and time.monotonic() - confirmed_at < self.CONFIRMED_TTL_S
+            )
+            if key in self._busy or recent:
+                return None
+            self._busy.add(key)
         thread = threading.Thread(
-            target=self._run,
-            args=(project_id, hostname, access_token, url),
+            target=self._run_once,
+            args=(key, access_token),
             name=f"webhook-sync-{project_id}",
             daemon=True,
         )
         thread.start()
         return thread
 
-    def _run(self, project_id: int, hostname: str, access_token: str, url: str) -> None:
+    def _run_once(self, key: tuple[int, str, str], access_token: str) -> None:
+        project_id, hostname, url = key
+        confirmed = False
+        try:
+            confirmed = self._run(project_id, hostname, access_token, url)
+        finally:
+            with self._lock:
+                self._busy.discard(key)
+                if confirmed:
+                    self._confirmed_at[key] = time.monotonic()
+
+    def _run(self, project_id: int, hostname: str, access_token: str, url: str) -> bool:
+        """Fix the project's webhook, retrying; True once it is right."""
         # Label Studio creates its own webhook just after our /setup answer; the first attempt
         # only fixes that one, so that a race never leaves two webhooks delivering every event.
         for attempt, delay in enumerate(RETRY_DELAYS_S):
@@ -121,13 +155,14 @@ class WebhookSync:
             try:
                 ls = client(hostname, access_token)
                 if ensure_webhook(ls, project_id, url, self.headers(), create=attempt > 0):
-                    return
+                    return True
             except Exception as exc:  # network or API error: retry, then give up loudly
                 logger.warning(
-                    "project %s: could not register webhook at %s (%s); retrying",
+                    "project %s: could not register webhook at %s (%s); retrying%s",
                     project_id,
                     hostname,
-                    type(exc).__name__,
+                    _describe(exc),
+                    _hint(exc),
                 )
         logger.error(
             "project %s: giving up registering the webhook; annotations will not arrive "
@@ -135,3 +170,66 @@ class WebhookSync:
             project_id,
             url,
         )
+        return False
+
+
+def _describe(exc: Exception) -> str:
+    status = getattr(exc, "status_code", None)  # label_studio_sdk ApiError
+    return f"{type(exc).__name__} {status}" if status is not None else type(exc).__name__
+
+
+def _hint(exc: Exception) -> str:
+    """What a person can do about the usual refusals (Label Studio 1.23 behaviour)."""
+    status = getattr(exc, "status_code", None)
+    if status == 401:
+        # /setup carries the project creator's *legacy* token, which Label Studio itself refuses
+        # unless legacy tokens are enabled for the organization.
+        return (
+            ": Label Studio refused the token; set LABEL_STUDIO_API_KEY to a personal access "
+            "token, or enable legacy API tokens in Label Studio"
+        )
+    if status == 400:
+        # Label Studio's SSRF check refuses webhooks to private or loopback addresses; it then
+        # also silently skips the webhook it would make itself when the model is connected.
+        return (
+            ": Label Studio refused the webhook URL; for a backend on a private network start "
+            "Label Studio with SSRF_PROTECTION_ENABLED=false or USE_DEFAULT_BANNED_SUBNETS=false"
+        )
+    return ""
+
+
+class LabelStudioTasks:
+    """Tasks, predictions and the project's model version in Label Studio (pre-annotation)."""
+
+    def __init__(self, ls: LabelStudio, page_size: int = 100) -> None:
+        self.ls = ls
+        self.page_size = page_size
+
+    def unlabeled_tasks(self, project_id: int) -> Iterator[dict[str, Any]]:
+        for task in self.ls.tasks.list(project=project_id, fields="all", page_size=self.page_size):
+            if not task.is_labeled:
+                yield {
+                    "id": task.id,
+                    "data": dict(task.data or {}),
+                    "predictions": [_as_dict(p) for p in task.predictions or []],
+                }
+
+    def update_task_data(self, task_id: int, data: dict[str, Any]) -> None:
+        self.ls.tasks.update(id=str(task_id), data=data)
+
+    def create_prediction(self, task_id: int, prediction: dict[str, Any]) -> None:
+        self.ls.predictions.create(
+            task=task_id,
+            result=prediction["result"],
+            score=prediction["score"],
+            model_version=prediction["model_version"],
+        )
+
+    def set_project_model_version(self, project_id: int, model_version: str) -> None:
+        self.ls.projects.update(id=project_id, model_version=model_version)
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    return obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)

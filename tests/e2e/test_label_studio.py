@@ -1,0 +1,233 @@
+"""The backend against a real Label Studio 1.23.2: connect, annotate, train, predict, basic auth.
+
+Everything goes through Label Studio's own API (label-studio-sdk or plain REST), exactly as a
+user's clicks would; the backend's store is then read directly to check what arrived.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import requests
+from label_studio_sdk.client import LabelStudio
+
+from .harness import (
+    SESSION_SETUP_BUDGET_S,
+    Backend,
+    LabelStudioServer,
+    Project,
+    connect,
+    wait_for,
+)
+
+# The first test also pays for installing and migrating Label Studio (once per machine); every
+# wait inside has its own, much shorter, limit.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(SESSION_SETUP_BUDGET_S + 300)]
+
+CONNECTED, TRAINING = "CO", "TR"  # Label Studio's MLBackendState values
+
+
+def pairwise(selected: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "from_name": "comparison",
+            "to_name": "comparison",
+            "type": "pairwise",
+            "value": {"selected": selected},
+        }
+    ]
+
+
+def ls_truth(ls: LabelStudio, project: Project) -> dict[int, tuple[str, str, str]]:
+    """What Label Studio holds: annotation id -> (prompt, chosen, rejected)."""
+    truth = {}
+    for task_id in project.task_ids:
+        data = project.task_data[task_id]
+        for annotation in ls.annotations.list(id=task_id):
+            selected = annotation.result[0]["value"]["selected"]
+            left, right = data["answer1"], data["answer2"]
+            chosen, rejected = (left, right) if selected == "left" else (right, left)
+            truth[annotation.id] = (data["prompt"], chosen, rejected)
+    return truth
+
+
+def store_view(backend: Backend, project_id: int) -> dict[int, tuple[str, str, str]]:
+    """What the backend stored: annotation id -> (prompt, chosen, rejected) of its one record."""
+    ids = {a.annotation_id for a in backend.store.annotations(project_id)}
+    records = backend.store.records(project_id, kind="preference")
+    view = {r["annotation"]: (r["prompt"], r["chosen"], r["rejected"]) for r in records}
+    if set(view) != ids or len(records) != len(ids):
+        return {"annotations": sorted(ids), "records": records}  # type: ignore[dict-item]
+    return view
+
+
+def assert_store_matches(ls: LabelStudio, backend: Backend, project: Project) -> None:
+    truth = ls_truth(ls, project)
+    wait_for(
+        lambda: store_view(backend, project.id) == truth,
+        what=lambda: f"the store to hold {truth}; it holds {store_view(backend, project.id)}",
+    )
+
+
+def project_webhooks(ls: LabelStudio, project_id: int) -> list[Any]:
+    return [h for h in ls.webhooks.list(project=str(project_id)) if h.project == project_id]
+
+
+def ml_state(label_studio: LabelStudioServer, ml_id: int) -> str:
+    response = label_studio.api("GET", f"/api/ml/{ml_id}")
+    response.raise_for_status()
+    return str(response.json()["state"])
+
+
+def backend_requests(backend: Backend, endpoint: str, status: str = "200") -> float:
+    """The backend's own count of requests served on ``endpoint`` (all gunicorn workers)."""
+    auth = backend.auth
+    text = requests.get(backend.url + "/metrics", auth=auth, timeout=10).text
+    pattern = r"^rlhf_http_requests_total\{([^}]*)\} (\S+)$"
+    total = 0.0
+    for labels, value in re.findall(pattern, text, flags=re.MULTILINE):
+        if f'endpoint="{endpoint}"' in labels and f'status="{status}"' in labels:
+            total += float(value)
+    return total
+
+
+def test_connect_marks_backend_connected_and_registers_project(
+    label_studio: LabelStudioServer, backend: Backend, ls: LabelStudio, make_project: Any
+) -> None:
+    project = make_project()
+
+    ml = connect(label_studio, project.id, backend)
+
+    assert ml["state"] == CONNECTED, ml
+    assert ml_state(label_studio, ml["id"]) == CONNECTED
+    stored = backend.store.project(project.id)
+    assert stored is not None
+    assert stored.label_config == project.label_config
+    assert stored.access_token == label_studio.token  # /setup carries the creator's legacy token
+    # Label Studio made exactly one webhook to us; the backend's sync found it, made no second.
+    hooks = wait_for(lambda: project_webhooks(ls, project.id), what="Label Studio's webhook")
+    assert [h.url for h in hooks] == [backend.url + "/webhook"]
+    assert hooks[0].send_payload and hooks[0].is_active
+
+
+def test_annotations_created_updated_deleted_reach_the_store(
+    label_studio: LabelStudioServer, backend: Backend, ls: LabelStudio, make_project: Any
+) -> None:
+    project = make_project()
+    connect(label_studio, project.id, backend)
+    t0, t1, t2 = project.task_ids
+
+    a0 = ls.annotations.create(id=t0, result=pairwise("left"))
+    a1 = ls.annotations.create(id=t1, result=pairwise("right"))
+    ls.annotations.create(id=t2, result=pairwise("left"))
+    ls.annotations.create(id=t2, result=pairwise("right"))  # two annotators, one task
+    assert_store_matches(ls, backend, project)
+    assert len(backend.store.annotations(project.id)) == 4
+
+    ls.annotations.update(id=a0.id, result=pairwise("right"))
+    assert_store_matches(ls, backend, project)
+    assert store_view(backend, project.id)[a0.id][1] == "8"  # now prefers answer2
+
+    ls.annotations.delete(id=a1.id)  # one annotation: ANNOTATIONS_DELETED with one id
+    assert_store_matches(ls, backend, project)
+
+    # The data manager's "Delete annotations" action: one event naming several ids.
+    response = label_studio.api(
+        "POST",
+        "/api/dm/actions",
+        params={"id": "delete_tasks_annotations", "project": project.id},
+        json={"selectedItems": {"all": False, "included": [t2]}},
+    )
+    assert response.status_code == 200, response.text
+    assert_store_matches(ls, backend, project)
+    assert [a.annotation_id for a in backend.store.annotations(project.id)] == [a0.id]
+
+
+def test_start_training_queues_a_job(
+    label_studio: LabelStudioServer, backend: Backend, ls: LabelStudio, make_project: Any
+) -> None:
+    project = make_project()
+    ml = connect(label_studio, project.id, backend)
+    ls.annotations.create(id=project.task_ids[0], result=pairwise("left"))
+    assert_store_matches(ls, backend, project)
+    assert backend.store.jobs(project.id) == []
+
+    response = label_studio.api("POST", f"/api/ml/{ml['id']}/train")
+
+    assert response.status_code == 200, response.text
+    jobs = wait_for(lambda: backend.store.jobs(project.id), what="a training job")
+    assert [(j.kind, j.trigger) for j in jobs] == [("train", "start_training")]
+    # Label Studio marks the backend as training once our /webhook answered START_TRAINING.
+    assert ml_state(label_studio, ml["id"]) in (TRAINING, CONNECTED)
+
+
+def test_basic_auth_connects_and_fixes_the_webhook_header(
+    label_studio: LabelStudioServer, auth_backend: Backend, ls: LabelStudio, make_project: Any
+) -> None:
+    assert auth_backend.auth is not None
+    user, password = auth_backend.auth
+    unauthenticated = requests.post(
+        auth_backend.url + "/webhook", json={"action": "ANNOTATION_CREATED"}, timeout=10
+    )
+    assert unauthenticated.status_code == 401
+    project = make_project()
+
+    ml = connect(
+        label_studio,
+        project.id,
+        auth_backend,
+        auth_method="BASIC_AUTH",
+        basic_auth_user=user,
+        basic_auth_pass=password,
+    )
+
+    assert ml["state"] == CONNECTED, ml
+    expected = requests.Request(auth=(user, password), url="http://x").prepare().headers
+    hooks = wait_for(
+        lambda: [h for h in project_webhooks(ls, project.id) if h.headers],
+        timeout_s=60,
+        what="the backend to put its Authorization header on Label Studio's webhook",
+    )
+    assert len(project_webhooks(ls, project.id)) == 1
+    assert hooks[0].url == auth_backend.url + "/webhook"
+    assert hooks[0].headers == {"Authorization": expected["Authorization"]}
+
+    ls.annotations.create(id=project.task_ids[0], result=pairwise("right"))
+    assert_store_matches(ls, auth_backend, project)
+
+
+def test_predict_from_label_studio_answers_without_error(
+    label_studio: LabelStudioServer, backend: Backend, ls: LabelStudio, make_project: Any
+) -> None:
+    project = make_project()
+    ml = connect(label_studio, project.id, backend)
+    served_before = backend_requests(backend, "predict")
+
+    # "Test prediction" in the model settings: Label Studio relays what /predict answered.
+    test = label_studio.api("POST", f"/api/ml/{ml['id']}/predict/test", params={"random": "true"})
+    # The data manager's "Retrieve Predictions": Label Studio stores what /predict answered.
+    action = label_studio.api(
+        "POST",
+        "/api/dm/actions",
+        params={"id": "retrieve_tasks_predictions", "project": project.id},
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
+
+    # Label Studio turns a backend error or a /predict slower than its 100 s into a 500 here.
+    assert test.status_code == 200, f"{test.text}\nbackend log:\n{backend.process.log_tail()}"
+    answer = test.json()
+    assert answer["status"] == 200 and answer["url"].endswith("/predict"), answer
+    assert isinstance(answer["response"], list), answer
+    # ...but answers 200 to the action whatever happened, so check what it stored.
+    assert action.status_code == 200, action.text
+    assert backend_requests(backend, "predict") >= served_before + 2
+    predictions = ls.predictions.list(project=project.id)
+    assert sorted(p.task for p in predictions) == project.task_ids, predictions
+    for prediction in predictions:
+        assert [(r["from_name"], r["type"]) for r in prediction.result] == [
+            ("comparison", "pairwise")
+        ], prediction.result
+        assert prediction.result[0]["value"]["selected"] in ("left", "right")
+    assert ml_state(label_studio, ml["id"]) == CONNECTED

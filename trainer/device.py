@@ -1,0 +1,36 @@
+"""Where models run: CUDA with bf16 weights when a GPU is there, CPU with fp32 otherwise.
+
+Every model in ``trainer`` goes through these two functions, so the GPU and CPU paths are the
+same code. Nothing here touches CUDA at import time: ``torch.cuda.is_available()`` is only called
+when a model is built, which is after gunicorn has forked its workers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pick_device(requested: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: the first CUDA device if there is one, else the CPU."""
+    if requested is None or requested in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} was asked for, but torch sees no CUDA device.")
+    return device
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it (half the memory, tensor cores), fp32 everywhere else."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The ``from_pretrained`` keyword for the weights' dtype (renamed in transformers 4.56)."""
+    import transformers
+    from packaging.version import Version
+
+    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {name: dtype}
