@@ -23,13 +23,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.synthetic_world import generate  # noqa: E402
-from ml_backend.config import BackendConfig  # noqa: E402
-from ml_backend.serving import reward_model_config  # noqa: E402
-from trainer.reward_model import RewardModel  # noqa: E402
-from trainer.reward_training import EmbeddingCache  # noqa: E402
-from trainer.selection import DEFAULT_SELECTION, SELECTION_STRATEGIES  # noqa: E402
-from trainer.simulate import load_inputs, plot_curves, simulate  # noqa: E402
+from bench.synthetic_world import generate
+from ml_backend.config import BackendConfig
+from ml_backend.serving import reward_model_config
+from trainer.reward_model import RewardModel
+from trainer.reward_training import EmbeddingCache
+from trainer.selection import DEFAULT_SELECTION, SELECTION_STRATEGIES
+from trainer.simulate import load_inputs, plot_curves, simulate
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -61,13 +61,21 @@ def main() -> None:
         cache = EmbeddingCache(model.embed)
         for strategy in args.strategies:
             result = simulate(
-                model, pool, labels, evaluation, strategy, args.budget, args.batch_size, seed,
+                model,
+                pool,
+                labels,
+                evaluation,
+                strategy,
+                args.budget,
+                args.batch_size,
+                seed,
                 cache=cache,
             )
             results.append(result)
             final = result["curve"][-1]
-            print(f"seed {seed} {strategy:9s} final acc {final['eval_accuracy']:.3f}",
-                  file=sys.stderr)
+            print(
+                f"seed {seed} {strategy:9s} final acc {final['eval_accuracy']:.3f}", file=sys.stderr
+            )
     elapsed = time.monotonic() - started
 
     RESULTS.mkdir(exist_ok=True)
@@ -78,30 +86,43 @@ def main() -> None:
         xs = [p["labels"] for p in runs[0]["curve"]]
         acc = np.mean([[p["eval_accuracy"] for p in r["curve"]] for r in runs], axis=0)
         ece = np.mean([[p["eval_ece"] for p in r["curve"]] for r in runs], axis=0)
-        mean_curves[strategy] = {"strategy": strategy, "seed": "mean",
-                                 "curve": [{"labels": x, "eval_accuracy": float(a),
-                                            "eval_ece": float(e)}
-                                           for x, a, e in zip(xs, acc, ece)]}
-    plot_curves(list(mean_curves.values()), RESULTS / "active_learning.png",
-                f"mean over seeds {args.seeds}, 20% annotator noise")
+        mean_curves[strategy] = {
+            "strategy": strategy,
+            "seed": "mean",
+            "curve": [
+                {"labels": x, "eval_accuracy": float(a), "eval_ece": float(e)}
+                for x, a, e in zip(xs, acc, ece)
+            ],
+        }
+    plot_curves(
+        list(mean_curves.values()),
+        RESULTS / "active_learning.png",
+        f"mean over seeds {args.seeds}, 20% annotator noise",
+    )
 
     checkpoints = mean_curves["random"]["curve"]
     header = " | ".join(f"acc@{p['labels']}" for p in checkpoints)
-    print(f"| strategy | {header} | ECE@{checkpoints[-1]['labels']} | labels to reach random's final |")
+    print(
+        f"| strategy | {header} | ECE@{checkpoints[-1]['labels']} | labels to reach random's final |"
+    )
     print("|" + " --- |" * (len(checkpoints) + 3))
     target = checkpoints[-1]["eval_accuracy"]
     for strategy, mean in mean_curves.items():
         accs = " | ".join(f"{p['eval_accuracy']:.3f}" for p in mean["curve"])
         reach = labels_to_reach(mean["curve"], target)
         name = f"{strategy} (default)" if strategy == DEFAULT_SELECTION else strategy
-        print(f"| {name} | {accs} | {mean['curve'][-1]['eval_ece']:.3f} | "
-              f"{reach if reach is not None else '> ' + str(args.budget)} |")
+        print(
+            f"| {name} | {accs} | {mean['curve'][-1]['eval_ece']:.3f} | "
+            f"{reach if reach is not None else '> ' + str(args.budget)} |"
+        )
     default_reach = labels_to_reach(mean_curves[DEFAULT_SELECTION]["curve"], target)
     if default_reach is not None:
         saving = 1 - default_reach / checkpoints[-1]["labels"]
-        print(f"\n`default` ({DEFAULT_SELECTION}) reaches random's final accuracy {target:.3f} "
-              f"with {default_reach} labels: {saving:.0%} fewer than random's "
-              f"{checkpoints[-1]['labels']}.")
+        print(
+            f"\n`default` ({DEFAULT_SELECTION}) reaches random's final accuracy {target:.3f} "
+            f"with {default_reach} labels: {saving:.0%} fewer than random's "
+            f"{checkpoints[-1]['labels']}."
+        )
     print(f"\n{len(results)} runs in {elapsed:.0f} s.")
 
 

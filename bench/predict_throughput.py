@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.synthetic_world import TOPICS, make_response  # noqa: E402
-from ml_backend.config import BackendConfig  # noqa: E402
-from ml_backend.serving import reward_model_config  # noqa: E402
-from trainer.reward_model import RewardModel  # noqa: E402
+from bench.synthetic_world import TOPICS, make_response
+from ml_backend.config import BackendConfig
+from ml_backend.serving import reward_model_config
+from trainer.reward_model import RewardModel
 
 CONFIG = """<View><Text name="prompt" value="$prompt"/>
 <Pairwise name="comparison" toName="answer1,answer2"/>
@@ -69,8 +69,12 @@ def bare_forward(tasks: list[dict], repeats: int) -> float:
         with torch.inference_mode():
             for i in range(0, len(prompts), batch):
                 encoded = tokenizer(
-                    prompts[i : i + batch], responses[i : i + batch], padding=True,
-                    truncation=True, max_length=model.config.max_length, return_tensors="pt",
+                    prompts[i : i + batch],
+                    responses[i : i + batch],
+                    padding=True,
+                    truncation=True,
+                    max_length=model.config.max_length,
+                    return_tensors="pt",
                 )
                 backbone(**encoded)
         best = min(best, time.perf_counter() - started)
@@ -80,11 +84,26 @@ def bare_forward(tasks: list[dict], repeats: int) -> float:
 def served(tasks: list[dict], per_request: int, repeats: int) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as data_dir:
         port = free_port()
-        env = {**os.environ, "RLHF_WORKERS": "1", "RLHF_EMBEDDED_WORKER": "0",
-               "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "RLHF_WORKERS": "1",
+            "RLHF_EMBEDDED_WORKER": "0",
+            "HF_HUB_OFFLINE": "1",
+            "LOG_LEVEL": "WARNING",
+        }
         server = subprocess.Popen(
-            [sys.executable, "-m", "ml_backend.cli", "serve", "--port", str(port),
-             "--data-dir", data_dir], env=env, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "ml_backend.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                data_dir,
+            ],
+            env=env,
+            start_new_session=True,
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -102,13 +121,15 @@ def served(tasks: list[dict], per_request: int, repeats: int) -> tuple[float, in
                 started = time.perf_counter()
                 for i in range(0, len(tasks), per_request):
                     response = session.post(
-                        url + "/predict", json={**body, "tasks": tasks[i : i + per_request]},
+                        url + "/predict",
+                        json={**body, "tasks": tasks[i : i + per_request]},
                         timeout=300,
                     )
                     response.raise_for_status()
                 best = min(best, time.perf_counter() - started)
-            children = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
-                                      text=True).stdout.split()
+            children = subprocess.run(
+                ["pgrep", "-P", str(server.pid)], capture_output=True, text=True
+            ).stdout.split()
             peak_kb = max(_vm_hwm_kb(int(pid)) for pid in children) if children else 0
             return len(tasks) / best, peak_kb
         finally:
@@ -132,8 +153,10 @@ def main() -> None:
     tasks = make_tasks(args.tasks)
     ours, peak_kb = served(tasks, args.tasks_per_request, args.repeats)
     bare = bare_forward(tasks, args.repeats)
-    print(f"torch threads: {torch.get_num_threads()}, tasks: {args.tasks}, "
-          f"tasks per request: {args.tasks_per_request}")
+    print(
+        f"torch threads: {torch.get_num_threads()}, tasks: {args.tasks}, "
+        f"tasks per request: {args.tasks_per_request}"
+    )
     print("| path | tasks (pairs)/s |")
     print("| --- | --- |")
     print(f"| bare backbone forward (tokenize + encode both responses) | {bare:.1f} |")

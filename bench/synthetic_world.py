@@ -33,15 +33,29 @@ TOPICS = {
     "email": ("put the request in the first line", "keep it under five sentences"),
     "studying": ("test yourself instead of rereading", "space sessions over several days"),
 }
-OPENERS = ("How do I get better at {t}?", "Any advice about {t}?", "Help me with {t}, please.",
-           "What should I know about {t}?", "I'm struggling with {t}. Tips?")
+OPENERS = (
+    "How do I get better at {t}?",
+    "Any advice about {t}?",
+    "Help me with {t}, please.",
+    "What should I know about {t}?",
+    "I'm struggling with {t}. Tips?",
+)
 POLITE = ("Happy to help!", "Good question.", "Thanks for asking.")
 RUDE = ("Honestly, this is obvious.", "Figure it out yourself.", "Why would you even ask?")
-FILLER = ("There are many things one could say.", "It depends on a lot of factors.",
-          "Everyone is different in this regard.")
+FILLER = (
+    "There are many things one could say.",
+    "It depends on a lot of factors.",
+    "Everyone is different in this regard.",
+)
 # The hidden rule: what each part is worth.
-WEIGHTS = {"on_topic": 2.0, "step": 1.0, "second_step": 0.5, "polite": 0.5, "rude": -2.0,
-           "filler": -0.75}
+WEIGHTS = {
+    "on_topic": 2.0,
+    "step": 1.0,
+    "second_step": 0.5,
+    "polite": 0.5,
+    "rude": -2.0,
+    "filler": -0.75,
+}
 
 
 def make_response(rng: random.Random, topic: str) -> tuple[str, float]:

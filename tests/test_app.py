@@ -37,7 +37,11 @@ def store(app):
 def test_health_reports_up_model_class_and_version(http):
     for path in ("/", "/health"):
         body = http.get(path).get_json()
-        assert body == {"status": "UP", "model_class": "RLHFBackend", "model_version": "rm-untrained.policy-base"}
+        assert body == {
+            "status": "UP",
+            "model_class": "RLHFBackend",
+            "model_version": "rm-untrained.policy-base",
+        }
 
 
 def test_setup_remembers_project_config_and_label_studio(http, store):
@@ -52,8 +56,10 @@ def test_setup_remembers_project_config_and_label_studio(http, store):
 
 
 def test_setup_rejects_unservable_config_naming_the_missing_tag(http, store):
-    schema = '<View><Text name="text" value="$text"/><Choices name="c" toName="text">' \
+    schema = (
+        '<View><Text name="text" value="$text"/><Choices name="c" toName="text">'
         '<Choice value="positive"/><Choice value="negative"/></Choices></View>'
+    )
     response = http.post("/setup", json={"project": "7.1700000000", "schema": schema})
     assert response.status_code == 422
     assert "Pairwise" in response.get_json()["message"]
@@ -88,7 +94,9 @@ def test_webhook_stores_then_answers(http, store):
 
 def test_start_training_queues_one_job_and_coalesces_bursts(http, store):
     for _ in range(5):
-        assert http.post("/webhook", json=capture("08_webhook_start_training.json")).status_code == 200
+        assert (
+            http.post("/webhook", json=capture("08_webhook_start_training.json")).status_code == 200
+        )
     jobs = store.jobs(1)
     assert [(j.trigger, j.status) for j in jobs] == [("start_training", "queued")]
 
@@ -113,7 +121,9 @@ def test_metrics_expose_requests_annotations_queue_and_versions(http, store):
     text = http.get("/metrics").get_data(as_text=True)
     assert 'rlhf_annotations_stored{kind="preference"} 1.0' in text
     assert "rlhf_training_queue_depth 1.0" in text
-    assert 'rlhf_model_version_info{model_version="rm-untrained.policy-base",project="1"} 1.0' in text
+    assert (
+        'rlhf_model_version_info{model_version="rm-untrained.policy-base",project="1"} 1.0' in text
+    )
     assert 'rlhf_http_requests_total{endpoint="webhook",method="POST",status="200"} 2.0' in text
     assert "rlhf_http_request_duration_seconds_bucket" in text
 

@@ -16,8 +16,13 @@ def test_readme_configuration_table_matches_the_dataclass():
 
 def test_from_env_reads_every_variable_with_types():
     config = BackendConfig.from_env(
-        {"RLHF_DATA_DIR": "/tmp/x", "RLHF_PORT": "9999", "BASIC_AUTH_USER": "u",
-         "BASIC_AUTH_PASS": "p", "RLHF_TRAIN_EVERY": "0"}
+        {
+            "RLHF_DATA_DIR": "/tmp/x",
+            "RLHF_PORT": "9999",
+            "BASIC_AUTH_USER": "u",
+            "BASIC_AUTH_PASS": "p",
+            "RLHF_TRAIN_EVERY": "0",
+        }
     )
     assert config.data_dir == Path("/tmp/x")
     assert config.port == 9999

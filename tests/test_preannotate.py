@@ -31,7 +31,9 @@ class FakeModels:
 
     def generate(self, project_id, prompts, n):
         self.generated_for += prompts
-        return [[f"{p} answer {i}{'+' * (i == 1)}{'-' * (i == 2)}" for i in range(n)] for p in prompts]
+        return [
+            [f"{p} answer {i}{'+' * (i == 1)}{'-' * (i == 2)}" for i in range(n)] for p in prompts
+        ]
 
     def head_rewards(self, project_id, items):
         out = []
@@ -55,8 +57,11 @@ class FakeLabelStudio:
 
     def unlabeled_tasks(self, project_id):
         for task in self.tasks.values():
-            yield {"id": task["id"], "data": dict(task["data"]),
-                   "predictions": list(self.predictions.get(task["id"], []))}
+            yield {
+                "id": task["id"],
+                "data": dict(task["data"]),
+                "predictions": list(self.predictions.get(task["id"], [])),
+            }
 
     def update_task_data(self, task_id, data):
         if self.crash_after_updates is not None and self.updates >= self.crash_after_updates:
@@ -77,12 +82,16 @@ def prompt_tasks(n, start=1):
 
 def test_prompt_only_tasks_get_the_most_uncertain_pair_and_a_prediction():
     ls = FakeLabelStudio(prompt_tasks(3))
-    report = preannotate_project(1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=4)
+    report = preannotate_project(
+        1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=4
+    )
     assert (report.generated, report.predicted) == (3, 3)
     for task in ls.tasks.values():
         # candidates 1 and 2 are the ones the heads disagree on
         assert {task["data"]["answer1"], task["data"]["answer2"]} == {
-            f"{task['data']['prompt']} answer 1+", f"{task['data']['prompt']} answer 2-"}
+            f"{task['data']['prompt']} answer 1+",
+            f"{task['data']['prompt']} answer 2-",
+        }
         [prediction] = ls.predictions[task["id"]]
         assert prediction["model_version"] == "rm-0000.policy-0000"
         assert prediction["result"][0]["type"] == "pairwise"
@@ -114,7 +123,9 @@ def test_crash_halfway_leaves_whole_tasks_and_a_rerun_continues():
     report = preannotate_project(1, schema, models, ls, num_candidates=3, batch_size=2)
     assert all("answer1" in t["data"] for t in ls.tasks.values())
     assert all(len(ls.predictions[i]) == 1 for i in ls.tasks)  # one prediction per task, no dupes
-    assert {t["id"]: t["data"] for t in ls.tasks.values() if t["id"] in first_answers} == first_answers
+    assert {
+        t["id"]: t["data"] for t in ls.tasks.values() if t["id"] in first_answers
+    } == first_answers
     assert sorted(models.generated_for) == ["q5", "q6"]
     assert report.generated == 2
 
@@ -150,5 +161,7 @@ def test_ranker_gets_every_candidate_as_list_items():
 
 def test_task_without_prompt_is_reported_not_crashed():
     ls = FakeLabelStudio([{"id": 1, "data": {"other": "x"}}])
-    report = preannotate_project(1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=2)
+    report = preannotate_project(
+        1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=2
+    )
     assert report.generated == 0 and "prompt" in report.errors[0]

@@ -55,8 +55,12 @@ def test_pairwise_selects_the_higher_reward_and_validates():
     tasks = [{"id": 1, "data": {"prompt": "hi", "answer1": "hello", "answer2": "go away"}}]
     [[prediction]] = predict_tasks(parse_label_config(PAIRWISE), tasks, fn, "rm-0000.policy-0000")
     assert prediction["result"] == [
-        {"from_name": "comparison", "to_name": "answer1", "type": "pairwise",
-         "value": {"selected": "left"}}
+        {
+            "from_name": "comparison",
+            "to_name": "answer1",
+            "type": "pairwise",
+            "value": {"selected": "left"},
+        }
     ]
     assert prediction["model_version"] == "rm-0000.policy-0000"
     assert valid(PAIRWISE, prediction) == []
@@ -64,8 +68,14 @@ def test_pairwise_selects_the_higher_reward_and_validates():
 
 def test_score_is_low_when_heads_disagree_and_high_when_they_agree():
     # heads agree that x beats y strongly vs. heads split on the (u, v) pair
-    fn = fixed_rewards({"x": [5.0, 5.0, 5.0], "y": [-5.0, -5.0, -5.0],
-                        "u": [4.0, -4.0, 4.0], "v": [-4.0, 4.0, -4.0]})
+    fn = fixed_rewards(
+        {
+            "x": [5.0, 5.0, 5.0],
+            "y": [-5.0, -5.0, -5.0],
+            "u": [4.0, -4.0, 4.0],
+            "v": [-4.0, 4.0, -4.0],
+        }
+    )
     tasks = [
         {"data": {"prompt": "p", "answer1": "x", "answer2": "y"}},
         {"data": {"prompt": "p", "answer1": "u", "answer2": "v"}},
@@ -84,7 +94,10 @@ def test_all_tasks_of_a_request_are_scored_in_one_batch():
 
 def test_prompt_only_tasks_get_no_prediction_and_no_model_call():
     fn = fixed_rewards({})
-    tasks = [{"data": {"prompt": "only a prompt"}}, {"data": {"prompt": "p", "answer1": "", "answer2": ""}}]
+    tasks = [
+        {"data": {"prompt": "only a prompt"}},
+        {"data": {"prompt": "p", "answer1": "", "answer2": ""}},
+    ]
     assert predict_tasks(parse_label_config(PAIRWISE), tasks, fn, "v") == [[], []]
     assert fn.calls == []
 
@@ -94,15 +107,22 @@ def test_custom_field_names_and_choices_preference():
     tasks = [{"data": {"question": "q", "response_a": "meh", "response_b": "great"}}]
     [[prediction]] = predict_tasks(parse_label_config(CUSTOM), tasks, fn, "v")
     assert prediction["result"] == [
-        {"from_name": "preference", "to_name": "response_a", "type": "choices",
-         "value": {"choices": ["B is better"]}}
+        {
+            "from_name": "preference",
+            "to_name": "response_a",
+            "type": "choices",
+            "value": {"choices": ["B is better"]},
+        }
     ]
 
 
 def test_ranker_orders_items_by_reward_and_validates():
     fn = fixed_rewards({"one": [0.0], "two": [3.0], "three": [1.0]})
-    items = [{"id": "c1", "title": "1", "body": "one"}, {"id": "c2", "title": "2", "body": "two"},
-             {"id": "c3", "title": "3", "body": "three"}]
+    items = [
+        {"id": "c1", "title": "1", "body": "one"},
+        {"id": "c2", "title": "2", "body": "two"},
+        {"id": "c3", "title": "3", "body": "three"},
+    ]
     tasks = [{"data": {"prompt": "p", "candidates": items}}]
     [[prediction]] = predict_tasks(parse_label_config(RANKING), tasks, fn, "v")
     assert prediction["result"][0]["value"] == {"ranker": {"rank": ["c2", "c3", "c1"]}}
@@ -110,16 +130,22 @@ def test_ranker_orders_items_by_reward_and_validates():
 
 
 def test_bucketed_ranker_spreads_the_order_over_tiers_best_first():
-    config = RANKING.replace('<Ranker name="rank" toName="candidates"/>',
-                             '<Ranker name="rank" toName="candidates"><Bucket name="best"/>'
-                             '<Bucket name="worst"/></Ranker>')
+    config = RANKING.replace(
+        '<Ranker name="rank" toName="candidates"/>',
+        '<Ranker name="rank" toName="candidates"><Bucket name="best"/>'
+        '<Bucket name="worst"/></Ranker>',
+    )
     fn = fixed_rewards({"one": [0.0], "two": [3.0], "three": [1.0], "four": [-1.0]})
-    items = [{"id": f"c{i}", "title": str(i), "body": b}
-             for i, b in enumerate(["one", "two", "three", "four"], 1)]
-    [[prediction]] = predict_tasks(parse_label_config(config), [{"data": {"prompt": "p",
-                                   "candidates": items}}], fn, "v")
-    assert prediction["result"][0]["value"] == {"ranker": {"best": ["c2", "c3"],
-                                                           "worst": ["c1", "c4"]}}
+    items = [
+        {"id": f"c{i}", "title": str(i), "body": b}
+        for i, b in enumerate(["one", "two", "three", "four"], 1)
+    ]
+    [[prediction]] = predict_tasks(
+        parse_label_config(config), [{"data": {"prompt": "p", "candidates": items}}], fn, "v"
+    )
+    assert prediction["result"][0]["value"] == {
+        "ranker": {"best": ["c2", "c3"], "worst": ["c1", "c4"]}
+    }
 
 
 def test_rating_per_response_within_range_and_validates():

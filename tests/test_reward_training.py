@@ -51,8 +51,9 @@ def test_heads_learn_a_known_preference_and_parameters_change():
     emb, chosen, rejected, reward = synthetic(noise=0.1)
     heads = Heads()
     before = heads.linear.weight.detach().clone()
-    train_heads(heads, heads, emb, chosen[:500], rejected[:500], torch.ones(500), K,
-                RewardTrainingConfig())
+    train_heads(
+        heads, heads, emb, chosen[:500], rejected[:500], torch.ones(500), K, RewardTrainingConfig()
+    )
     assert not torch.equal(before, heads.linear.weight)
     p = preference_probabilities(heads, emb, chosen[500:], rejected[500:])
     truth = (reward[chosen[500:]] > reward[rejected[500:]]).numpy()
@@ -63,8 +64,9 @@ def test_heads_learn_a_known_preference_and_parameters_change():
 def test_bootstrap_makes_heads_disagree_more_on_unseen_than_seen_pairs():
     emb, chosen, rejected, _ = synthetic(n_pairs=60)
     heads = Heads()
-    train_heads(heads, heads, emb, chosen, rejected, torch.ones(60), K,
-                RewardTrainingConfig(epochs=30))
+    train_heads(
+        heads, heads, emb, chosen, rejected, torch.ones(60), K, RewardTrainingConfig(epochs=30)
+    )
     p = preference_probabilities(heads, emb, chosen, rejected)
     assert p.std(axis=1).mean() > 0.0  # heads differ: there is an epistemic signal at all
 
@@ -72,8 +74,16 @@ def test_bootstrap_makes_heads_disagree_more_on_unseen_than_seen_pairs():
 def test_ties_train_towards_one_half():
     emb, chosen, rejected, _ = synthetic(n_pairs=100)
     heads = Heads()
-    train_heads(heads, heads, emb, chosen, rejected, torch.full((100,), 0.5), K,
-                RewardTrainingConfig(epochs=60, bootstrap=False, weight_decay=0.0))
+    train_heads(
+        heads,
+        heads,
+        emb,
+        chosen,
+        rejected,
+        torch.full((100,), 0.5),
+        K,
+        RewardTrainingConfig(epochs=60, bootstrap=False, weight_decay=0.0),
+    )
     p = preference_probabilities(heads, emb, chosen, rejected).mean(axis=1)
     assert np.abs(p - 0.5).mean() < 0.1
 
@@ -106,8 +116,12 @@ def test_embedding_cache_embeds_each_distinct_text_once():
 
 
 def test_evaluate_reports_accuracy_ece_and_annotator_agreement():
-    pairs = [Pair("p", "a", "b", annotator=1), Pair("p", "a", "b", annotator=2),
-             Pair("p", "a", "b", annotator=2), Pair("p", "a", "b", tie=True, annotator=1)]
+    pairs = [
+        Pair("p", "a", "b", annotator=1),
+        Pair("p", "a", "b", annotator=2),
+        Pair("p", "a", "b", annotator=2),
+        Pair("p", "a", "b", tie=True, annotator=1),
+    ]
     p_heads = np.array([[0.9, 0.9], [0.2, 0.2], [0.8, 0.8], [0.5, 0.5]])
     result = evaluate(pairs, p_heads)
     assert result.accuracy == pytest.approx(2 / 3)

@@ -41,13 +41,23 @@ def seed_annotations(store: Store, n: int, seed: int = 0) -> None:
     for i in range(n):
         polite, rude = f"thank you, here is step {i}", f"go away {i}, no"
         left_polite = rng.random() < 0.5
-        data = {"prompt": f"question {i}", "answer1": polite if left_polite else rude,
-                "answer2": rude if left_polite else polite}
-        result = [{"from_name": "comparison", "to_name": "answer1", "type": "pairwise",
-                   "value": {"selected": "left" if left_polite else "right"}}]
+        data = {
+            "prompt": f"question {i}",
+            "answer1": polite if left_polite else rude,
+            "answer2": rude if left_polite else polite,
+        }
+        result = [
+            {
+                "from_name": "comparison",
+                "to_name": "answer1",
+                "type": "pairwise",
+                "value": {"selected": "left" if left_polite else "right"},
+            }
+        ]
         incoming = IncomingAnnotation(i + 1, 1, i + 1, 7, data, result, False, "t", CONFIG)
-        store.upsert_annotation(incoming, convert(result, data, schema,
-                                                  Provenance(1, i + 1, i + 1, 7)))
+        store.upsert_annotation(
+            incoming, convert(result, data, schema, Provenance(1, i + 1, i + 1, 7))
+        )
 
 
 def test_train_job_promotes_a_trained_version_and_queues_rescoring(config):
