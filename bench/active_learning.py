@@ -103,7 +103,8 @@ def main() -> None:
     checkpoints = mean_curves["random"]["curve"]
     header = " | ".join(f"acc@{p['labels']}" for p in checkpoints)
     print(
-        f"| strategy | {header} | ECE@{checkpoints[-1]['labels']} | labels to reach random's final |"
+        f"| strategy | {header} | ECE@{checkpoints[-1]['labels']} "
+        "| labels to reach random's final |"
     )
     print("|" + " --- |" * (len(checkpoints) + 3))
     target = checkpoints[-1]["eval_accuracy"]

@@ -109,9 +109,8 @@ def _train(config: BackendConfig, args: argparse.Namespace) -> int:
 
 
 def _simulate(config: BackendConfig, args: argparse.Namespace) -> int:
-    from trainer.reward_model import RewardModel
-
     from ml_backend.serving import reward_model_config
+    from trainer.reward_model import RewardModel
     from trainer.simulate import SimulationInputError, load_inputs, plot_curves, simulate
 
     try:

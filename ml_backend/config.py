@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 STRATEGY_NAMES = ("default", "random", "entropy", "margin", "variance", "bald")
 
 

@@ -1,4 +1,4 @@
-"""The backend's own exception types. ``ml_backend.app`` maps them to HTTP responses in one place."""
+"""The backend's own exception types; ``ml_backend.app`` maps them to HTTP statuses in one place."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
             "timeout": 120,  # above Label Studio's 100 s predict timeout
             "graceful_timeout": 30,
             "child_exit": _child_exit,
-            "accesslog": None,  # request lines stay out of the log: bodies and tokens never land there
+            "accesslog": None,  # no request lines in the log: bodies and tokens never land there
             "loglevel": c.log_level.lower(),
         }
         for key, value in settings.items():

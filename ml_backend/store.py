@@ -432,7 +432,8 @@ class Store:
     ) -> None:
         with self._write() as conn:
             conn.execute(
-                "UPDATE jobs SET status = ?, error = ?, result = ?, finished_at = ? WHERE job_id = ?",
+                """UPDATE jobs SET status = ?, error = ?, result = ?, finished_at = ?
+                   WHERE job_id = ?""",
                 (status, error, json.dumps(result) if result else None, time.time(), job_id),
             )
 

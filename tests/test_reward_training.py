@@ -90,7 +90,7 @@ def test_ties_train_towards_one_half():
 
 def test_heldout_split_is_stable_and_keyed_by_task():
     pairs = [Pair("p", "a", "b", group=f"1:{task}") for task in range(1000)]
-    train, heldout = split_pairs(pairs, 0.15)
+    _, heldout = split_pairs(pairs, 0.15)
     assert 100 < len(heldout) < 200
     more = pairs + [Pair("p", "c", "d", group=f"1:{task}") for task in range(1000, 1500)]
     _, heldout_later = split_pairs(more, 0.15)

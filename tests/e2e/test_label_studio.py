@@ -215,7 +215,7 @@ def test_predict_from_label_studio_answers_without_error(
         json={"selectedItems": {"all": True, "excluded": []}},
     )
 
-    # Label Studio turns a backend error or a /predict slower than its 100 s into a 500 here.
+    # Label Studio turns a backend error, or a /predict slower than its timeout, into a 500 here.
     assert test.status_code == 200, f"{test.text}\nbackend log:\n{backend.process.log_tail()}"
     answer = test.json()
     assert answer["status"] == 200 and answer["url"].endswith("/predict"), answer
