@@ -7,6 +7,8 @@ when a model is built, which is after gunicorn has forked its workers.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 
@@ -30,7 +32,6 @@ def pick_dtype(device: torch.device) -> torch.dtype:
 def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """The ``from_pretrained`` keyword for the weights' dtype (renamed in transformers 4.56)."""
     import transformers
-    from packaging.version import Version
 
-    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {name: dtype}
+    major, minor = (int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
