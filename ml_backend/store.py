@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS annotations (
     stored_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS annotations_project ON annotations(project_id, deleted);
+-- Every stored webhook counts the project's changes since its last job: a range, not a scan.
+CREATE INDEX IF NOT EXISTS annotations_changes ON annotations(project_id, seq);
 CREATE TABLE IF NOT EXISTS records (
     record_id INTEGER PRIMARY KEY AUTOINCREMENT,
     annotation_id INTEGER NOT NULL,

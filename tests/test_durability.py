@@ -24,7 +24,7 @@ import requests
 PROJECT = 1
 MAX_REQUESTS = 2000  # the burst is cut short by the kill
 SENDERS = 8
-KILL_AFTER_ACKS = 150
+KILL_AFTER_ACKS = 30  # low enough to be reached on a loaded 2-core machine
 BURST_TIMEOUT_S = 60.0
 
 pytestmark = pytest.mark.slow
