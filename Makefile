@@ -2,18 +2,28 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
 TORCH_VERSION := 2.13.0
+# Label Studio lives in its own environment: the end-to-end tests and `make demo` start it.
+LS_VENV ?= .venv-ls
+LABEL_STUDIO_VERSION := 1.23.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test test-fast lint format bench clean
+.PHONY: install install-label-studio run test test-fast lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: a later unpinned requirement would otherwise pull CUDA wheels.
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e ".[dev]"
+	# uv resolves the rest in seconds where pip backtracks for many minutes.
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) uv
+	$(UV) pip install -q --python $(PY) -e ".[dev]"
+	touch $@
+
+$(LS_VENV)/.installed: $(VENV)/.installed
+	$(UV) venv -q --python $(PYTHON) $(LS_VENV)
+	$(UV) pip install -q --python $(LS_VENV)/bin/python label-studio==$(LABEL_STUDIO_VERSION)
 	touch $@
 
 install: $(VENV)/.installed
@@ -21,8 +31,10 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/rlhf-backend serve
 
-test: install
-	$(PY) -m pytest
+install-label-studio: $(LS_VENV)/.installed
+
+test: install install-label-studio
+	LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(PY) -m pytest
 
 test-fast: install
 	$(PY) -m pytest -m "not e2e and not slow"

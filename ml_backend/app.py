@@ -21,6 +21,7 @@ from ml_backend.metrics import CONTENT_TYPE, Metrics
 from ml_backend.predict import predict_tasks
 from ml_backend.serving import ModelServer
 from ml_backend.store import Store
+from trainer.dispatch import notify_workers
 from trainer.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ def _register_routes(app: Flask, services: Services) -> None:
     def webhook() -> tuple[Response, int]:
         payload = _json_body()
         result = handle_event(services.store, payload, services.config.train_every)
+        notify_workers(services.config, result.detail.get("job_id"), result.action)
         services.metrics.webhook_events.labels(result.action).inc()
         return jsonify(result.as_json()), 200
 

@@ -52,6 +52,11 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
 def _worker(config: BackendConfig, args: argparse.Namespace) -> int:
     from trainer.worker import Worker, default_handlers
 
+    if config.redis_url:  # jobs arrive through RQ (trainer/dispatch.py)
+        from trainer.dispatch import run_rq_worker
+
+        run_rq_worker(config, burst=args.once)
+        return 0
     worker = Worker(config, default_handlers(config))
     worker.install_signal_handlers()
     worker.run(once=args.once)
@@ -76,6 +81,9 @@ def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) 
         if job is None:
             print(f"a {kind} job for project {args.project} is already queued", file=sys.stderr)
         else:
+            from trainer.dispatch import notify_workers
+
+            notify_workers(config, job.job_id, "cli")
             print(f"queued {kind} job {job.job_id} for project {args.project}")
         return 0
     worker = Worker(config, default_handlers(config))

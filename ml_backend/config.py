@@ -68,6 +68,13 @@ class BackendConfig:
         "RLHF_TRAIN_EVERY",
         "Queue a training job after this many new usable annotations in a project (0: never).",
     )
+    redis_url: str = _setting(
+        "",
+        "RLHF_REDIS_URL",
+        "Redis URL (e.g. redis://host:6379/0): queued jobs also go to RQ, so `rlhf-backend "
+        "worker` processes on other machines (sharing RLHF_DATA_DIR) take them. Unset: workers "
+        "poll the store.",
+    )
     job_max_attempts: int = _setting(
         3, "RLHF_JOB_MAX_ATTEMPTS", "Runs of a failing job before it is marked failed."
     )
@@ -98,6 +105,12 @@ class BackendConfig:
     max_new_tokens: int = _setting(64, "RLHF_MAX_NEW_TOKENS", "Longest generated response.")
     temperature: float = _setting(1.0, "RLHF_TEMPERATURE", "Sampling temperature.")
     top_p: float = _setting(0.95, "RLHF_TOP_P", "Nucleus sampling mass.")
+    policy_training: str = _setting(
+        "dpo",
+        "RLHF_POLICY_TRAINING",
+        "Policy training after each reward-model retrain: dpo (DPO on pairs + ILF on language "
+        "feedback, TRL) or off.",
+    )
     strategy: str = _setting(
         "default",
         "RLHF_STRATEGY",
@@ -128,6 +141,8 @@ class BackendConfig:
             raise ConfigError("RLHF_TEMPERATURE must be positive.")
         if self.strategy not in STRATEGY_NAMES:
             raise ConfigError(f"RLHF_STRATEGY must be one of {', '.join(STRATEGY_NAMES)}.")
+        if self.policy_training not in ("dpo", "off"):
+            raise ConfigError("RLHF_POLICY_TRAINING must be dpo or off.")
         if self.train_every < 0:
             raise ConfigError("RLHF_TRAIN_EVERY must be 0 (never) or a positive integer.")
 

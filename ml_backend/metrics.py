@@ -78,6 +78,7 @@ class StoreCollector(Collector):
             "Training jobs queued or running",
             value=self.store.queue_depth(),
         )
+        yield from _training_progress(self.store)
         versions = GaugeMetricFamily(
             "rlhf_model_version_info",
             "The model version served for each project (value is always 1)",
@@ -87,3 +88,25 @@ class StoreCollector(Collector):
             versions.add_metric([str(project_id), self.models.served_version(project_id)], 1)
         yield versions
 
+
+PROGRESS_GAUGES = {
+    "step": ("rlhf_training_step", "Optimizer steps done by the running training job"),
+    "total": ("rlhf_training_total_steps", "Optimizer steps the running training job will take"),
+    "loss": ("rlhf_training_loss", "Latest training loss of the running job"),
+    "eta_s": ("rlhf_training_eta_seconds", "Estimated seconds left in the running phase"),
+}
+
+
+def _training_progress(store: Store) -> Iterator[Metric]:
+    """Step, total, loss and ETA of each running job, labelled by project, job and phase."""
+    families = {
+        key: GaugeMetricFamily(name, help, labels=["project", "job", "phase"])
+        for key, (name, help) in PROGRESS_GAUGES.items()
+    }
+    for job, progress in store.running_progress():
+        labels = [str(job.project_id), str(job.job_id), str(progress.get("phase", ""))]
+        for key, family in families.items():
+            value = progress.get(key)
+            if isinstance(value, int | float) and value == value:  # skip NaN (no ETA yet)
+                family.add_metric(labels, float(value))
+    yield from families.values()

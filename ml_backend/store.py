@@ -84,7 +84,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     started_at REAL,
     heartbeat_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    progress TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, project_id);
 CREATE TABLE IF NOT EXISTS counters (
@@ -192,6 +193,9 @@ class Store:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+            if "progress" not in columns:  # a store written before progress was recorded
+                conn.execute("ALTER TABLE jobs ADD COLUMN progress TEXT")
         return self
 
     def close(self) -> None:
@@ -428,6 +432,20 @@ class Store:
     def heartbeat(self, job_id: int) -> None:
         with self._write() as conn:
             conn.execute("UPDATE jobs SET heartbeat_at = ? WHERE job_id = ?", (time.time(), job_id))
+
+    def set_job_progress(self, job_id: int, progress: dict[str, Any]) -> None:
+        """What a running job is doing (phase, step, total, loss, eta_s), for ``/metrics``."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE jobs SET progress = ? WHERE job_id = ?", (json.dumps(progress), job_id)
+            )
+
+    def running_progress(self) -> list[tuple[Job, dict[str, Any]]]:
+        rows = self._connection().execute(
+            "SELECT * FROM jobs WHERE status = ? AND progress IS NOT NULL ORDER BY job_id",
+            (JOB_RUNNING,),
+        )
+        return [(_job(row), json.loads(row["progress"])) for row in rows]
 
     def finish_job(
         self, job_id: int, status: str, error: str | None = None, result: dict | None = None

@@ -22,6 +22,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# Nothing in the tests may reach a model hub: set before transformers or datasets are imported.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_name] = "1"
+
 import pytest
 import requests
 from flask.testing import FlaskClient

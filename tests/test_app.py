@@ -128,6 +128,24 @@ def test_metrics_expose_requests_annotations_queue_and_versions(http, store):
     assert "rlhf_http_request_duration_seconds_bucket" in text
 
 
+def test_metrics_show_the_progress_of_a_running_training_job(http, store):
+    from trainer.jobs import job_progress
+
+    http.post("/webhook", json=capture("05_webhook_annotation_created.json"))
+    http.post("/webhook", json=capture("08_webhook_start_training.json"))
+    job = store.claim_job("test-worker")
+    progress = job_progress(store, job, "reward model", every_s=0.0)
+    progress(3, 10, 0.5)
+    text = http.get("/metrics").get_data(as_text=True)
+    labels = f'job="{job.job_id}",phase="reward model",project="1"'
+    assert f"rlhf_training_step{{{labels}}} 3.0" in text
+    assert f"rlhf_training_total_steps{{{labels}}} 10.0" in text
+    assert f"rlhf_training_loss{{{labels}}} 0.5" in text
+    assert f"rlhf_training_eta_seconds{{{labels}}}" in text
+    store.finish_job(job.job_id, "done")
+    assert "rlhf_training_step{" not in http.get("/metrics").get_data(as_text=True)
+
+
 @pytest.mark.parametrize(("value", "expected"), [("1.1795430590", 1), ("12", 12), (3, 3)])
 def test_parse_project_id_accepts_label_studio_forms(value, expected):
     assert parse_project_id(value) == expected

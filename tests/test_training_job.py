@@ -27,7 +27,10 @@ def tiny_backbone(tmp_path_factory):
 
 @pytest.fixture
 def config(tmp_path, tiny_backbone):
-    return BackendConfig(data_dir=tmp_path, reward_backbone=tiny_backbone, reward_heads=4)
+    # Policy training has its own tests (test_policy_training.py); here it would only add time.
+    return BackendConfig(
+        data_dir=tmp_path, reward_backbone=tiny_backbone, reward_heads=4, policy_training="off"
+    )
 
 
 def seed_annotations(store: Store, n: int, seed: int = 0) -> None:

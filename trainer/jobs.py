@@ -13,14 +13,24 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ml_backend.config import BackendConfig
 from ml_backend.label_schema import parse_label_config
-from ml_backend.serving import ModelServer, reward_model_config
+from ml_backend.serving import ModelServer, policy_config, reward_model_config
 from ml_backend.store import JOB_PREANNOTATE, Job, Store
-from trainer.registry import PROMOTED, REJECTED, REWARD_MODEL, Registry
+from trainer.dispatch import notify_workers
+from trainer.policy_training import (
+    FeedbackExample,
+    PolicyTrainingConfig,
+    PreferenceExample,
+    policy_gate,
+    save_policy,
+    train_policy,
+)
+from trainer.registry import POLICY, PROMOTED, REJECTED, REWARD_MODEL, Registry
 from trainer.reward_training import (
     EmbeddingCache,
     Evaluation,
@@ -28,6 +38,7 @@ from trainer.reward_training import (
     Progress,
     RewardTrainingConfig,
     evaluate,
+    is_heldout,
     preference_probabilities,
     should_promote,
     split_pairs,
@@ -43,16 +54,40 @@ def registry_for(config: BackendConfig) -> Registry:
     return Registry(config.db_path, config.data_dir / "models")
 
 
-def train_job(config: BackendConfig, job: Job, progress: Progress | None = None) -> dict[str, Any]:
+def train_job(config: BackendConfig, job: Job) -> dict[str, Any]:
     store = Store(config.db_path)
     registry = registry_for(config)
     records = store.records(job.project_id, "preference")
     if len(records) < MIN_PAIRS:
         return {"trained": False, "reason": f"{len(records)} preference pairs; need {MIN_PAIRS}"}
-    result = train_reward_model(config, registry, job.project_id, records, progress)
-    if result["promoted"]:
+    result = train_reward_model(
+        config, registry, job.project_id, records, job_progress(store, job, "reward model")
+    )
+    if config.policy_training != "off":
+        feedback = store.records(job.project_id, "feedback")
+        result["policy"] = train_policy_version(
+            config,
+            registry,
+            job.project_id,
+            records,
+            feedback,
+            job_progress(store, job, "policy"),
+        )
+    if result["promoted"] or result.get("policy", {}).get("promoted"):
         after_promotion(config, store, registry, job.project_id)
     return result
+
+
+def job_progress(store: Store, job: Job, phase: str, every_s: float = 1.0) -> Progress:
+    """A progress report that also lands in the job's row (at most once a second)."""
+    last = [0.0]
+
+    def report(state: dict[str, float]) -> None:
+        if time.monotonic() - last[0] >= every_s or state["step"] >= state["total"]:
+            last[0] = time.monotonic()
+            store.set_job_progress(job.job_id, {"phase": phase, **state})
+
+    return Progress(f"project {job.project_id} {phase}", report)
 
 
 def train_reward_model(
@@ -115,17 +150,14 @@ def train_reward_model(
         "annotations": sorted({r["annotation"] for r in records}),
         "warm_start": served.version,
     }
-    _save_atomically(
-        candidate,
-        path,
-        {
-            "version": version,
-            "trained": True,
-            "project": project_id,
-            "metrics": metrics,
-            "data": snapshot,
-        },
-    )
+    provenance = {
+        "version": version,
+        "trained": True,
+        "project": project_id,
+        "metrics": metrics,
+        "data": snapshot,
+    }
+    _save_atomically(path, lambda tmp: candidate.save(tmp, provenance))
     registry.record(
         project_id,
         REWARD_MODEL,
@@ -149,6 +181,96 @@ def train_reward_model(
     }
 
 
+def train_policy_version(
+    config: BackendConfig,
+    registry: Registry,
+    project_id: int,
+    records: list[dict[str, Any]],
+    feedback_records: list[dict[str, Any]],
+    progress: Progress | None = None,
+    training: PolicyTrainingConfig | None = None,
+) -> dict[str, Any]:
+    """DPO (and ILF) from the serving policy; the serving reward model judges the candidate.
+
+    Pairs of held-out tasks are not trained on: their prompts are the gate's test set.
+    """
+    from trainer.policy import Policy
+    from trainer.reward_model import RewardModel
+
+    training = training or PolicyTrainingConfig(method=config.policy_training)
+    fraction = RewardTrainingConfig().heldout_fraction
+    pairs = [Pair.from_record(r) for r in records]
+    train = [p for p in pairs if not is_heldout(p.group, fraction) and not p.tie]
+    gate_prompts = list(dict.fromkeys(p.prompt for p in pairs if is_heldout(p.group, fraction)))
+    if not gate_prompts:  # too few tasks for a held-out split yet
+        gate_prompts = list(dict.fromkeys(p.prompt for p in pairs))
+    feedback = [
+        FeedbackExample(r["prompt"], r["response"], r["feedback"])
+        for r in feedback_records
+        if r.get("response") and r.get("feedback")
+    ]
+    served_rm = registry.served(project_id, REWARD_MODEL)
+    judge = (
+        RewardModel.load(served_rm.path)
+        if served_rm.path
+        else RewardModel.create(reward_model_config(config))
+    )
+    served = registry.served(project_id, POLICY)
+    serving = Policy.load(
+        policy_config(config, str(served.path) if served.path else None),
+        config.data_dir / "cache",
+    )
+    candidate, stats = train_policy(
+        serving,
+        [PreferenceExample(p.prompt, p.chosen, p.rejected) for p in train],
+        feedback,
+        training,
+        similarity=_embedding_similarity(judge),
+        on_step=progress or Progress(f"project {project_id} policy"),
+    )
+    gate = policy_gate(judge.score_heads, candidate, serving, gate_prompts, training)
+    version, path = registry.new_version_dir(project_id, POLICY)
+    metrics = {"gate": gate.as_dict(), "judge": served_rm.version, **stats}
+    snapshot = {
+        "records": len(records) + len(feedback_records),
+        "annotations": sorted({r["annotation"] for r in records + feedback_records}),
+        "warm_start": served.version,
+    }
+    _save_atomically(path, lambda tmp: save_policy(candidate, tmp))
+    registry.record(
+        project_id,
+        POLICY,
+        version,
+        path,
+        config={"training": training.__dict__, "base": serving.version},
+        data_snapshot=snapshot,
+        metrics=metrics,
+        status=PROMOTED if gate.promote else REJECTED,
+        reason=gate.reason,
+    )
+    logger.info(
+        "project %s: %s %s (%s)",
+        project_id,
+        version,
+        "promoted" if gate.promote else "rejected",
+        gate.reason,
+    )
+    return {"version": version, "promoted": gate.promote, "reason": gate.reason, "metrics": metrics}
+
+
+def _embedding_similarity(model: Any) -> Any:
+    """Cosine similarity of texts to feedbacks in the reward model's backbone space (ILF)."""
+
+    def similarity(texts: list[str], feedbacks: list[str]) -> Any:
+        import torch
+
+        a = model.embed([""] * len(texts), texts)
+        b = model.embed([""] * len(feedbacks), feedbacks)
+        return torch.nn.functional.cosine_similarity(a, b, dim=-1).cpu().numpy()
+
+    return similarity
+
+
 def _evaluate(model: Any, cache: EmbeddingCache, pairs: list[Pair]) -> Evaluation:
     if not pairs:
         return evaluate([], None)  # type: ignore[arg-type]
@@ -158,10 +280,11 @@ def _evaluate(model: Any, cache: EmbeddingCache, pairs: list[Pair]) -> Evaluatio
     )
 
 
-def _save_atomically(model: Any, path: Path, provenance: dict[str, Any]) -> None:
+def _save_atomically(path: Path, save: Callable[[Path], None]) -> None:
+    """``save`` writes into a scratch directory that is renamed to ``path`` only when complete."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, provenance)
+    save(tmp)
     shutil.rmtree(path, ignore_errors=True)  # a leftover from a crash before it was recorded
     tmp.rename(path)
 
@@ -172,7 +295,8 @@ def after_promotion(
     """Label Studio follows the new version: project model_version, and a re-scored pool."""
     version = registry.served_version(project_id)
     store.set_project_model_version(project_id, version)
-    store.enqueue_job(project_id, JOB_PREANNOTATE, trigger=f"promoted {version}")
+    job = store.enqueue_job(project_id, JOB_PREANNOTATE, trigger=f"promoted {version}")
+    notify_workers(config, job.job_id if job else None, "promotion")
 
 
 def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:

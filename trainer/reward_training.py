@@ -241,13 +241,15 @@ def should_promote(
 
 
 class Progress:
-    """Step, loss and ETA, logged (and shown by a callback) while training runs."""
+    """Step, loss and ETA while training runs: logged, passed to ``report`` (the job's row in
+    the store, read by ``/metrics``), and drawn as a progress bar when stderr is a terminal."""
 
     def __init__(self, label: str, report: Callable[[dict[str, float]], None] | None = None):
         self.label = label
         self.report = report
         self.started = time.monotonic()
         self.last_log = 0.0
+        self._bar: Any = None
 
     def __call__(self, step: int, total: int, loss: float) -> None:
         elapsed = time.monotonic() - self.started
@@ -255,6 +257,19 @@ class Progress:
         state = {"step": step, "total": total, "loss": loss, "eta_s": eta}
         if self.report is not None:
             self.report(state)
+        self._draw(step, total, loss)
         if time.monotonic() - self.last_log > 5.0 or step == total:
             self.last_log = time.monotonic()
             logger.info("%s: step %d/%d loss %.4f eta %.0fs", self.label, step, total, loss, eta)
+
+    def _draw(self, step: int, total: int, loss: float) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:  # disable=None: no bar unless stderr is a terminal (the CLI)
+            self._bar = tqdm(total=total, desc=self.label, unit="step", disable=None)
+        self._bar.total = total
+        self._bar.n = step
+        self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self._bar.refresh()
+        if step >= total:
+            self._bar.close()

@@ -40,6 +40,8 @@ E2E_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "
 INSTALL_TIMEOUT_S = 900.0
 MIGRATE_TIMEOUT_S = 1800.0
 LS_BOOT_TIMEOUT_S = 400.0  # on an already migrated database
+LS_PREDICT_TIMEOUT_S = 400  # Label Studio's own wait for /predict (its default: 100 s)
+LS_API_TIMEOUT_S = LS_PREDICT_TIMEOUT_S + 200  # a call to Label Studio may wait on /predict
 BACKEND_BOOT_TIMEOUT_S = 300.0  # workers import torch and label-studio-sdk: 27-97 s at load 6-10
 # What the first test may spend in session fixtures before its own body runs.
 SESSION_SETUP_BUDGET_S = (
@@ -147,18 +149,28 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def label_studio_binary() -> Path:
-    """``$LABEL_STUDIO_BIN``, else ``<repo>/.venv-ls/bin/label-studio``, installed once."""
+    """``$LABEL_STUDIO_BIN`` (``make test`` sets it), else ``<repo>/.venv-ls``, installed once."""
     configured = os.environ.get("LABEL_STUDIO_BIN")
     if configured:
-        return Path(configured)
+        return Path(configured).absolute()  # the servers run in other directories
     binary = LS_VENV / "bin" / "label-studio"
     with (REPO / ".venv-ls.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a parallel run waits here until the install is done
         if not binary.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(LS_VENV)], check=True)
-            pip = str(LS_VENV / "bin" / "pip")
+            # The same commands as the Makefile's: uv resolves Label Studio's pins in about
+            # 90 s where pip backtracks for more than 15 minutes.
+            uv = Path(sys.executable).with_name("uv")
+            subprocess.run([str(uv), "venv", "-q", str(LS_VENV)], check=True)
             subprocess.run(
-                [pip, "install", "-q", f"label-studio=={LABEL_STUDIO_VERSION}"],
+                [
+                    str(uv),
+                    "pip",
+                    "install",
+                    "-q",
+                    "--python",
+                    str(LS_VENV / "bin" / "python"),
+                    f"label-studio=={LABEL_STUDIO_VERSION}",
+                ],
                 check=True,
                 timeout=INSTALL_TIMEOUT_S,
             )
@@ -173,12 +185,14 @@ class LabelStudioServer:
     boot_s: float
 
     def client(self) -> LabelStudio:
-        return LabelStudio(base_url=self.url, api_key=self.token, timeout=120)
+        return LabelStudio(base_url=self.url, api_key=self.token, timeout=LS_API_TIMEOUT_S)
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """A plain REST call, for endpoints whose raw answer a test wants to see."""
         headers = {"Authorization": f"Token {self.token}"}
-        return requests.request(method, self.url + path, headers=headers, timeout=120, **kwargs)
+        return requests.request(
+            method, self.url + path, headers=headers, timeout=LS_API_TIMEOUT_S, **kwargs
+        )
 
 
 LS_DB = "label_studio.sqlite3"
@@ -198,7 +212,7 @@ def _label_studio_env(data_dir: Path, **extra: str) -> dict[str, str]:
         ML_TIMEOUT_HEALTH="15",
         ML_TIMEOUT_SETUP="30",
         WEBHOOK_TIMEOUT="15",
-        ML_TIMEOUT_PREDICT="400",
+        ML_TIMEOUT_PREDICT=str(LS_PREDICT_TIMEOUT_S),
         # Nothing leaves the machine.
         COLLECT_ANALYTICS="false",
         LATEST_VERSION_CHECK="false",

@@ -1,0 +1,195 @@
+"""Policy training (DPO and ILF through TRL), its promotion gate, and the job that runs them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_training_job import seed_annotations
+
+from ml_backend.config import BackendConfig
+from ml_backend.store import Store
+from trainer.jobs import registry_for, train_job
+from trainer.policy import Policy, PolicyConfig
+from trainer.policy_training import (
+    FeedbackExample,
+    PolicyTrainingConfig,
+    PreferenceExample,
+    ilf_refinements,
+    policy_gate,
+    train_policy,
+)
+from trainer.registry import POLICY, PROMOTED, REJECTED, REWARD_MODEL
+from trainer.tiny import ensure_tiny_encoder
+
+CHOSEN, REJECTED_TEXT = " thank you kindly", " go away now"
+FAST = dict(epochs=2, batch_size=4, learning_rate=1e-3, max_length=64, gate_prompts=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only spin on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("policy-cache")
+
+
+@pytest.fixture
+def policy(cache_dir):
+    return Policy.load(PolicyConfig(max_new_tokens=6, batch_size=4), cache_dir)
+
+
+def log_prob(policy: Policy, prompt: str, response: str) -> float:
+    """log p(response | prompt) under the policy (teacher forcing)."""
+    tok = policy.tokenizer
+    prompt_ids = tok(prompt)["input_ids"]
+    ids = torch.tensor([prompt_ids + tok(response)["input_ids"]])
+    with torch.no_grad():
+        logits = policy.model(ids).logits[0, :-1]  # (T-1, V)
+    logps = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
+    return float(logps[len(prompt_ids) - 1 :].sum())
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="method"):
+        PolicyTrainingConfig(method="ppo")
+    with pytest.raises(ValueError, match="lora"):
+        PolicyTrainingConfig(lora="maybe")
+    with pytest.raises(ValueError, match="min_win_rate"):
+        PolicyTrainingConfig(min_win_rate=1.0)
+
+
+def test_dpo_moves_the_policy_towards_chosen_responses_and_leaves_the_original(policy):
+    pairs = [PreferenceExample(f"Question {i}:", CHOSEN, REJECTED_TEXT) for i in range(8)]
+
+    def margin(p: Policy) -> float:
+        return log_prob(p, "Question 99:", CHOSEN) - log_prob(p, "Question 99:", REJECTED_TEXT)
+
+    before = margin(policy)
+    original = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    steps: list[tuple[int, int, float]] = []
+    trained, stats = train_policy(
+        policy, pairs, [], PolicyTrainingConfig(**FAST), on_step=lambda *s: steps.append(s)
+    )
+    assert stats["dpo_pairs"] == 8 and stats["dpo"]["steps"] == 4
+    assert stats["dpo"]["last_loss"] < stats["dpo"]["first_loss"]
+    assert margin(trained) > before + 1.0  # a prompt it never saw: the preference generalised
+    assert all(torch.equal(v, policy.model.state_dict()[k]) for k, v in original.items())
+    assert steps and steps[-1][:2] == (4, 4)
+
+
+def test_lora_training_is_merged_into_a_plain_causal_lm(policy, tmp_path):
+    pairs = [PreferenceExample(f"Question {i}:", CHOSEN, REJECTED_TEXT) for i in range(4)]
+    trained, stats = train_policy(policy, pairs, [], PolicyTrainingConfig(lora="on", **FAST))
+    assert stats["dpo"]["lora"] is True
+    assert type(trained.model) is type(policy.model)  # merged: no PEFT wrapper left
+    changed = [
+        k
+        for k, v in trained.model.state_dict().items()
+        if not torch.equal(v, policy.model.state_dict()[k])
+    ]
+    assert changed
+
+
+def test_ilf_keeps_the_refinement_most_similar_to_the_feedback(policy):
+    feedback = [
+        FeedbackExample("Say hello.", "bye", "be friendlier"),
+        FeedbackExample("Add.", "3", "show work"),
+    ]
+    seen: list[list[str]] = []
+
+    def similarity(texts, feedbacks):
+        seen.append(texts)
+        return np.array([len(t) for t in texts], dtype=float)  # "most similar": the longest
+
+    examples = ilf_refinements(policy, feedback, 3, similarity)
+    assert [e["prompt"] for e in examples] == ["Say hello.", "Add."]
+    for example, candidates in zip(examples, seen, strict=True):
+        assert len(candidates) <= 3
+        assert example["completion"] == max(candidates, key=len)
+
+
+def test_ilf_fine_tunes_on_the_kept_refinements(policy):
+    feedback = [FeedbackExample(f"Task {i}.", "meh", "more detail") for i in range(4)]
+    similarity = lambda texts, feedbacks: np.arange(len(texts), dtype=float)  # noqa: E731
+    trained, stats = train_policy(policy, [], feedback, PolicyTrainingConfig(**FAST), similarity)
+    assert stats["ilf_examples"] == 4 and stats["ilf"]["steps"] >= 1
+    assert any(
+        not torch.equal(v, policy.model.state_dict()[k])
+        for k, v in trained.model.state_dict().items()
+    )
+
+
+def test_gate_promotes_only_a_policy_the_reward_model_prefers(policy):
+    pairs = [PreferenceExample(f"Question {i}:", CHOSEN, REJECTED_TEXT) for i in range(8)]
+    trained, _ = train_policy(policy, pairs, [], PolicyTrainingConfig(**FAST))
+    config = PolicyTrainingConfig(**FAST)
+    prompts = [f"Question {i}:" for i in range(4)]
+
+    def judge_by(word):
+        # A judge that rewards a word: per item (2 responses, 2 heads).
+        return lambda items: [
+            np.array([[r.count(word)] * 2 for r in responses], dtype=float)
+            for _, responses in items
+        ]
+
+    indifferent = policy_gate(
+        lambda items: [np.zeros((2, 2)) for _ in items], trained, policy, prompts, config
+    )
+    assert indifferent.win_rate == 0.5 and not indifferent.promote
+    assert "not above" in indifferent.reason
+    same = policy_gate(judge_by("thank"), policy, policy, prompts, config)
+    assert same.win_rate == 0.5 and not same.promote  # same seed, same answers: no win
+    ours = [t[0] for t in trained.generate(prompts, 1, seed=config.seed)]
+    theirs = [t[0] for t in policy.generate(prompts, 1, seed=config.seed)]
+    word = next(w for a in ours for w in a.split() if all(w not in b for b in theirs))
+    better = policy_gate(judge_by(word), trained, policy, prompts, config)
+    assert better.win_rate > 0.5 and better.promote
+
+
+@pytest.fixture
+def config(tmp_path, tmp_path_factory):
+    backbone = str(ensure_tiny_encoder(tmp_path_factory.mktemp("models")))
+    return BackendConfig(data_dir=tmp_path, reward_backbone=backbone, reward_heads=4)
+
+
+def test_train_job_records_a_policy_version_with_its_gate(config):
+    assert config.policy_training == "dpo"  # the default
+    store = Store(config.db_path).initialize()
+    seed_annotations(store, 40)
+    store.enqueue_training(1, "test")
+    result = train_job(config, store.claim_job("test"))
+    policy = result["policy"]
+    registry = registry_for(config)
+    version = registry.get(1, POLICY, policy["version"])
+    assert version.status in (PROMOTED, REJECTED) and "win rate" in version.reason
+    assert version.metrics["dpo_pairs"] > 0 and 0 <= version.metrics["gate"]["win_rate"] <= 1
+    assert version.metrics["judge"] == registry.served(1, REWARD_MODEL).version
+    assert (version.path / "config.json").is_file()
+    Policy.load(PolicyConfig(model=str(version.path)), config.data_dir / "cache")  # loads back
+    expected = policy["version"] if policy["promoted"] else "policy-base"
+    assert registry.served(1, POLICY).version == expected
+    assert store.project(1).model_version == registry.served_version(1)
+
+
+def test_a_crash_in_policy_training_leaves_the_served_policy(config, monkeypatch):
+    import trainer.jobs as jobs
+
+    store = Store(config.db_path).initialize()
+    seed_annotations(store, 20)
+    store.enqueue_training(1, "test")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(jobs, "train_policy", crash)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_job(config, store.claim_job("test"))
+    registry = registry_for(config)
+    assert registry.served(1, POLICY).version == "policy-base"
+    assert registry.versions(1, POLICY) == []

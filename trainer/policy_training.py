@@ -1,0 +1,287 @@
+"""Policy training from the same labels as the reward model: DPO, ILF, and the promotion gate.
+
+- **DPO** (TRL's ``DPOTrainer``) on every preference pair that is not a tie. TRL handles the
+  reference model: a frozen copy of the starting policy, or, with LoRA (PEFT), the same weights
+  with the adapter switched off. LoRA is used for large models (``lora="auto"``), and the adapter
+  is merged before saving so a version loads like any causal LM.
+- **ILF** (Scheurer et al., 2023, "Training Language Models with Language Feedback at Scale"):
+  for each free-text feedback on a response, the current policy writes refinements conditioned on
+  prompt, response and feedback; the refinement most similar to the feedback (cosine similarity of
+  the reward model's backbone embeddings) is kept, and the policy is fine-tuned on
+  (prompt → refinement) with TRL's ``SFTTrainer``. It runs before DPO, on the same candidate.
+- **The gate**: the candidate and the serving policy answer the same held-out prompts with the
+  same sampling seed; the serving reward model judges each pair (Bradley–Terry probability,
+  mean of the heads). The candidate is promoted only if its win rate exceeds
+  ``min_win_rate``.
+
+On-policy RL (GRPO/RLOO) is not implemented: DPO is the default the issue asks for.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.policy import Policy
+
+logger = logging.getLogger(__name__)
+
+LORA_AUTO_PARAMETERS = 300_000_000  # above this, "auto" trains a LoRA adapter, not every weight
+REFINE_TEMPLATE = (
+    "{prompt}\n\nA draft answer:\n{response}\n\nFeedback on the draft:\n{feedback}\n\n"
+    "An improved answer that follows the feedback:\n"
+)
+
+
+def _field(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PolicyTrainingConfig:
+    method: str = _field("dpo", "'dpo' (DPO on pairs, ILF on language feedback) or 'off'.")
+    beta: float = _field(0.1, "DPO's KL strength: higher keeps the policy nearer its reference.")
+    learning_rate: float = _field(5e-5, "Optimizer step size (LoRA runs use 4x this).")
+    epochs: int = _field(2, "Passes over the pairs.")
+    batch_size: int = _field(8, "Pairs per optimizer step.")
+    max_length: int = _field(256, "Longest prompt + response, in tokens; longer ones are cut.")
+    lora: str = _field("auto", "'auto' (LoRA above 300M parameters), 'on' or 'off'.")
+    lora_rank: int = _field(16, "Rank of the LoRA adapter.")
+    ilf_refinements: int = _field(4, "Refinements generated per language feedback (ILF).")
+    gate_prompts: int = _field(32, "Held-out prompts the gate compares the two policies on.")
+    min_win_rate: float = _field(
+        0.5, "Promote only if the reward model prefers the candidate on more than this share."
+    )
+    seed: int = _field(0, "Seed for data order, sampling and the gate's generations.")
+
+    def __post_init__(self) -> None:
+        if self.method not in ("dpo", "off"):
+            raise ValueError(f"method={self.method!r}: choose 'dpo' or 'off'.")
+        if self.lora not in ("auto", "on", "off"):
+            raise ValueError(f"lora={self.lora!r}: choose 'auto', 'on' or 'off'.")
+        for name in ("epochs", "batch_size", "max_length", "lora_rank", "gate_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.ilf_refinements < 0:
+            raise ValueError(f"ilf_refinements={self.ilf_refinements} must be >= 0 (0: no ILF).")
+        if not 0 <= self.min_win_rate < 1:
+            raise ValueError(f"min_win_rate={self.min_win_rate} must be in [0, 1).")
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class FeedbackExample:
+    prompt: str
+    response: str
+    feedback: str
+
+
+StepReport = Callable[[int, int, float], None]
+
+
+def uses_lora(config: PolicyTrainingConfig, model: torch.nn.Module) -> bool:
+    if config.lora != "auto":
+        return config.lora == "on"
+    return sum(p.numel() for p in model.parameters()) > LORA_AUTO_PARAMETERS
+
+
+def train_policy(
+    policy: Policy,
+    pairs: Sequence[PreferenceExample],
+    feedback: Sequence[FeedbackExample],
+    config: PolicyTrainingConfig,
+    similarity: Callable[[list[str], list[str]], np.ndarray] | None = None,
+    on_step: StepReport | None = None,
+) -> tuple[Policy, dict[str, Any]]:
+    """A trained copy of ``policy`` (the original is untouched) and what the training did.
+
+    ``similarity(texts, feedbacks)`` scores each refinement against its feedback for ILF; without
+    it, or without feedback, ILF is skipped.
+    """
+    candidate = Policy(
+        policy.config, copy.deepcopy(policy.model), policy.tokenizer, f"{policy.version}+trained"
+    )
+    stats: dict[str, Any] = {"dpo_pairs": 0, "ilf_examples": 0}
+    started = time.monotonic()
+    if feedback and similarity is not None and config.ilf_refinements:
+        refined = ilf_refinements(policy, feedback, config.ilf_refinements, similarity)
+        stats["ilf_examples"] = len(refined)
+        stats["ilf"] = _fit(candidate, "sft", refined, config, on_step)
+    usable = [p for p in pairs if p.chosen != p.rejected]
+    if usable:
+        stats["dpo_pairs"] = len(usable)
+        stats["dpo"] = _fit(candidate, "dpo", [p.__dict__ for p in usable], config, on_step)
+    stats["train_seconds"] = round(time.monotonic() - started, 3)
+    candidate.model.eval()
+    return candidate, stats
+
+
+def ilf_refinements(
+    policy: Policy,
+    feedback: Sequence[FeedbackExample],
+    n: int,
+    similarity: Callable[[list[str], list[str]], np.ndarray],
+) -> list[dict[str, str]]:
+    """ILF's data: per feedback, the one of ``n`` refinements that best matches the feedback."""
+    prompts = [REFINE_TEMPLATE.format(**f.__dict__) for f in feedback]
+    refinements = policy.generate(prompts, n)
+    examples = []
+    for item, texts in zip(feedback, refinements, strict=True):
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            continue
+        scores = similarity(texts, [item.feedback] * len(texts))
+        examples.append({"prompt": item.prompt, "completion": texts[int(np.argmax(scores))]})
+    return examples
+
+
+def _fit(
+    policy: Policy,
+    method: str,
+    rows: list[dict[str, str]],
+    config: PolicyTrainingConfig,
+    on_step: StepReport | None,
+) -> dict[str, float]:
+    """One TRL run (``dpo`` or ``sft``) on ``policy.model``, in place."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    lora = uses_lora(config, policy.model)
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix=f"rlhf-{method}-"),
+        per_device_train_batch_size=config.batch_size,
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate * (4 if lora else 1),
+        max_length=config.max_length,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        gradient_checkpointing=False,  # models that fit without it train faster without it
+        seed=config.seed,
+        use_cpu=policy.device.type == "cpu",
+        bf16=policy.device.type == "cuda" and torch.cuda.is_bf16_supported(),
+    )
+    tokenizer = policy.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    peft_config = _lora_config(config) if lora else None
+    callbacks = [_progress_callback(on_step)] if on_step is not None else []
+    dataset = Dataset.from_list(rows)
+    policy.model.train()
+    if method == "dpo":
+        trainer: Any = DPOTrainer(
+            model=policy.model,
+            args=DPOConfig(beta=config.beta, **common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    else:
+        trainer = SFTTrainer(
+            model=policy.model,
+            args=SFTConfig(completion_only_loss=True, **common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    trainer.remove_callback(PrinterCallback)  # progress goes to our log and /metrics instead
+    output = trainer.train()
+    model = trainer.model
+    if peft_config is not None:
+        model = model.merge_and_unload()  # a version is a plain causal LM
+    policy.model = model.eval()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "steps": output.global_step,
+        "first_loss": round(losses[0], 4) if losses else math.nan,
+        "last_loss": round(losses[-1], 4) if losses else math.nan,
+        "lora": lora,
+    }
+
+
+def _lora_config(config: PolicyTrainingConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=2 * config.lora_rank,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _progress_callback(report: StepReport) -> Any:
+    """A Trainer callback forwarding step and loss to our progress report (log, /metrics, CLI)."""
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+            if logs and "loss" in logs:
+                report(state.global_step, state.max_steps, float(logs["loss"]))
+
+    return ProgressCallback()
+
+
+@dataclass(frozen=True)
+class GateResult:
+    win_rate: float
+    prompts: int
+    promote: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def policy_gate(
+    judge: Callable[[list[tuple[str, list[str]]]], list[np.ndarray]],
+    candidate: Policy,
+    serving: Policy,
+    prompts: Sequence[str],
+    config: PolicyTrainingConfig,
+) -> GateResult:
+    """Does the reward model prefer the candidate's answers to the serving policy's?
+
+    ``judge`` is ``RewardModel.score_heads``: per item, the per-head rewards (2, K). Both policies
+    sample with the same seed, so the comparison is paired. The win rate is the mean
+    Bradley–Terry probability that the candidate's answer is better.
+    """
+    prompts = list(prompts)[: config.gate_prompts]
+    if not prompts:
+        return GateResult(math.nan, 0, False, "no prompts to compare the policies on")
+    ours = [texts[0] for texts in candidate.generate(prompts, 1, seed=config.seed)]
+    theirs = [texts[0] for texts in serving.generate(prompts, 1, seed=config.seed)]
+    rewards = judge([(p, [a, b]) for p, a, b in zip(prompts, ours, theirs, strict=True)])
+    margins = np.array([r[0].mean() - r[1].mean() for r in rewards])  # mean over heads
+    win_rate = float(np.mean(1.0 / (1.0 + np.exp(-margins))))
+    promote = win_rate > config.min_win_rate
+    verdict = "above" if promote else "not above"
+    reason = f"reward-model win rate {win_rate:.3f} on {len(prompts)} prompts is {verdict} " + (
+        f"{config.min_win_rate}"
+    )
+    return GateResult(round(win_rate, 4), len(prompts), promote, reason)
+
+
+def save_policy(policy: Policy, path: Path) -> None:
+    policy.model.save_pretrained(path, safe_serialization=True)
+    policy.tokenizer.save_pretrained(path)
