@@ -109,9 +109,9 @@ def served(tasks: list[dict], per_request: int, repeats: int) -> tuple[float, in
         try:
             for _ in range(600):
                 try:
-                    if requests.get(url + "/health", timeout=1).ok:
+                    if requests.get(url + "/health", timeout=5).ok:
                         break
-                except requests.ConnectionError:
+                except requests.RequestException:  # not listening yet, or workers importing
                     time.sleep(0.2)
             session = requests.Session()
             body = {"project": "1.1700000000", "label_config": CONFIG}

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.synthetic_world import make_pair
 from ml_backend.config import BackendConfig
 from trainer.jobs import registry_for, train_reward_model
-from trainer.reward_model import RewardModel, RewardModelConfig
+from trainer.reward_model import RewardModel, RewardModelConfig, resolve_backbone
 from trainer.reward_training import RewardTrainingConfig
 
 
@@ -66,8 +66,9 @@ def bare(data: list[dict], epochs: int, batch_size: int) -> float:
     config = RewardModelConfig()
     started = time.perf_counter()
     model = RewardModel.create(config)  # the same weights, heads and priors as ours
-    tokenizer = AutoTokenizer.from_pretrained(config.backbone)
-    backbone = AutoModel.from_pretrained(config.backbone).eval()
+    path = resolve_backbone(config.backbone)  # the offline package's directory
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    backbone = AutoModel.from_pretrained(path).eval()
     texts = [(r["prompt"], r[k]) for r in data for k in ("chosen", "rejected")]
     pooled = []
     with torch.inference_mode():

@@ -34,7 +34,8 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
     from ml_backend.store import Store
     from trainer.worker import supervise
 
-    Store(config.db_path).initialize().close()  # schema created once, before any fork
+    # The schema is created once, before any fork.
+    Store(config.db_path, config.store_sync).initialize().close()
     stop = threading.Event()
     if config.embedded_worker:
         command = [sys.executable, "-m", "ml_backend.cli", "worker"]
@@ -68,7 +69,7 @@ def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) 
     from ml_backend.store import JOB_DONE, Store
     from trainer.worker import Worker, default_handlers
 
-    store = Store(config.db_path).initialize()
+    store = Store(config.db_path, config.store_sync).initialize()
     if store.project(args.project) is None:
         print(
             f"rlhf-backend: project {args.project} is unknown here: connect this backend to it "

@@ -68,6 +68,12 @@ class BackendConfig:
         "RLHF_TRAIN_EVERY",
         "Queue a training job after this many new usable annotations in a project (0: never).",
     )
+    store_sync: str = _setting(
+        "normal",
+        "RLHF_STORE_SYNC",
+        "SQLite synchronous mode of the store: normal (an acknowledged webhook survives kill -9 "
+        "of the server) or full (also an OS crash or power loss; fsync per webhook, slower).",
+    )
     redis_url: str = _setting(
         "",
         "RLHF_REDIS_URL",
@@ -141,6 +147,8 @@ class BackendConfig:
             raise ConfigError("RLHF_TEMPERATURE must be positive.")
         if self.strategy not in STRATEGY_NAMES:
             raise ConfigError(f"RLHF_STRATEGY must be one of {', '.join(STRATEGY_NAMES)}.")
+        if self.store_sync not in ("normal", "full"):
+            raise ConfigError("RLHF_STORE_SYNC must be normal or full.")
         if self.policy_training not in ("dpo", "off"):
             raise ConfigError("RLHF_POLICY_TRAINING must be dpo or off.")
         if self.train_every < 0:

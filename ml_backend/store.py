@@ -1,7 +1,11 @@
 """The durable annotation store: SQLite in WAL mode under the data directory.
 
-Every webhook the backend acknowledges is committed here first (``synchronous=FULL``), so it
-survives ``kill -9`` of the server. Several gunicorn workers, the trainer worker and the CLI share
+Every webhook the backend acknowledges is committed here first, so it survives ``kill -9`` of the
+server: in WAL mode a commit is in the WAL file before the answer goes out. ``synchronous`` is
+``NORMAL`` by default (the WAL is fsynced at checkpoints: an OS crash or power loss may lose the
+last commits, a killed process never does) and ``FULL`` with ``RLHF_STORE_SYNC=full`` (fsync on
+every commit: power-loss safe, and each webhook then waits for the disk; on this project's CI
+machine that put p99 above 100 ms). Several gunicorn workers, the trainer worker and the CLI share
 the file; each process (and thread) opens its own connection lazily, never across a fork.
 
 State is kept equal to what Label Studio holds, whatever order deliveries arrive in:
@@ -154,8 +158,11 @@ def config_hash(xml: str) -> str:
 class Store:
     """Thread- and process-safe access to the SQLite store at ``path``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, synchronous: str = "normal") -> None:
+        if synchronous.lower() not in ("normal", "full"):
+            raise ValueError(f"synchronous={synchronous!r}: choose 'normal' or 'full'.")
         self.path = Path(path)
+        self.synchronous = synchronous.upper()
         self._local = threading.local()
         self._pid = os.getpid()
 
@@ -170,7 +177,7 @@ class Store:
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute("PRAGMA busy_timeout=30000")
             self._local.conn = conn
         return conn

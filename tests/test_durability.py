@@ -135,3 +135,14 @@ def test_every_acknowledged_annotation_survives_kill_9(
     answer = requests.post(f"{restarted.url}/webhook", json=after, timeout=30)
     assert answer.json()["status"] == "stored"
     assert MAX_REQUESTS + 1 in {a.annotation_id for a in store.annotations(PROJECT)}
+
+
+@pytest.mark.parametrize(("setting", "pragma"), [("normal", 1), ("full", 2)])
+def test_store_sync_setting_reaches_sqlite(tmp_path, setting, pragma):
+    from ml_backend.app import create_app
+    from ml_backend.config import BackendConfig
+
+    app = create_app(BackendConfig(data_dir=tmp_path, store_sync=setting))
+    store = app.extensions["rlhf"].store
+    assert store._connection().execute("PRAGMA synchronous").fetchone()[0] == pragma
+    assert store._connection().execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -55,7 +55,7 @@ def registry_for(config: BackendConfig) -> Registry:
 
 
 def train_job(config: BackendConfig, job: Job) -> dict[str, Any]:
-    store = Store(config.db_path)
+    store = Store(config.db_path, config.store_sync)
     registry = registry_for(config)
     records = store.records(job.project_id, "preference")
     if len(records) < MIN_PAIRS:
@@ -303,7 +303,7 @@ def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
     from ml_backend.label_studio import LabelStudioTasks, client
     from ml_backend.preannotate import preannotate_project
 
-    store = Store(config.db_path)
+    store = Store(config.db_path, config.store_sync)
     project = store.project(job.project_id)
     if project is None:
         raise LookupError(f"project {job.project_id} is not connected")

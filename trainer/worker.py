@@ -30,7 +30,7 @@ Handler = Callable[[Job], dict[str, Any]]
 class Worker:
     def __init__(self, config: BackendConfig, handlers: dict[str, Handler]) -> None:
         self.config = config
-        self.store = Store(config.db_path).initialize()
+        self.store = Store(config.db_path, config.store_sync).initialize()
         self.handlers = handlers
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.stopping = threading.Event()
@@ -82,7 +82,8 @@ class Worker:
             beat.join()
 
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
-        store = Store(self.config.db_path)  # its own connection: this is another thread
+        # Its own connection: this is another thread.
+        store = Store(self.config.db_path, self.config.store_sync)
         while not done.wait(HEARTBEAT_S):
             store.heartbeat(job_id)
         store.close()

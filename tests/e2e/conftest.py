@@ -55,6 +55,17 @@ def auth_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
         server.process.stop()
 
 
+@pytest.fixture(scope="session")
+def training_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """A backend that retrains after every 4 usable annotations (the default is 50)."""
+    data_dir = tmp_path_factory.mktemp("training-backend") / "data"
+    server = start_backend(data_dir, RLHF_TRAIN_EVERY="4")
+    try:
+        yield server
+    finally:
+        server.process.stop()
+
+
 @pytest.fixture
 def ls(label_studio: LabelStudioServer) -> LabelStudio:
     return label_studio.client()

@@ -287,13 +287,14 @@ class Backend:
     auth: tuple[str, str] | None = None
 
 
-def start_backend(data_dir: Path, auth: tuple[str, str] | None = None) -> Backend:
-    """``rlhf-backend serve`` as a user starts it (real gunicorn), on a free loopback port."""
+def start_backend(data_dir: Path, auth: tuple[str, str] | None = None, **settings: str) -> Backend:
+    """``rlhf-backend serve`` as a user starts it (real gunicorn), on a free loopback port;
+    ``settings`` are extra environment variables (``RLHF_TRAIN_EVERY="4"``)."""
     port = free_port()
     script = Path(sys.executable).parent / "rlhf-backend"  # the console script pip installed
     argv = [str(script), "serve", "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--data-dir", str(data_dir)]
-    env = _clean_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = _clean_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **settings)
     if auth is not None:
         env.update(BASIC_AUTH_USER=auth[0], BASIC_AUTH_PASS=auth[1])
     log_path = data_dir.parent / f"{data_dir.name}.log"
