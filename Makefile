@@ -10,7 +10,7 @@ LABEL_STUDIO_VERSION := 1.23.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-label-studio run test test-fast lint format bench clean
+.PHONY: install install-label-studio run demo test test-fast lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ install-label-studio: $(LS_VENV)/.installed
 
 test: install install-label-studio
 	LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(PY) -m pytest
+
+demo: install install-label-studio
+	$(PY) scripts/demo.py --label-studio $(abspath $(LS_VENV))/bin/label-studio
 
 test-fast: install
 	$(PY) -m pytest -m "not e2e and not slow"

@@ -35,7 +35,7 @@ class Services:
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
-        self.store = Store(config.db_path, config.store_sync).initialize()
+        self.store = Store(config.db_path, config.store_sync, checkpoint_every_s=1.0).initialize()
         self.registry = Registry(config.db_path, config.data_dir / "models")
         self.models = ModelServer(config, self.registry)
         self.metrics = Metrics(self.store, self.registry)

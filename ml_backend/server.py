@@ -41,9 +41,15 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
+        import gc
+
         from ml_backend.app import create_app
 
-        return create_app(self.backend_config)
+        app = create_app(self.backend_config)
+        # What exists now (imported modules, the app) lives as long as the worker: keep it out of
+        # the garbage collector's full passes, which otherwise stall a request now and then.
+        gc.freeze()
+        return app
 
 
 def run_gunicorn(config: BackendConfig) -> int:

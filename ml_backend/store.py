@@ -158,13 +158,21 @@ def config_hash(xml: str) -> str:
 class Store:
     """Thread- and process-safe access to the SQLite store at ``path``."""
 
-    def __init__(self, path: Path, synchronous: str = "normal") -> None:
+    def __init__(
+        self, path: Path, synchronous: str = "normal", checkpoint_every_s: float | None = None
+    ) -> None:
+        """``checkpoint_every_s``: copy the WAL into the database from a background thread of
+        each process at this interval, instead of inside whichever commit crosses SQLite's
+        1000-page mark (that commit would wait for the copy and its fsync: the request path's
+        slowest moments). None: SQLite's automatic checkpoints."""
         if synchronous.lower() not in ("normal", "full"):
             raise ValueError(f"synchronous={synchronous!r}: choose 'normal' or 'full'.")
         self.path = Path(path)
         self.synchronous = synchronous.upper()
+        self.checkpoint_every_s = checkpoint_every_s
         self._local = threading.local()
         self._pid = os.getpid()
+        self._checkpointer: threading.Thread | None = None
 
     # -- connections -------------------------------------------------------------------------
 
@@ -172,15 +180,41 @@ class Store:
         if self._pid != os.getpid():  # forked: never reuse the parent's connections
             self._local = threading.local()
             self._pid = os.getpid()
+            self._checkpointer = None
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.execute("PRAGMA busy_timeout=30000")
+            conn = self._open()
+            if self.checkpoint_every_s is not None:
+                conn.execute("PRAGMA wal_autocheckpoint=0")
+                self._start_checkpointer()
             self._local.conn = conn
         return conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def _start_checkpointer(self) -> None:
+        if self._checkpointer is not None:
+            return
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_forever, name="store-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    def _checkpoint_forever(self) -> None:
+        assert self.checkpoint_every_s is not None
+        conn = self._open()
+        while True:
+            time.sleep(self.checkpoint_every_s)
+            try:  # PASSIVE: copies what no reader still needs, never blocks readers or writers
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.OperationalError as exc:  # e.g. another process's checkpoint runs
+                logger.info("checkpoint skipped: %s", exc)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
