@@ -56,10 +56,16 @@ def auth_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
 
 
 @pytest.fixture(scope="session")
-def training_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
-    """A backend that retrains after every 4 usable annotations (the default is 50)."""
+def training_backend(
+    tmp_path_factory: pytest.TempPathFactory, label_studio: LabelStudioServer
+) -> Iterator[Backend]:
+    """A backend that retrains after every 4 usable annotations (the default is 50).
+
+    Label Studio's /setup names it ``http://localhost:8080`` unless LABEL_STUDIO_HOST is set; a
+    deployment elsewhere tells the backend with LABEL_STUDIO_URL, as this one does, so the
+    re-scoring job after a promotion reaches it."""
     data_dir = tmp_path_factory.mktemp("training-backend") / "data"
-    server = start_backend(data_dir, RLHF_TRAIN_EVERY="4")
+    server = start_backend(data_dir, RLHF_TRAIN_EVERY="4", LABEL_STUDIO_URL=label_studio.url)
     try:
         yield server
     finally:
