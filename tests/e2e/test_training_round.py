@@ -25,17 +25,17 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(SESSION_SETUP_BUDGET_S + 1200
 
 TRAINING_TIMEOUT_S = 900.0  # embedding, head training, DPO on the tiny policy, re-scoring
 TOPICS = ["bread", "tea", "rain", "chess", "maps", "glue", "owls", "jazz", "soap", "kites"]
-TASKS = [
-    {
-        "prompt": f"Tell me one fact about {topic}.",
-        # The scripted annotator prefers the helpful answer; which side it is on alternates.
-        "answer1": (helpful := f"Here is a fact about {topic}, explained clearly.")
-        if i % 2
-        else (rude := f"No. Look up {topic} yourself."),
-        "answer2": rude if i % 2 else helpful,
-    }
-    for i, topic in enumerate(TOPICS)
-]
+
+
+def task(i: int, topic: str) -> dict[str, str]:
+    """The scripted annotator prefers the helpful answer; which side it is on alternates."""
+    helpful = f"Here is a fact about {topic}, explained clearly."
+    rude = f"No. Look up {topic} yourself."
+    left, right = (helpful, rude) if i % 2 else (rude, helpful)
+    return {"prompt": f"Tell me one fact about {topic}.", "answer1": left, "answer2": right}
+
+
+TASKS = [task(i, topic) for i, topic in enumerate(TOPICS)]
 
 
 def wait_for(probe: Any, what: str) -> Any:
