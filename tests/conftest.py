@@ -265,3 +265,9 @@ def captured() -> Callable[[str], dict[str, Any]]:
 def annotation_event_fixture() -> Callable[..., dict[str, Any]]:
     """Builds ANNOTATION_CREATED/UPDATED webhooks from the capture (see ``annotation_event``)."""
     return annotation_event
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end tests last: their Label Studio and backends (with embedded workers that may
+    still be training) stay up until the session ends, and would slow every test after them."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)

@@ -55,7 +55,7 @@ def auth_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
         server.process.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def training_backend(
     tmp_path_factory: pytest.TempPathFactory, label_studio: LabelStudioServer
 ) -> Iterator[Backend]:
