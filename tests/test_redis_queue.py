@@ -25,7 +25,8 @@ from trainer.jobs import registry_for
 from trainer.registry import PROMOTED, REWARD_MODEL
 from trainer.tiny import ensure_tiny_encoder
 
-WORKER_TIMEOUT_S = 600
+WORKER_TIMEOUT_S = 1200  # each worker imports torch and transformers: minutes on a busy 2-core box
+pytestmark = pytest.mark.timeout(2 * WORKER_TIMEOUT_S + 600)
 
 
 @pytest.fixture(scope="module")
