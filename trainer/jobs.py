@@ -38,7 +38,6 @@ from trainer.reward_training import (
     Progress,
     RewardTrainingConfig,
     evaluate,
-    is_heldout,
     preference_probabilities,
     should_promote,
     split_pairs,
@@ -198,10 +197,10 @@ def train_policy_version(
     from trainer.reward_model import RewardModel
 
     training = training or PolicyTrainingConfig(method=config.policy_training)
-    fraction = RewardTrainingConfig().heldout_fraction
     pairs = [Pair.from_record(r) for r in records]
-    train = [p for p in pairs if not is_heldout(p.group, fraction) and not p.tie]
-    gate_prompts = list(dict.fromkeys(p.prompt for p in pairs if is_heldout(p.group, fraction)))
+    train, heldout = split_pairs(pairs, RewardTrainingConfig().heldout_fraction)
+    train = [p for p in train if not p.tie]
+    gate_prompts = list(dict.fromkeys(p.prompt for p in heldout))
     if not gate_prompts:  # too few tasks for a held-out split yet
         gate_prompts = list(dict.fromkeys(p.prompt for p in pairs))
     feedback = [

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +264,6 @@ class Progress:
             logger.info("%s: step %d/%d loss %.4f eta %.0fs", self.label, step, total, loss, eta)
 
     def _draw(self, step: int, total: int, loss: float) -> None:
-        from tqdm import tqdm
-
         if self._bar is None:  # disable=None: no bar unless stderr is a terminal (the CLI)
             self._bar = tqdm(total=total, desc=self.label, unit="step", disable=None)
         self._bar.total = total
