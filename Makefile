@@ -10,7 +10,7 @@ LABEL_STUDIO_VERSION := 1.23.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-label-studio run demo test test-fast lint format bench clean
+.PHONY: install install-label-studio run demo screenshot test test-fast lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ test: install install-label-studio
 
 demo: install install-label-studio
 	$(PY) scripts/demo.py --label-studio $(abspath $(LS_VENV))/bin/label-studio
+
+# The README's picture of the labeling screen: the demo, then headless Chromium (Debian's).
+screenshot: install install-label-studio
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -q chromium chromium-driver
+	$(UV) pip install -q --python $(PY) -e ".[dev,screenshot]"
+	$(PY) scripts/demo.py --label-studio $(abspath $(LS_VENV))/bin/label-studio \
+		--no-wait --screenshot docs/labeling-screen.png
 
 test-fast: install
 	$(PY) -m pytest -m "not e2e and not slow"

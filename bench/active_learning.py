@@ -45,6 +45,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--pool", type=int, default=2000)
     parser.add_argument("--eval", type=int, default=500)
+    parser.add_argument("--noise", type=float, default=0.2, help="annotator disagreement rate")
+    parser.add_argument(
+        "--world-seed", type=int, default=1000, help="world i is generated from world-seed + i"
+    )
+    parser.add_argument("--name", default="active_learning", help="bench/results/NAME.{json,png}")
     parser.add_argument("--strategies", nargs="+", default=list(SELECTION_STRATEGIES))
     args = parser.parse_args()
 
@@ -54,7 +59,7 @@ def main() -> None:
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             world = Path(tmp)
-            generate(world, args.pool, args.eval, noise=0.2, seed=1000 + seed)
+            generate(world, args.pool, args.eval, noise=args.noise, seed=args.world_seed + seed)
             pool, labels, evaluation = load_inputs(
                 world / "pool.jsonl", world / "labels.jsonl", world / "eval.jsonl"
             )
@@ -79,7 +84,7 @@ def main() -> None:
     elapsed = time.monotonic() - started
 
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "active_learning.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1))
     mean_curves = {}
     for strategy in args.strategies:
         runs = [r for r in results if r["strategy"] == strategy]
@@ -96,8 +101,8 @@ def main() -> None:
         }
     plot_curves(
         list(mean_curves.values()),
-        RESULTS / "active_learning.png",
-        f"mean over seeds {args.seeds}, 20% annotator noise",
+        RESULTS / f"{args.name}.png",
+        f"mean over seeds {args.seeds}, {args.noise:.0%} annotator noise",
     )
 
     checkpoints = mean_curves["random"]["curve"]
@@ -124,6 +129,15 @@ def main() -> None:
             f"with {default_reach} labels: {saving:.0%} fewer than random's "
             f"{checkpoints[-1]['labels']}."
         )
+    print("\nPer seed, labels each strategy needs to reach random's final accuracy in that seed:")
+    for seed in args.seeds:
+        runs = {r["strategy"]: r["curve"] for r in results if r["seed"] == seed}
+        seed_target = runs["random"][-1]["eval_accuracy"]
+        reached = ", ".join(
+            f"{name} {labels_to_reach(curve, seed_target) or '> ' + str(args.budget)}"
+            for name, curve in runs.items()
+        )
+        print(f"- seed {seed} (random: {seed_target:.3f}): {reached}")
     print(f"\n{len(results)} runs in {elapsed:.0f} s.")
 
 

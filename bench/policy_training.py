@@ -26,11 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.synthetic_world import OPENERS, TOPICS
 from trainer.policy import Policy, PolicyConfig
-from trainer.policy_training import (
-    PolicyTrainingConfig,
-    PreferenceExample,
-    train_policy,
-)
+from trainer.policy_training import PolicyTrainingConfig, train_policy
+from trainer.reward_training import Pair
 
 
 def quality(text: str) -> float:
@@ -42,14 +39,14 @@ def prompts(n: int, rng: random.Random) -> list[str]:
     return [rng.choice(OPENERS).format(t=rng.choice(list(TOPICS))) + f" ({i})" for i in range(n)]
 
 
-def labelled_pairs(policy: Policy, n: int, noise: float, seed: int) -> list[PreferenceExample]:
+def labelled_pairs(policy: Policy, n: int, noise: float, seed: int) -> list[Pair]:
     rng = random.Random(seed)
     questions = prompts(n, rng)
     pairs = []
     for question, (a, b) in zip(questions, policy.generate(questions, 2, seed=seed), strict=True):
         truth_a = quality(a) > quality(b) or (quality(a) == quality(b) and rng.random() < 0.5)
         prefers_a = truth_a if rng.random() >= noise else not truth_a
-        pairs.append(PreferenceExample(question, *((a, b) if prefers_a else (b, a))))
+        pairs.append(Pair(question, *((a, b) if prefers_a else (b, a))))
     return pairs
 
 

@@ -67,7 +67,6 @@ def _worker(config: BackendConfig, args: argparse.Namespace) -> int:
 def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) -> int:
     """Queue a job for the project's workers, or (default) run it here with a progress bar."""
     from ml_backend.store import JOB_DONE, Store
-    from trainer.worker import Worker, default_handlers
 
     store = Store(config.db_path, config.store_sync).initialize()
     if store.project(args.project) is None:
@@ -87,6 +86,8 @@ def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) 
             notify_workers(config, job.job_id, "cli")
             print(f"queued {kind} job {job.job_id} for project {args.project}")
         return 0
+    from trainer.worker import Worker, default_handlers  # torch and the models: seconds
+
     worker = Worker(config, default_handlers(config))
     claimed = store.start_job(args.project, kind, "cli", worker.name)
     if claimed is None:

@@ -68,6 +68,12 @@ class BackendConfig:
         "RLHF_TRAIN_EVERY",
         "Queue a training job after this many new usable annotations in a project (0: never).",
     )
+    promotion_tolerance: float = _setting(
+        0.02,
+        "RLHF_PROMOTION_TOLERANCE",
+        "The reward-model gate: a retrained version is promoted unless its held-out accuracy is "
+        "below the serving version's by more than this (1: always promote).",
+    )
     store_sync: str = _setting(
         "normal",
         "RLHF_STORE_SYNC",
@@ -153,6 +159,8 @@ class BackendConfig:
             raise ConfigError("RLHF_POLICY_TRAINING must be dpo or off.")
         if self.train_every < 0:
             raise ConfigError("RLHF_TRAIN_EVERY must be 0 (never) or a positive integer.")
+        if not 0.0 <= self.promotion_tolerance <= 1.0:
+            raise ConfigError("RLHF_PROMOTION_TOLERANCE must be in [0, 1].")
 
     @property
     def auth_enabled(self) -> bool:

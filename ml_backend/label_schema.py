@@ -86,6 +86,7 @@ class ChoicesPreference:
     name: str
     responses: tuple[TextField, ...]
     choice_to_index: dict[str, int]  # choice value -> index into responses, or TIE
+    to_name: str  # the object the control points at: where Label Studio expects its results
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,8 @@ def _choices_preference(
         if index is None:
             return None
         mapping[key] = index
-    return ChoicesPreference(control.name, tuple(candidates), mapping)
+    to_name = control.to_name[0] if control.to_name else candidates[0].name
+    return ChoicesPreference(control.name, tuple(candidates), mapping, to_name)
 
 
 def _choice_index(value: str, candidates: tuple[TextField, ...]) -> int | None:

@@ -103,8 +103,8 @@ def build_prediction(
     for choice in schema.preference_choices:
         picked = _predicted_choice(choice.choice_to_index, choice.responses, candidates, rewards)
         if picked is not None:
-            target = choice.responses[0].name
-            result.append(_region(choice.name, target, "choices", {"choices": [picked]}))
+            region = _region(choice.name, choice.to_name, "choices", {"choices": [picked]})
+            result.append(region)
     return {"model_version": model_version, "score": round(score, 6), "result": result}
 
 

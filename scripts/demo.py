@@ -60,6 +60,9 @@ def main() -> int:
     parser.add_argument("--ls-port", type=int, default=8080)
     parser.add_argument("--backend-port", type=int, default=9090)
     parser.add_argument("--no-wait", action="store_true", help="exit once everything is set up")
+    parser.add_argument(
+        "--screenshot", type=Path, help="save the labeling screen here (scripts/screenshot.py)"
+    )
     args = parser.parse_args()
 
     fresh = not (args.data_dir / "credentials.json").exists()
@@ -141,6 +144,11 @@ def main() -> int:
             f"  login:    {USER}\n  password: {credentials['password']}\n"
             f"  backend:  {backend_url} (connected to the project)\n"
         )
+        if args.screenshot:
+            shot = [sys.executable, str(REPO / "scripts" / "screenshot.py"), "--url", ls_url]
+            shot += ["--project", str(project_id), "--user", USER, "--out", str(args.screenshot)]
+            shot += ["--credentials", str(args.data_dir / "credentials.json")]
+            subprocess.run(shot, env=env, check=True)
         if not args.no_wait:
             print("Ctrl-C stops both servers.")
             while all(p.poll() is None for p in processes):

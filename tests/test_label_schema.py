@@ -65,7 +65,7 @@ def test_tie_button_is_a_tie_only_choices_not_a_preference_of_its_own():
     )
 
     assert schema.choices == (
-        ChoicesPreference("tie", (ANSWER1, ANSWER2), {"Tie / equally good": TIE}),
+        ChoicesPreference("tie", (ANSWER1, ANSWER2), {"Tie / equally good": TIE}, "prompt"),
     )
     assert schema.preference_choices == ()
 
@@ -89,6 +89,7 @@ def test_field_names_come_from_the_config():
             "preference",
             (response_a, response_b),
             {"A is better": 0, "B is better": 1, "Tie": TIE},
+            "question",
         ),
     )
     assert schema.preference_choices == schema.choices
@@ -105,7 +106,7 @@ def test_choice_alias_is_the_key_and_is_read_first():
 
     # The alias "right" names response 2 even though the value says "first".
     assert schema.choices == (
-        ChoicesPreference("verdict", (ANSWER1, ANSWER2), {"right": 1, "equal": TIE}),
+        ChoicesPreference("verdict", (ANSWER1, ANSWER2), {"right": 1, "equal": TIE}, "prompt"),
     )
 
 

@@ -14,12 +14,12 @@ from trainer.policy import Policy, PolicyConfig
 from trainer.policy_training import (
     FeedbackExample,
     PolicyTrainingConfig,
-    PreferenceExample,
     ilf_refinements,
     policy_gate,
     train_policy,
 )
 from trainer.registry import POLICY, PROMOTED, REJECTED, REWARD_MODEL
+from trainer.reward_training import Pair
 from trainer.tiny import ensure_tiny_encoder
 
 CHOSEN, REJECTED_TEXT = " thank you kindly", " go away now"
@@ -65,7 +65,7 @@ def test_config_rejects_bad_values():
 
 
 def test_dpo_moves_the_policy_towards_chosen_responses_and_leaves_the_original(policy):
-    pairs = [PreferenceExample(f"Question {i}:", CHOSEN, REJECTED_TEXT) for i in range(8)]
+    pairs = [Pair(f"Question {i}:", CHOSEN, REJECTED_TEXT) for i in range(8)]
 
     def margin(p: Policy) -> float:
         return log_prob(p, "Question 99:", CHOSEN) - log_prob(p, "Question 99:", REJECTED_TEXT)
@@ -84,7 +84,7 @@ def test_dpo_moves_the_policy_towards_chosen_responses_and_leaves_the_original(p
 
 
 def test_lora_training_is_merged_into_a_plain_causal_lm(policy, tmp_path):
-    pairs = [PreferenceExample(f"Question {i}:", CHOSEN, REJECTED_TEXT) for i in range(4)]
+    pairs = [Pair(f"Question {i}:", CHOSEN, REJECTED_TEXT) for i in range(4)]
     trained, stats = train_policy(policy, pairs, [], PolicyTrainingConfig(lora="on", **FAST))
     assert stats["dpo"]["lora"] is True
     assert type(trained.model) is type(policy.model)  # merged: no PEFT wrapper left
@@ -126,7 +126,7 @@ def test_ilf_fine_tunes_on_the_kept_refinements(policy):
 
 
 def test_gate_promotes_only_a_policy_the_reward_model_prefers(policy):
-    pairs = [PreferenceExample(f"Question {i}:", CHOSEN, REJECTED_TEXT) for i in range(8)]
+    pairs = [Pair(f"Question {i}:", CHOSEN, REJECTED_TEXT) for i in range(8)]
     trained, _ = train_policy(policy, pairs, [], PolicyTrainingConfig(**FAST))
     config = PolicyTrainingConfig(**FAST)
     prompts = [f"Question {i}:" for i in range(4)]

@@ -102,18 +102,19 @@ def test_prompt_only_tasks_get_no_prediction_and_no_model_call():
     assert fn.calls == []
 
 
-def test_custom_field_names_and_choices_preference():
+def test_custom_field_names_and_choices_preference_validates():
     fn = fixed_rewards({"meh": [0.0], "great": [2.0]})
     tasks = [{"data": {"question": "q", "response_a": "meh", "response_b": "great"}}]
     [[prediction]] = predict_tasks(parse_label_config(CUSTOM), tasks, fn, "v")
     assert prediction["result"] == [
         {
             "from_name": "preference",
-            "to_name": "response_a",
+            "to_name": "question",  # the control's toName, where Label Studio draws it
             "type": "choices",
             "value": {"choices": ["B is better"]},
         }
     ]
+    assert valid(CUSTOM, prediction) == []
 
 
 def test_ranker_orders_items_by_reward_and_validates():

@@ -119,6 +119,23 @@ def test_a_worse_candidate_is_rejected_with_its_reason(config, monkeypatch):
     assert (rejected.status, rejected.reason) == (REJECTED, "worse: test")
 
 
+def test_the_configured_promotion_tolerance_is_the_gates(config, monkeypatch):
+    import dataclasses
+
+    import trainer.jobs as jobs
+
+    tolerances = []
+    real = jobs.should_promote
+    monkeypatch.setattr(
+        jobs, "should_promote", lambda new, old, tol: tolerances.append(tol) or real(new, old, tol)
+    )
+    store = Store(config.db_path).initialize()
+    seed_annotations(store, 20)
+    store.enqueue_training(1, "test")
+    train_job(dataclasses.replace(config, promotion_tolerance=0.25), store.claim_job("test"))
+    assert tolerances == [0.25]
+
+
 def test_a_crashing_job_changes_nothing_and_is_retried_then_failed(config, monkeypatch):
     store = Store(config.db_path).initialize()
     seed_annotations(store, 10)

@@ -25,7 +25,6 @@ from trainer.dispatch import notify_workers
 from trainer.policy_training import (
     FeedbackExample,
     PolicyTrainingConfig,
-    PreferenceExample,
     policy_gate,
     save_policy,
     train_policy,
@@ -99,7 +98,7 @@ def train_reward_model(
 ) -> dict[str, Any]:
     from trainer.reward_model import RewardModel
 
-    training = training or RewardTrainingConfig()
+    training = training or RewardTrainingConfig(promotion_tolerance=config.promotion_tolerance)
     pairs = [Pair.from_record(r) for r in records]
     train, heldout = split_pairs(pairs, training.heldout_fraction)
     if not train:
@@ -221,7 +220,7 @@ def train_policy_version(
     )
     candidate, stats = train_policy(
         serving,
-        [PreferenceExample(p.prompt, p.chosen, p.rejected) for p in train],
+        train,
         feedback,
         training,
         similarity=_embedding_similarity(judge),

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from trainer.policy import Policy
+from trainer.reward_training import Pair
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +80,6 @@ class PolicyTrainingConfig:
 
 
 @dataclass(frozen=True)
-class PreferenceExample:
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-@dataclass(frozen=True)
 class FeedbackExample:
     prompt: str
     response: str
@@ -103,7 +97,7 @@ def uses_lora(config: PolicyTrainingConfig, model: torch.nn.Module) -> bool:
 
 def train_policy(
     policy: Policy,
-    pairs: Sequence[PreferenceExample],
+    pairs: Sequence[Pair],
     feedback: Sequence[FeedbackExample],
     config: PolicyTrainingConfig,
     similarity: Callable[[list[str], list[str]], np.ndarray] | None = None,

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RewardTrainingConfig:
     epochs: int = field(default=100, metadata={"help": "Passes over the training pairs."})
-    learning_rate: float = field(default=1e-2, metadata={"help": "Adam learning rate (heads)."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Adam learning rate (heads)."})
     weight_decay: float = field(default=1e-3, metadata={"help": "L2 on the head weights."})
     batch_size: int = field(default=256, metadata={"help": "Pairs per optimisation step."})
     bootstrap: bool = field(default=True, metadata={"help": "Poisson(1) resample per head."})

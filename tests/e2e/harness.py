@@ -321,8 +321,11 @@ def pairwise_config() -> str:
     return template.read_text() if template.exists() else INLINE_PAIRWISE_CONFIG
 
 
-def create_project(ls: LabelStudio, title: str, tasks: list[dict[str, str]]) -> Project:
-    label_config = pairwise_config()
+def create_project(
+    ls: LabelStudio, title: str, tasks: list[dict[str, Any]], label_config: str | None = None
+) -> Project:
+    """A project with ``label_config`` (default: pairwise) and ``tasks`` imported."""
+    label_config = label_config or pairwise_config()
     project = ls.projects.create(title=title[:50], label_config=label_config)
     assert project.id is not None
     ls.projects.import_tasks(id=project.id, request=tasks)
