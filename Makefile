@@ -45,7 +45,7 @@ screenshot: install install-label-studio
 		|| $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -q chromium chromium-driver
 	$(UV) pip install -q --python $(PY) -e ".[dev,screenshot]"
 	$(PY) scripts/demo.py --label-studio $(abspath $(LS_VENV))/bin/label-studio \
-		--no-wait --screenshot docs/labeling-screen.png
+		--no-wait --screenshot docs/labeling-screen.png --screenshot-task 1
 
 test-fast: install
 	$(PY) -m pytest -m "not e2e and not slow"

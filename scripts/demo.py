@@ -63,6 +63,7 @@ def main() -> int:
     parser.add_argument(
         "--screenshot", type=Path, help="save the labeling screen here (scripts/screenshot.py)"
     )
+    parser.add_argument("--screenshot-task", type=int, help="the Nth task (default: lowest score)")
     args = parser.parse_args()
 
     fresh = not (args.data_dir / "credentials.json").exists()
@@ -86,8 +87,11 @@ def main() -> int:
         "LABEL_STUDIO_USERNAME": USER,
         "LABEL_STUDIO_PASSWORD": credentials["password"],
         "LABEL_STUDIO_USER_TOKEN": credentials["token"],
+        # Nothing leaves the machine.
         "COLLECT_ANALYTICS": "false",
         "LATEST_VERSION_CHECK": "false",
+        "SENTRY_DSN": "",
+        "FRONTEND_SENTRY_DSN": "",
     }
     print("starting Label Studio (the first start migrates its database: minutes)...")
     label_studio = start(
@@ -148,6 +152,8 @@ def main() -> int:
             shot = [sys.executable, str(REPO / "scripts" / "screenshot.py"), "--url", ls_url]
             shot += ["--project", str(project_id), "--user", USER, "--out", str(args.screenshot)]
             shot += ["--credentials", str(args.data_dir / "credentials.json")]
+            if args.screenshot_task:
+                shot += ["--task", str(args.screenshot_task)]
             subprocess.run(shot, env=env, check=True)
         if not args.no_wait:
             print("Ctrl-C stops both servers.")

@@ -23,8 +23,9 @@ import requests
 USER = "demo@example.com"
 
 
-def first_predicted_task(url: str, token: str, project: int) -> dict:
-    """The lowest-scored task that has a prediction (the one Label Studio shows first)."""
+def pick_task(url: str, token: str, project: int, position: int | None) -> dict:
+    """The ``position``-th task in import order (1-based), or else the lowest-scored task with a
+    prediction: the one Label Studio shows first."""
     answer = requests.get(
         f"{url}/api/tasks",
         headers={"Authorization": f"Token {token}"},
@@ -33,10 +34,14 @@ def first_predicted_task(url: str, token: str, project: int) -> dict:
     )
     answer.raise_for_status()
     body = answer.json()
-    tasks = body["tasks"] if isinstance(body, dict) else body
+    tasks = sorted(body["tasks"] if isinstance(body, dict) else body, key=lambda t: t["id"])
     predicted = [t for t in tasks if t.get("predictions")]
     if not predicted:
         sys.exit(f"project {project} has no task with a prediction: pre-annotate it first")
+    if position is not None:
+        if not 1 <= position <= len(tasks) or not tasks[position - 1].get("predictions"):
+            sys.exit(f"project {project} has no predicted task number {position}")
+        return tasks[position - 1]
     return min(predicted, key=lambda t: min(p.get("score") or 0.0 for p in t["predictions"]))
 
 
@@ -70,6 +75,7 @@ def main() -> int:
     parser.add_argument("--project", type=int, required=True)
     parser.add_argument("--credentials", type=Path, default=Path("demo-data/credentials.json"))
     parser.add_argument("--user", default=USER)
+    parser.add_argument("--task", type=int, help="Nth task imported (default: lowest score)")
     parser.add_argument("--out", type=Path, default=Path("docs/labeling-screen.png"))
     parser.add_argument("--size", default="1400x1000", help="window WIDTHxHEIGHT")
     args = parser.parse_args()
@@ -77,7 +83,7 @@ def main() -> int:
     from selenium.webdriver.common.by import By
 
     credentials = json.loads(args.credentials.read_text())
-    task = first_predicted_task(args.url, credentials["token"], args.project)
+    task = pick_task(args.url, credentials["token"], args.project, args.task)
     prompt_key = next(k for k in ("prompt", "question", "dialogue") if k in task["data"])
     prompt = task["data"][prompt_key]
     marker = prompt if isinstance(prompt, str) else prompt[-1]["content"]
