@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STRATEGY_NAMES = ("default", "random", "entropy", "margin", "variance", "bald")
+STRATEGY_NAMES = ("default", "random", "entropy", "margin", "variance", "bald", "batch")
 
 
 class ConfigError(ValueError):
@@ -127,7 +127,8 @@ class BackendConfig:
         "default",
         "RLHF_STRATEGY",
         "Acquisition strategy for scores and selection: random, entropy, margin, variance, "
-        "bald, default.",
+        "bald, batch (BALD, near-duplicates spread out over the pool's order), or default "
+        "(batch).",
     )
     log_level: str = _setting("INFO", "LOG_LEVEL", "Python logging level.")
 

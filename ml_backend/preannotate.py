@@ -1,13 +1,17 @@
 """The pre-annotation job: candidates, the most informative pair, and predictions, for a project.
 
-For every unlabeled task of a project, in batches:
+For every unlabeled task of a project:
 
-1. tasks with only a prompt get ``num_candidates`` responses from the policy; the reward-model
-   ensemble scores them and the pair (or, for a Ranker, the list) whose label would teach the
-   model most is written into the task's data fields named by the label config — one task
-   update per task, so a crash never leaves a task half-written;
-2. every task then gets a prediction at the served model version (rewards, predicted choice,
-   uncertainty score).
+1. in batches, tasks with only a prompt get ``num_candidates`` responses from the policy; the
+   reward-model ensemble scores them and the pair (or, for a Ranker, the list) whose label would
+   teach the model most is written into the task's data fields named by the label config — one
+   task update per task, so a crash never leaves a task half-written. Every task is then scored:
+   rewards, predicted choice, and the acquisition value of its most informative pair;
+2. the pool is ordered as the selection strategy would pick it (:func:`trainer.selection.
+   pool_scores`: with the default, batch-aware BALD, a near-duplicate of a task already near the
+   front waits behind a different, slightly less uncertain one), and the predictions go to
+   Label Studio in that order, each with ``score`` = 1 − its value at its place. Label Studio shows
+   the lowest score first, so annotators label the batch the reward model asks for.
 
 Resumable by construction: a rerun skips tasks that already carry a prediction of the served
 version, and tasks that already have responses are only predicted, never regenerated.
@@ -16,7 +20,7 @@ version, and tasks that already have responses are only predicted, never regener
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,15 +29,18 @@ from tqdm import tqdm
 
 from ml_backend.conversion import field_text
 from ml_backend.label_schema import RLHFSchema
-from ml_backend.predict import pair_probabilities, predict_tasks, task_candidates
+from ml_backend.predict import build_prediction, pair_probabilities, task_candidates
 from trainer.acquisition import acquisition
+from trainer.selection import pool_scores
 
 logger = logging.getLogger(__name__)
 
 
 class Models(Protocol):
-    def head_rewards(self, project_id: int, items: list[tuple[str, list[str]]]) -> list[np.ndarray]:
-        """Per-head rewards (n_responses, K) for each (prompt, responses) item."""
+    def score_and_embed(
+        self, project_id: int, items: list[tuple[str, list[str]]]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per (prompt, responses) item: per-head rewards (n, K) and embeddings (n, H)."""
 
     def generate(self, project_id: int, prompts: list[str], n: int) -> list[list[str]]:
         """``n`` candidate responses per prompt from the served policy."""
@@ -66,6 +73,24 @@ class PreannotateReport:
         return dict(self.__dict__)
 
 
+@dataclass
+class ScoredTask:
+    """A task's prediction, and where its most informative pair stands for selection."""
+
+    task_id: int
+    prediction: dict[str, Any]
+    value: float  # acquisition value of the task's most informative pair, in [0, 1]
+    feature: np.ndarray  # (H,) that pair's embedding difference: near-duplicates are close
+
+
+def most_informative_pair(head_rewards: np.ndarray, strategy: str) -> tuple[int, int, float]:
+    """The pair (i, j) of responses whose label teaches the most, and its acquisition value."""
+    pairs, p_heads = pair_probabilities(head_rewards)
+    value = acquisition(strategy)(p_heads, np.random.default_rng(len(head_rewards)))
+    best = int(np.argmax(value))
+    return pairs[best][0], pairs[best][1], float(value[best])
+
+
 def fill_candidates(
     schema: RLHFSchema,
     data: dict[str, Any],
@@ -86,12 +111,9 @@ def fill_candidates(
         ]
         new[schema.rankers[0].items.key] = items
         return new
-    slots = list(schema.responses)
-    pairs, p_heads = pair_probabilities(head_rewards)
-    value = acquisition(strategy)(p_heads, np.random.default_rng(len(candidates)))
-    first, second = pairs[int(np.argmax(value))]
+    first, second, _ = most_informative_pair(head_rewards, strategy)
     order = [first, second] + [i for i in range(len(candidates)) if i not in (first, second)]
-    for slot, index in zip(slots, order):
+    for slot, index in zip(schema.responses, order):
         new[slot.key] = candidates[index]
     return new
 
@@ -105,7 +127,6 @@ def preannotate_project(
     batch_size: int = 16,
     strategy: str = "default",
     progress: bool = False,
-    on_batch: Callable[[PreannotateReport], None] | None = None,
 ) -> PreannotateReport:
     version = models.served_version(project_id)
     report = PreannotateReport(model_version=version)
@@ -116,32 +137,57 @@ def preannotate_project(
         for task in tasks.unlabeled_tasks(project_id)
         if not any(p.get("model_version") == version for p in task.get("predictions") or [])
     ]
-    bar = tqdm(
-        total=len(pending), desc=f"pre-annotating project {project_id}", disable=not progress
-    )
+    scored: list[ScoredTask] = []
+    bar = tqdm(total=len(pending), desc=f"scoring project {project_id}", disable=not progress)
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
         _generate_where_needed(project_id, schema, models, tasks, batch, n, strategy, report)
-        predictions = predict_tasks(
-            schema,
-            batch,
-            lambda items: models.head_rewards(project_id, items),
-            version,
-            strategy,
-        )
-        for task, task_predictions in zip(batch, predictions):
-            for prediction in task_predictions:
-                tasks.create_prediction(task["id"], prediction)
-                report.predicted += 1
-            if not task_predictions:
-                report.skipped += 1
+        batch_scored = _score(project_id, schema, models, batch, version, strategy)
+        report.skipped += len(batch) - len(batch_scored)
         report.tasks_seen += len(batch)
+        scored += batch_scored
         bar.update(len(batch))
-        if on_batch:
-            on_batch(report)
     bar.close()
+    if scored:
+        values = np.array([s.value for s in scored])
+        scores = pool_scores(strategy, values, np.stack([s.feature for s in scored]))
+        for index in tqdm(
+            np.argsort(scores, kind="stable"), desc="uploading", disable=not progress
+        ):
+            task = scored[int(index)]
+            tasks.create_prediction(
+                task.task_id, {**task.prediction, "score": round(float(scores[index]), 6)}
+            )
+            report.predicted += 1
     tasks.set_project_model_version(project_id, version)
     return report
+
+
+def _score(
+    project_id: int,
+    schema: RLHFSchema,
+    models: Models,
+    batch: list[dict[str, Any]],
+    version: str,
+    strategy: str,
+) -> list[ScoredTask]:
+    """Predictions and selection features for the tasks of ``batch`` that have responses."""
+    found = [
+        (task, c)
+        for task in batch
+        if (c := task_candidates(task.get("data") or {}, schema)) is not None
+    ]
+    if not found:
+        return []
+    rewards, embeddings = models.score_and_embed(
+        project_id, [(c.prompt, c.texts) for _, c in found]
+    )
+    scored = []
+    for (task, candidates), head_rewards, emb in zip(found, rewards, embeddings):
+        first, second, value = most_informative_pair(head_rewards, strategy)
+        prediction = build_prediction(schema, candidates, head_rewards, version, strategy)
+        scored.append(ScoredTask(task["id"], prediction, value, emb[first] - emb[second]))
+    return scored
 
 
 def _generate_where_needed(
@@ -167,9 +213,9 @@ def _generate_where_needed(
         return
     prompts = [field_text(t["data"], schema.prompt) for t in empty]
     generated = models.generate(project_id, prompts, n)
-    rewards = models.head_rewards(project_id, list(zip(prompts, generated)))
+    rewards, _ = models.score_and_embed(project_id, list(zip(prompts, generated)))
     for task, candidates, head_rewards in zip(empty, generated, rewards):
         data = fill_candidates(schema, task["data"], candidates, head_rewards, strategy)
         tasks.update_task_data(task["id"], data)
-        task["data"] = data  # the batch is predicted next, with the written candidates
+        task["data"] = data  # the batch is scored next, with the written candidates
         report.generated += 1

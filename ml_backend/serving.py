@@ -109,6 +109,13 @@ class ModelServer:
         _, model = self.reward_model(project_id)
         return model.score_heads(items)
 
+    def score_and_embed(
+        self, project_id: int, items: list[tuple[str, list[str]]]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per-head rewards (n_i, K) and response embeddings (n_i, H) for every item."""
+        _, model = self.reward_model(project_id)
+        return model.score_and_embed(items)
+
     def generate(self, project_id: int, prompts: list[str], n: int) -> list[list[str]]:
         _, policy = self.policy(project_id)
         return policy.generate(prompts, n)

@@ -32,6 +32,10 @@ def test_default_is_a_known_strategy():
 
 def test_config_accepts_exactly_the_known_strategies():
     from ml_backend.config import STRATEGY_NAMES
-    from trainer.acquisition import STRATEGIES
+    from trainer.selection import SELECTION_STRATEGIES
 
-    assert set(STRATEGY_NAMES) == {*STRATEGIES, "default"}
+    assert set(STRATEGY_NAMES) == {*SELECTION_STRATEGIES, "default"}
+
+
+def test_a_batch_selection_values_one_pair_at_its_bald():
+    assert acquisition("batch") is bald

@@ -5,6 +5,8 @@ The real Label Studio path (label-studio-sdk calls) is exercised in tests/e2e.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,8 @@ RANKING = """<View><Text name="prompt" value="$prompt"/>
 
 
 class FakeModels:
-    """Rewards: the length of a response; the two heads disagree most on candidates 1 and 2."""
+    """Rewards: the length of a response; the two heads disagree by 3 per ``+`` or ``-`` it ends
+    with (so they disagree most on candidates 1 and 2). Embeddings: a bag of its words."""
 
     def __init__(self, version="rm-0000.policy-0000"):
         self.version = version
@@ -35,16 +38,24 @@ class FakeModels:
             [f"{p} answer {i}{'+' * (i == 1)}{'-' * (i == 2)}" for i in range(n)] for p in prompts
         ]
 
-    def head_rewards(self, project_id, items):
-        out = []
+    def score_and_embed(self, project_id, items):
+        rewards, embeddings = [], []
         for _, responses in items:
             rows = []
             for r in responses:
-                base = len(r) / 10
-                swing = 3.0 if r.endswith("+") else -3.0 if r.endswith("-") else 0.0
+                base = len(r.rstrip("+-")) / 10
+                swing = 3.0 * (r.count("+") - r.count("-"))
                 rows.append([base + swing, base - swing])
-            out.append(np.array(rows))
-        return out
+            rewards.append(np.array(rows))
+            embeddings.append(np.stack([bag_of_words(r) for r in responses]))
+        return rewards, embeddings
+
+
+def bag_of_words(text, dims=64):
+    vector = np.zeros(dims)
+    for word in text.replace("+", " ").replace("-", " ").split():
+        vector[zlib.crc32(word.encode()) % dims] += 1.0
+    return vector
 
 
 class FakeLabelStudio:
@@ -165,3 +176,45 @@ def test_task_without_prompt_is_reported_not_crashed():
         1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=2
     )
     assert report.generated == 0 and "prompt" in report.errors[0]
+
+
+def pool_of(*pairs):
+    return [
+        {"id": i, "data": {"prompt": f"q{i}", "answer1": a, "answer2": b}}
+        for i, (a, b) in enumerate(pairs, start=1)
+    ]
+
+
+# Task 1 and task 2 ask the same question of the model (the same two answers); task 3 is a
+# different question it is a little less unsure about.
+NEAR_DUPLICATES = pool_of(
+    ("the cat sat+", "the cat ran-"), ("the cat sat+", "the cat ran-"), ("a dog+", "a fish")
+)
+
+
+def label_studio_order(ls):
+    return sorted(ls.predictions, key=lambda task: ls.predictions[task][0]["score"])
+
+
+def test_the_pool_is_ordered_as_the_batch_selection_picks_it():
+    ls = FakeLabelStudio(NEAR_DUPLICATES)
+    preannotate_project(1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=2)
+    assert label_studio_order(ls) == [1, 3, 2]  # the repeat waits behind a new question
+    assert ls.predictions[1][0]["score"] < 0.2  # the heads split: the model is unsure
+
+
+def test_a_single_pair_strategy_orders_by_uncertainty_alone():
+    ls = FakeLabelStudio(NEAR_DUPLICATES)
+    schema = parse_label_config(PAIRWISE)
+    preannotate_project(1, schema, FakeModels(), ls, num_candidates=2, strategy="bald")
+    assert label_studio_order(ls) == [1, 2, 3]
+    assert ls.predictions[1][0]["score"] == ls.predictions[2][0]["score"]
+
+
+def test_predictions_reach_label_studio_most_informative_first():
+    ls = FakeLabelStudio(list(reversed(NEAR_DUPLICATES)))
+    uploads = []
+    create = ls.create_prediction
+    ls.create_prediction = lambda task_id, p: (uploads.append(task_id), create(task_id, p))
+    preannotate_project(1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=2)
+    assert uploads == label_studio_order(ls)

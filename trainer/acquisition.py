@@ -63,8 +63,11 @@ DEFAULT_STRATEGY = "bald"
 def acquisition(name: str) -> Callable[..., np.ndarray]:
     """The acquisition function called ``name`` (``default`` is the measured best)."""
     name = DEFAULT_STRATEGY if name == "default" else name
+    # ``batch`` (trainer.selection) picks by BALD, discounted for near-duplicates in a batch;
+    # one pair on its own is worth its BALD.
+    name = "bald" if name == "batch" else name
     if name not in STRATEGIES:
         raise ValueError(
-            f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)} or default"
+            f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}, batch or default"
         )
     return STRATEGIES[name]

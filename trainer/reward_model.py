@@ -434,13 +434,24 @@ class RewardModel(nn.Module):
 
     def score_heads(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[np.ndarray]:
         """Per item, the per-head rewards of its responses, (n_i, K); one batched pass for all."""
+        return self.score_and_embed(items)[0]
+
+    def score_and_embed(
+        self, items: Sequence[tuple[str, Sequence[str]]]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per item, the per-head rewards (n_i, K) and the embeddings (n_i, H) of its responses,
+        from one batched backbone pass (the embeddings tell near-duplicate pairs apart)."""
+        if not items:
+            return [], []
         prompts = [prompt for prompt, responses in items for _ in responses]
         responses = [response for _, rs in items for response in rs]
         with torch.no_grad():
-            rewards = self.head_rewards(self.embed(prompts, responses))  # (N, K)
-        flat = rewards.cpu().numpy().astype(np.float64)
+            emb = self.embed(prompts, responses)  # (N, H)
+            rewards = self.head_rewards(emb)  # (N, K)
         bounds = np.cumsum([len(rs) for _, rs in items])[:-1]
-        return np.split(flat, bounds) if items else []
+        flat_rewards = rewards.cpu().numpy().astype(np.float64)
+        flat_emb = emb.float().cpu().numpy()
+        return np.split(flat_rewards, bounds), np.split(flat_emb, bounds)
 
     def score(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[Scores]:
         """Rewards and Bradley–Terry preferences, with their uncertainty, for every item."""

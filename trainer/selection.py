@@ -16,6 +16,10 @@ from trainer.acquisition import STRATEGIES, bald
 
 SELECTION_STRATEGIES = (*STRATEGIES, "batch")
 DEFAULT_SELECTION = "batch"
+# Label Studio's pool is ordered batch-aware for this many tasks (the greedy costs
+# O(limit · N · D)): far more than a team labels between two retrains, which re-score the pool.
+POOL_ORDER_LIMIT = 2000
+SCORE_STEP = 1e-6  # the resolution of a prediction's score (rounded to 6 decimals)
 
 
 def resolve(name: str) -> str:
@@ -45,10 +49,13 @@ def farthest_points(features: np.ndarray, k: int, rng: np.random.Generator) -> l
 
 def diverse_greedy(
     value: np.ndarray, features: np.ndarray, k: int, similarity_weight: float = 1.0
-) -> list[int]:
-    """Greedy: value discounted by the highest cosine similarity to anything already picked."""
+) -> tuple[list[int], list[float]]:
+    """Greedy: value discounted by the highest cosine similarity to anything already picked.
+
+    Returns the picks in order and the discounted value each was picked at."""
     unit = _unit(features)
     picked: list[int] = []
+    gains: list[float] = []
     max_sim = np.zeros(len(value))
     available = np.ones(len(value), dtype=bool)
     for _ in range(min(k, len(value))):
@@ -57,9 +64,34 @@ def diverse_greedy(
         )
         best = int(np.argmax(adjusted))
         picked.append(best)
+        gains.append(float(adjusted[best]))
         available[best] = False
         max_sim = np.maximum(max_sim, unit @ unit[best])
-    return picked
+    return picked, gains
+
+
+def pool_scores(
+    strategy: str, value: np.ndarray, features: np.ndarray, limit: int = POOL_ORDER_LIMIT
+) -> np.ndarray:
+    """Label Studio scores for a pool of tasks, lowest = label first: ``1 − value``.
+
+    ``value`` (N,): each task's acquisition value (that of its most informative pair, in [0, 1]);
+    ``features`` (N, D): that pair's feature vector. For ``batch`` (the default) the ascending
+    order of the scores is the batch-aware greedy order: the first ``limit`` picks score
+    ``1 − the discounted value they were picked at`` (a task's discounted value only shrinks as
+    picks accumulate, so these never decrease), and the rest score above the last pick.
+    The first pick is always the most informative task, so its score is exactly ``1 − value``.
+    """
+    scores = 1.0 - value
+    if resolve(strategy) != "batch" or len(value) < 2:
+        return scores
+    picked, gains = diverse_greedy(value, features, limit)
+    ordered = 1.0 - np.asarray(gains)
+    rest = np.ones(len(value), dtype=bool)
+    rest[picked] = False
+    scores[rest] = np.maximum(scores[rest], ordered[-1] + SCORE_STEP)
+    scores[picked] = ordered
+    return np.clip(scores, 0.0, 1.0)
 
 
 def select(
@@ -81,7 +113,7 @@ def select(
     if cold_start:
         return farthest_points(features, k, rng)
     if strategy == "batch":
-        return diverse_greedy(bald(p_heads), features, k)
+        return diverse_greedy(bald(p_heads), features, k)[0]
     value = STRATEGIES[strategy](p_heads, rng)
     order = np.argsort(-value, kind="stable")
     return [int(i) for i in order[:k]]

@@ -1,4 +1,7 @@
-"""The backend against a real Label Studio 1.23.2: connect, annotate, train, predict, basic auth.
+"""The backend against a real Label Studio 1.23.2: connect, annotate, train, basic auth.
+
+Predictions (Retrieve Predictions, Test prediction, pre-annotation) are checked per template in
+test_templates_label_studio.py.
 
 Everything goes through Label Studio's own API (label-studio-sdk or plain REST), exactly as a
 user's clicks would; the backend's store is then read directly to check what arrived.
@@ -6,7 +9,6 @@ user's clicks would; the backend's store is then read directly to check what arr
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
@@ -79,18 +81,6 @@ def ml_state(label_studio: LabelStudioServer, ml_id: int) -> str:
     response = label_studio.api("GET", f"/api/ml/{ml_id}")
     response.raise_for_status()
     return str(response.json()["state"])
-
-
-def backend_requests(backend: Backend, endpoint: str, status: str = "200") -> float:
-    """The backend's own count of requests served on ``endpoint`` (all gunicorn workers)."""
-    auth = backend.auth
-    text = requests.get(backend.url + "/metrics", auth=auth, timeout=10).text
-    pattern = r"^rlhf_http_requests_total\{([^}]*)\} (\S+)$"
-    total = 0.0
-    for labels, value in re.findall(pattern, text, flags=re.MULTILINE):
-        if f'endpoint="{endpoint}"' in labels and f'status="{status}"' in labels:
-            total += float(value)
-    return total
 
 
 def test_connect_marks_backend_connected_and_registers_project(
@@ -196,38 +186,3 @@ def test_basic_auth_connects_and_fixes_the_webhook_header(
 
     ls.annotations.create(id=project.task_ids[0], result=pairwise("right"))
     assert_store_matches(ls, auth_backend, project)
-
-
-def test_predict_from_label_studio_answers_without_error(
-    label_studio: LabelStudioServer, backend: Backend, ls: LabelStudio, make_project: Any
-) -> None:
-    project = make_project()
-    ml = connect(label_studio, project.id, backend)
-    served_before = backend_requests(backend, "predict")
-
-    # "Test prediction" in the model settings: Label Studio relays what /predict answered.
-    test = label_studio.api("POST", f"/api/ml/{ml['id']}/predict/test", params={"random": "true"})
-    # The data manager's "Retrieve Predictions": Label Studio stores what /predict answered.
-    action = label_studio.api(
-        "POST",
-        "/api/dm/actions",
-        params={"id": "retrieve_tasks_predictions", "project": project.id},
-        json={"selectedItems": {"all": True, "excluded": []}},
-    )
-
-    # Label Studio turns a backend error, or a /predict slower than its timeout, into a 500 here.
-    assert test.status_code == 200, f"{test.text}\nbackend log:\n{backend.process.log_tail()}"
-    answer = test.json()
-    assert answer["status"] == 200 and answer["url"].endswith("/predict"), answer
-    assert isinstance(answer["response"], list), answer
-    # ...but answers 200 to the action whatever happened, so check what it stored.
-    assert action.status_code == 200, action.text
-    assert backend_requests(backend, "predict") >= served_before + 2
-    predictions = ls.predictions.list(project=project.id)
-    assert sorted(p.task for p in predictions) == project.task_ids, predictions
-    for prediction in predictions:
-        assert [(r["from_name"], r["type"]) for r in prediction.result] == [
-            ("comparison", "pairwise")
-        ], prediction.result
-        assert prediction.result[0]["value"]["selected"] in ("left", "right")
-    assert ml_state(label_studio, ml["id"]) == CONNECTED

@@ -26,6 +26,8 @@ from label_studio_sdk.label_interface import LabelInterface
 from ml_backend.config import BackendConfig
 from ml_backend.conversion import Provenance, convert
 from ml_backend.label_schema import RLHFSchema, parse_label_config
+from ml_backend.preannotate import most_informative_pair
+from ml_backend.predict import task_candidates
 from ml_backend.store import JOB_DONE
 from trainer.jobs import registry_for
 from trainer.registry import PROMOTED, REWARD_MODEL
@@ -173,20 +175,57 @@ def served_version(backend: Backend, project_id: int) -> str:
     )
 
 
-def preannotate(backend: Backend, project_id: int) -> None:
-    """``rlhf-backend preannotate --queue``: the service's own worker runs the job."""
+def preannotate(label_studio: LabelStudioServer, backend: Backend, project_id: int, queue: bool):
+    """``rlhf-backend preannotate``: in this process, or with ``--queue`` by the service's own
+    worker. Either way it reaches Label Studio with what the backend's /setup stored."""
     script = Path(sys.executable).parent / "rlhf-backend"
     data_dir = backend.store.path.parent
-    argv = [str(script), "preannotate", "--project", str(project_id)]
-    argv += ["--data-dir", str(data_dir), "--queue"]
-    run = subprocess.run(argv, env=dict(os.environ), capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    wait_for(
-        lambda: any(
-            j.kind == "preannotate" and j.status == JOB_DONE for j in backend.store.jobs(project_id)
-        ),
-        what="the pre-annotation job",
+    argv = [str(script), "preannotate", "--project", str(project_id), "--data-dir", str(data_dir)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LABEL_STUDIO_URL": label_studio.url}
+    run = subprocess.run(
+        argv + ["--queue"] * queue, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S
     )
+    assert run.returncode == 0, run.stderr[-3000:]
+    if queue:
+        wait_for(
+            lambda: any(
+                j.kind == "preannotate" and j.status == JOB_DONE
+                for j in backend.store.jobs(project_id)
+            ),
+            what="the pre-annotation job",
+        )
+    else:
+        assert '"generated": ' in run.stdout and '"errors": []' in run.stdout, run.stdout
+
+
+def check_test_prediction(label_studio: LabelStudioServer, ml_id: int) -> None:
+    """The model settings' *Test prediction*: Label Studio relays what /predict answered, and
+    turns a backend error, or a /predict slower than its timeout, into a 500."""
+    test = label_studio.api("POST", f"/api/ml/{ml_id}/predict/test", params={"random": "true"})
+    assert test.status_code == 200, test.text
+    answer = test.json()
+    assert answer["status"] == 200 and answer["url"].endswith("/predict"), answer
+    assert isinstance(answer["response"], list), answer
+
+
+def data_manager_order(ls: LabelStudio, project_id: int, task_ids: list[int]) -> list[int]:
+    """``task_ids`` in the order the Data Manager shows them sorted by prediction score."""
+    query = json.dumps({"ordering": ["tasks:predictions_score"]})
+    shown = [t.id for t in ls.tasks.list(project=project_id, query=query, fields="all")]
+    return [task_id for task_id in shown if task_id in task_ids]
+
+
+def least_sure(backend: Backend, project_id: int, schema: RLHFSchema, tasks: dict) -> int:
+    """Of ``tasks`` (id -> data), the one whose most informative pair the served reward model is
+    least sure about (highest BALD), computed here from the model's checkpoint."""
+    from trainer.reward_model import RewardModel
+
+    registry = registry_for(BackendConfig(data_dir=backend.store.path.parent))
+    model = RewardModel.load(registry.served(project_id, REWARD_MODEL).path)
+    candidates = {task_id: task_candidates(data, schema) for task_id, data in tasks.items()}
+    rewards = model.score_heads([(c.prompt, c.texts) for c in candidates.values()])
+    values = {t: most_informative_pair(r, "bald")[2] for t, r in zip(candidates, rewards)}
+    return max(values, key=values.__getitem__)
 
 
 def trainings_done(backend: Backend, project_id: int) -> int:
@@ -215,6 +254,7 @@ def test_template_in_label_studio_predict_preannotate_annotate_retrain(
 
     ml = connect(label_studio, project.id, backend)
     assert ml["state"] == "CO", ml
+    check_test_prediction(label_studio, ml["id"])
 
     # "Retrieve Predictions" in the data manager: every task with responses gets a valid one.
     action = label_studio.api(
@@ -230,7 +270,7 @@ def test_template_in_label_studio_predict_preannotate_annotate_retrain(
         assert prediction.result and prediction_errors(interface, prediction) == []
 
     # The pre-annotation job writes candidates into the prompt-only tasks and predicts them all.
-    preannotate(backend, project.id)
+    preannotate(label_studio, backend, project.id, queue=name != TEMPLATES[0])
     tasks = {t.id: dict(t.data) for t in ls.tasks.list(project=project.id, fields="all")}
     for task_id in prompt_only:
         assert not any(is_blank(tasks[task_id][k]) for k in keys), tasks[task_id]
@@ -265,6 +305,11 @@ def test_template_in_label_studio_predict_preannotate_annotate_retrain(
         fresh = [p for p in ls.predictions.list(task=task_id) if p.model_version == version]
         assert len(fresh) == 1 and prediction_errors(interface, fresh[0]) == [], fresh
         assert 0.0 <= fresh[0].score <= 1.0
+    # The Data Manager shows first the task the retrained model is least sure about.
+    shown = data_manager_order(ls, project.id, unlabeled)
+    assert sorted(shown) == sorted(unlabeled), shown
+    unlabeled_data = {task_id: tasks[task_id] for task_id in unlabeled}
+    assert shown[0] == least_sure(backend, project.id, schema, unlabeled_data), shown
 
     # A changed mind and a deleted annotation reach the training data.
     first, second = annotations[0], annotations[1]
