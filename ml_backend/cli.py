@@ -66,7 +66,7 @@ def _worker(config: BackendConfig, args: argparse.Namespace) -> int:
 
 def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) -> int:
     """Queue a job for the project's workers, or (default) run it here with a progress bar."""
-    from ml_backend.store import JOB_DONE, Store
+    from ml_backend.store import Store
 
     store = Store(config.db_path, config.store_sync).initialize()
     if store.project(args.project) is None:
@@ -86,6 +86,13 @@ def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) 
             notify_workers(config, job.job_id, "cli")
             print(f"queued {kind} job {job.job_id} for project {args.project}")
         return 0
+    from trainer.distributed import launched
+
+    if launched():  # one of the processes that `accelerate launch` started
+        if kind != "train":
+            print(f"rlhf-backend: {kind} runs in one process; only train spreads", file=sys.stderr)
+            return 2
+        return _train_across_ranks(config, store, args.project)
     from trainer.worker import Worker, default_handlers  # torch and the models: seconds
 
     worker = Worker(config, default_handlers(config))
@@ -94,19 +101,43 @@ def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) 
         print(f"a worker is already running a {kind} job for this project", file=sys.stderr)
         return 1
     worker.run_job(claimed)
-    finished = store.job(claimed.job_id)
+    return _print_outcome(store, claimed.job_id)
+
+
+def _train_across_ranks(config: BackendConfig, store: Any, project_id: int) -> int:
+    """``accelerate launch ... -m ml_backend.cli train``: rank 0 claims and records the job,
+    every rank trains the policy (trainer/distributed.py)."""
+    from trainer.distributed import join_launched_ranks
+    from trainer.jobs import train_job
+    from trainer.worker import Worker
+
+    ranks = join_launched_ranks()
+    if not ranks.is_main:
+        claimed = ranks.share(None)
+        if claimed is not None:
+            train_job(config, claimed, ranks)
+        return 0
+    worker = Worker(config, {"train": lambda job: train_job(config, job, ranks)})
+    claimed = ranks.share(store.start_job(project_id, "train", "cli", worker.name))
+    if claimed is None:
+        print("a worker is already running a train job for this project", file=sys.stderr)
+        return 1
+    worker.run_job(claimed)  # records the outcome; a failure here stops the other ranks
+    return _print_outcome(store, claimed.job_id)
+
+
+def _print_outcome(store: Any, job_id: int) -> int:
+    from ml_backend.store import JOB_DONE
+
+    finished = store.job(job_id)
     assert finished is not None
-    print(
-        json.dumps(
-            {
-                "job": finished.job_id,
-                "status": finished.status,
-                "error": finished.error,
-                "result": finished.result,
-            },
-            indent=2,
-        )
-    )
+    outcome = {
+        "job": finished.job_id,
+        "status": finished.status,
+        "error": finished.error,
+        "result": finished.result,
+    }
+    print(json.dumps(outcome, indent=2))
     return 0 if finished.status == JOB_DONE else 1
 
 

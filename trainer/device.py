@@ -7,15 +7,21 @@ when a model is built, which is after gunicorn has forked its workers.
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
 
 
 def pick_device(requested: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"``: the first CUDA device if there is one, else the CPU."""
+    """``None``/``"auto"``: this process's CUDA device if there is one, else the CPU.
+
+    A process that ``accelerate launch`` started (``LOCAL_RANK``) takes the GPU of its rank.
+    """
     if requested is None or requested in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {requested!r} was asked for, but torch sees no CUDA device.")

@@ -22,6 +22,7 @@ from ml_backend.label_schema import parse_label_config
 from ml_backend.serving import ModelServer, policy_config, reward_model_config
 from ml_backend.store import JOB_PREANNOTATE, Job, Store
 from trainer.dispatch import notify_workers
+from trainer.distributed import ONE_PROCESS, Ranks
 from trainer.policy_training import (
     FeedbackExample,
     PolicyTrainingConfig,
@@ -52,26 +53,38 @@ def registry_for(config: BackendConfig) -> Registry:
     return Registry(config.db_path, config.data_dir / "models")
 
 
-def train_job(config: BackendConfig, job: Job) -> dict[str, Any]:
+def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> dict[str, Any]:
+    """Retrain the project's reward model, then its policy; promote what passes the gates.
+
+    Across several processes (:mod:`trainer.distributed`), rank 0 reads the store and trains the
+    reward model; every rank trains the policy on rank 0's data; rank 0 gates and records.
+    """
     store = Store(config.db_path, config.store_sync)
     registry = registry_for(config)
-    records = store.records(job.project_id, "preference")
+    records, feedback = ranks.share(
+        (store.records(job.project_id, "preference"), store.records(job.project_id, "feedback"))
+        if ranks.is_main
+        else ([], [])
+    )
     if len(records) < MIN_PAIRS:
         return {"trained": False, "reason": f"{len(records)} preference pairs; need {MIN_PAIRS}"}
-    result = train_reward_model(
-        config, registry, job.project_id, records, job_progress(store, job, "reward model")
-    )
+    result: dict[str, Any] = {}
+    if ranks.is_main:
+        result = train_reward_model(
+            config, registry, job.project_id, records, job_progress(store, job, "reward model")
+        )
+    ranks.share(None)  # every rank waits for the judge the policy is trained and gated with
     if config.policy_training != "off":
-        feedback = store.records(job.project_id, "feedback")
         result["policy"] = train_policy_version(
             config,
             registry,
             job.project_id,
             records,
             feedback,
-            job_progress(store, job, "policy"),
+            job_progress(store, job, "policy") if ranks.is_main else None,
+            ranks=ranks,
         )
-    if result["promoted"] or result.get("policy", {}).get("promoted"):
+    if ranks.is_main and (result["promoted"] or result.get("policy", {}).get("promoted")):
         after_promotion(config, store, registry, job.project_id)
     return result
 
@@ -187,10 +200,12 @@ def train_policy_version(
     feedback_records: list[dict[str, Any]],
     progress: Progress | None = None,
     training: PolicyTrainingConfig | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> dict[str, Any]:
     """DPO (and ILF) from the serving policy; the serving reward model judges the candidate.
 
-    Pairs of held-out tasks are not trained on: their prompts are the gate's test set.
+    Pairs of held-out tasks are not trained on: their prompts are the gate's test set. Every
+    rank trains; rank 0 alone gates, saves and records (the others return the training stats).
     """
     from trainer.policy import Policy
     from trainer.reward_model import RewardModel
@@ -224,8 +239,11 @@ def train_policy_version(
         feedback,
         training,
         similarity=_embedding_similarity(judge),
-        on_step=progress or Progress(f"project {project_id} policy"),
+        on_step=progress or Progress(f"project {project_id} policy (rank {ranks.index})"),
+        ranks=ranks,
     )
+    if not ranks.is_main:
+        return {"rank": ranks.index, "promoted": False, "metrics": stats}
     gate = policy_gate(judge.score_heads, candidate, serving, gate_prompts, training)
     version, path = registry.new_version_dir(project_id, POLICY)
     metrics = {"gate": gate.as_dict(), "judge": served_rm.version, **stats}

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.distributed import ONE_PROCESS, Ranks
 from trainer.policy import Policy
 from trainer.reward_training import Pair
 
@@ -54,7 +55,7 @@ class PolicyTrainingConfig:
     beta: float = _field(0.1, "DPO's KL strength: higher keeps the policy nearer its reference.")
     learning_rate: float = _field(5e-5, "Optimizer step size (LoRA runs use 4x this).")
     epochs: int = _field(2, "Passes over the pairs.")
-    batch_size: int = _field(8, "Pairs per optimizer step.")
+    batch_size: int = _field(8, "Pairs per optimizer step, per process.")
     max_length: int = _field(256, "Longest prompt + response, in tokens; longer ones are cut.")
     lora: str = _field("auto", "'auto' (LoRA above 300M parameters), 'on' or 'off'.")
     lora_rank: int = _field(16, "Rank of the LoRA adapter.")
@@ -102,19 +103,25 @@ def train_policy(
     config: PolicyTrainingConfig,
     similarity: Callable[[list[str], list[str]], np.ndarray] | None = None,
     on_step: StepReport | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> tuple[Policy, dict[str, Any]]:
     """A trained copy of ``policy`` (the original is untouched) and what the training did.
 
     ``similarity(texts, feedbacks)`` scores each refinement against its feedback for ILF; without
-    it, or without feedback, ILF is skipped.
+    it, or without feedback, ILF is skipped. Across ``ranks``, every rank calls this with the
+    same data: rank 0 generates the ILF refinements for all, and TRL shards the examples.
     """
     candidate = Policy(
         policy.config, copy.deepcopy(policy.model), policy.tokenizer, f"{policy.version}+trained"
     )
-    stats: dict[str, Any] = {"dpo_pairs": 0, "ilf_examples": 0}
+    stats: dict[str, Any] = {"dpo_pairs": 0, "ilf_examples": 0, "processes": ranks.count}
     started = time.monotonic()
     if feedback and similarity is not None and config.ilf_refinements:
-        refined = ilf_refinements(policy, feedback, config.ilf_refinements, similarity)
+        refined = ranks.share(
+            ilf_refinements(policy, feedback, config.ilf_refinements, similarity)
+            if ranks.is_main
+            else []
+        )
         stats["ilf_examples"] = len(refined)
         stats["ilf"] = _fit(candidate, "sft", refined, config, on_step)
     usable = [p for p in pairs if p.chosen != p.rejected]
