@@ -127,7 +127,7 @@ class BackendConfig:
         "default",
         "RLHF_STRATEGY",
         "Acquisition strategy for scores and selection: random, entropy, margin, variance, "
-        "bald, batch (BALD, near-duplicates spread out over the pool's order), or default "
+        "bald, batch (margin, near-duplicates spread out over the pool's order), or default "
         "(batch).",
     )
     log_level: str = _setting("INFO", "LOG_LEVEL", "Python logging level.")

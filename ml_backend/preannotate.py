@@ -8,7 +8,7 @@ For every unlabeled task of a project:
    task update per task, so a crash never leaves a task half-written. Every task is then scored:
    rewards, predicted choice, and the acquisition value of its most informative pair;
 2. the pool is ordered as the selection strategy would pick it (:func:`trainer.selection.
-   pool_scores`: with the default, batch-aware BALD, a near-duplicate of a task already near the
+   pool_scores`: with the default, batch-aware margin, a near-duplicate of a task already near the
    front waits behind a different, slightly less uncertain one), and the predictions go to
    Label Studio in that order, each with ``score`` = 1 − its value at its place. Label Studio shows
    the lowest score first, so annotators label the batch the reward model asks for.

@@ -37,5 +37,6 @@ def test_config_accepts_exactly_the_known_strategies():
     assert set(STRATEGY_NAMES) == {*SELECTION_STRATEGIES, "default"}
 
 
-def test_a_batch_selection_values_one_pair_at_its_bald():
-    assert acquisition("batch") is bald
+def test_a_batch_selection_values_one_pair_at_its_margin_and_is_the_default():
+    assert acquisition("batch") is margin
+    assert acquisition("default") is acquisition("batch")

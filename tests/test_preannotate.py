@@ -94,7 +94,7 @@ def prompt_tasks(n, start=1):
 def test_prompt_only_tasks_get_the_most_uncertain_pair_and_a_prediction():
     ls = FakeLabelStudio(prompt_tasks(3))
     report = preannotate_project(
-        1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=4
+        1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=4, strategy="bald"
     )
     assert (report.generated, report.predicted) == (3, 3)
     for task in ls.tasks.values():

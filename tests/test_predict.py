@@ -67,13 +67,13 @@ def test_pairwise_selects_the_higher_reward_and_validates():
 
 
 def test_score_is_low_when_heads_disagree_and_high_when_they_agree():
-    # heads agree that x beats y strongly vs. heads split on the (u, v) pair
+    # heads agree that x beats y strongly vs. heads split evenly on the (u, v) pair
     fn = fixed_rewards(
         {
-            "x": [5.0, 5.0, 5.0],
-            "y": [-5.0, -5.0, -5.0],
-            "u": [4.0, -4.0, 4.0],
-            "v": [-4.0, 4.0, -4.0],
+            "x": [5.0, 5.0, 5.0, 5.0],
+            "y": [-5.0, -5.0, -5.0, -5.0],
+            "u": [4.0, -4.0, 4.0, -4.0],
+            "v": [-4.0, 4.0, -4.0, 4.0],
         }
     )
     tasks = [

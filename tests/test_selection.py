@@ -45,8 +45,9 @@ def test_pool_scores_of_a_single_pair_strategy_are_one_minus_its_value(strategy)
 
 
 def test_select_with_batch_picks_the_greedy_order():
-    p_heads = np.array([[0.1, 0.9], [0.12, 0.88], [0.3, 0.7], [0.5, 0.5]])
+    # Margins 1.0, 0.98, 0.8, 0.4; the second pair is a near-duplicate of the first.
+    p_heads = np.array([[0.4, 0.6], [0.5, 0.52], [0.6, 0.6], [0.8, 0.8]])
     features = np.array([[1.0, 0.0], [1.0, 0.02], [0.0, 1.0], [0.7, 0.7]])
     rng = np.random.default_rng(0)
     assert select("batch", p_heads, features, 2, rng, cold_start=False) == [0, 2]
-    assert select("bald", p_heads, features, 2, rng, cold_start=False) == [0, 1]
+    assert select("margin", p_heads, features, 2, rng, cold_start=False) == [0, 1]

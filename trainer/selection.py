@@ -1,8 +1,9 @@
 """Choosing which pairs humans label next, one batch at a time.
 
 Strategies score candidate pairs with an acquisition function (:mod:`trainer.acquisition`) and
-take the best. ``batch`` is the batch-aware one: greedy BALD that discounts a candidate by its
-similarity to pairs already picked in the same batch, so a batch never spends several labels on
+take the best. ``batch`` (the default) is the batch-aware one: greedy on the margin (how close
+the ensemble's mean prediction is to a coin flip), discounting a candidate by its similarity to
+pairs already picked in the same batch, so a batch never spends several labels on
 near-duplicates. With no labels yet (cold start) the heads' disagreement carries no
 information about the data, so every strategy but ``random`` picks a diverse batch instead
 (greedy farthest-point in pair-embedding space).
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.acquisition import STRATEGIES, bald
+from trainer.acquisition import BATCH_VALUE, STRATEGIES
 
 SELECTION_STRATEGIES = (*STRATEGIES, "batch")
 DEFAULT_SELECTION = "batch"
@@ -113,7 +114,7 @@ def select(
     if cold_start:
         return farthest_points(features, k, rng)
     if strategy == "batch":
-        return diverse_greedy(bald(p_heads), features, k)[0]
+        return diverse_greedy(STRATEGIES[BATCH_VALUE](p_heads), features, k)[0]
     value = STRATEGIES[strategy](p_heads, rng)
     order = np.argsort(-value, kind="stable")
     return [int(i) for i in order[:k]]

@@ -216,15 +216,15 @@ def data_manager_order(ls: LabelStudio, project_id: int, task_ids: list[int]) ->
 
 
 def least_sure(backend: Backend, project_id: int, schema: RLHFSchema, tasks: dict) -> int:
-    """Of ``tasks`` (id -> data), the one whose most informative pair the served reward model is
-    least sure about (highest BALD), computed here from the model's checkpoint."""
+    """Of ``tasks`` (id -> data), the one the served reward model is least sure about (its most
+    informative pair's prediction nearest a coin flip), computed here from the checkpoint."""
     from trainer.reward_model import RewardModel
 
     registry = registry_for(BackendConfig(data_dir=backend.store.path.parent))
     model = RewardModel.load(registry.served(project_id, REWARD_MODEL).path)
     candidates = {task_id: task_candidates(data, schema) for task_id, data in tasks.items()}
     rewards = model.score_heads([(c.prompt, c.texts) for c in candidates.values()])
-    values = {t: most_informative_pair(r, "bald")[2] for t, r in zip(candidates, rewards)}
+    values = {t: most_informative_pair(r, "margin")[2] for t, r in zip(candidates, rewards)}
     return max(values, key=values.__getitem__)
 
 
