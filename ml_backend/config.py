@@ -120,8 +120,13 @@ class BackendConfig:
     policy_training: str = _setting(
         "dpo",
         "RLHF_POLICY_TRAINING",
-        "Policy training after each reward-model retrain: dpo (DPO on pairs + ILF on language "
-        "feedback, TRL) or off.",
+        "Policy training after each reward-model retrain: dpo (DPO on pairs), grpo (on-policy RL "
+        "against the reward model), each with ILF on language feedback (TRL), or off.",
+    )
+    uncertainty_penalty: float = _setting(
+        1.0,
+        "RLHF_UNCERTAINTY_PENALTY",
+        "grpo: reward = reward-model heads' mean - this x their std (resists reward hacking).",
     )
     strategy: str = _setting(
         "default",
@@ -156,8 +161,10 @@ class BackendConfig:
             raise ConfigError(f"RLHF_STRATEGY must be one of {', '.join(STRATEGY_NAMES)}.")
         if self.store_sync not in ("normal", "full"):
             raise ConfigError("RLHF_STORE_SYNC must be normal or full.")
-        if self.policy_training not in ("dpo", "off"):
-            raise ConfigError("RLHF_POLICY_TRAINING must be dpo or off.")
+        if self.policy_training not in ("dpo", "grpo", "off"):
+            raise ConfigError("RLHF_POLICY_TRAINING must be dpo, grpo or off.")
+        if self.uncertainty_penalty < 0:
+            raise ConfigError("RLHF_UNCERTAINTY_PENALTY must be >= 0.")
         if self.train_every < 0:
             raise ConfigError("RLHF_TRAIN_EVERY must be 0 (never) or a positive integer.")
         if not 0.0 <= self.promotion_tolerance <= 1.0:

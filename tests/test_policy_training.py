@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from trainer.policy_training import (
     FeedbackExample,
     PolicyTrainingConfig,
     ilf_refinements,
+    penalized_reward,
     policy_gate,
     train_policy,
 )
@@ -152,6 +155,34 @@ def test_gate_promotes_only_a_policy_the_reward_model_prefers(policy):
     assert better.win_rate > 0.5 and better.promote
 
 
+def test_grpo_reward_is_the_heads_mean_less_the_penalty_times_their_spread():
+    def judge(items):  # "a": heads split 1 / 3; anything else: heads agree on 2
+        return [np.array([[1.0, 3.0] if r[0] == "a" else [2.0, 2.0]]) for _, r in items]
+
+    assert penalized_reward(judge, 1.0)(["p", "p"], ["a", "b"]) == pytest.approx([1.0, 2.0])
+    assert penalized_reward(judge, 0.0)(["p", "p"], ["a", "b"]) == pytest.approx([2.0, 2.0])
+
+
+def test_grpo_raises_what_the_reward_model_gives_the_policys_own_answers(policy):
+    def judge(items):  # likes the letter "e" (the tiny model's samples vary in it); heads agree
+        return [np.array([[r.count("e")] * 2 for r in responses], float) for _, responses in items]
+
+    prompts = [f"Question {i}:" for i in range(8)]
+    pairs = [Pair(p, CHOSEN, REJECTED_TEXT) for p in prompts]
+    config = PolicyTrainingConfig(method="grpo", max_new_tokens=6, **FAST)
+    with pytest.raises(ValueError, match="judge"):
+        train_policy(policy, pairs, [], config)
+    trained, stats = train_policy(policy, pairs, [], config, judge=judge)
+
+    def mean_reward(p: Policy) -> float:
+        answers = [t for texts in p.generate(prompts, 4, seed=1) for t in texts]
+        return float(np.mean([a.count("e") for a in answers]))
+
+    assert stats["grpo_prompts"] == 8 and stats["dpo_pairs"] == 0
+    assert stats["grpo"]["steps"] > 0 and "last_reward" in stats["grpo"]
+    assert mean_reward(trained) > mean_reward(policy) + 1.0, stats
+
+
 @pytest.fixture
 def config(tmp_path, tmp_path_factory):
     backbone = str(ensure_tiny_encoder(tmp_path_factory.mktemp("models")))
@@ -193,3 +224,17 @@ def test_a_crash_in_policy_training_leaves_the_served_policy(config, monkeypatch
     registry = registry_for(config)
     assert registry.served(1, POLICY).version == "policy-base"
     assert registry.versions(1, POLICY) == []
+
+
+def test_train_job_with_grpo_trains_against_the_served_reward_model(config):
+    config = dataclasses.replace(config, policy_training="grpo", max_new_tokens=8)
+    store = Store(config.db_path).initialize()
+    seed_annotations(store, 24)
+    store.enqueue_training(1, "test")
+    result = train_job(config, store.claim_job("test"))
+    registry = registry_for(config)
+    version = registry.get(1, POLICY, result["policy"]["version"])
+    assert version.metrics["grpo_prompts"] > 0 and version.metrics["dpo_pairs"] == 0
+    assert version.metrics["grpo"]["steps"] > 0
+    assert version.metrics["judge"] == registry.served(1, REWARD_MODEL).version
+    assert "win rate" in version.reason

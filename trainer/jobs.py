@@ -210,7 +210,11 @@ def train_policy_version(
     from trainer.policy import Policy
     from trainer.reward_model import RewardModel
 
-    training = training or PolicyTrainingConfig(method=config.policy_training)
+    training = training or PolicyTrainingConfig(
+        method=config.policy_training,
+        max_new_tokens=config.max_new_tokens,
+        uncertainty_penalty=config.uncertainty_penalty,
+    )
     pairs = [Pair.from_record(r) for r in records]
     train, heldout = split_pairs(pairs, RewardTrainingConfig().heldout_fraction)
     train = [p for p in train if not p.tie]
@@ -241,6 +245,7 @@ def train_policy_version(
         similarity=_embedding_similarity(judge),
         on_step=progress or Progress(f"project {project_id} policy (rank {ranks.index})"),
         ranks=ranks,
+        judge=judge.score_heads,
     )
     if not ranks.is_main:
         return {"rank": ranks.index, "promoted": False, "metrics": stats}

@@ -14,7 +14,11 @@
   mean of the heads). The candidate is promoted only if its win rate exceeds
   ``min_win_rate``.
 
-On-policy RL (GRPO/RLOO) is not implemented: DPO is the default the issue asks for.
+- **GRPO** (``method="grpo"``, TRL's ``GRPOTrainer``): on-policy RL instead of DPO. For each
+  training prompt the policy samples ``grpo_generations`` answers; each is rewarded by the reward
+  model's ensemble as ``mean − uncertainty_penalty · std`` over the heads, so an answer the heads
+  disagree on (where the reward model is extrapolating, the usual road to reward hacking) earns
+  less than its mean. TRL keeps a frozen reference for the KL term when ``kl_coef > 0``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from trainer.reward_training import Pair
 
 logger = logging.getLogger(__name__)
 
+METHODS = ("dpo", "grpo", "off")
 LORA_AUTO_PARAMETERS = 300_000_000  # above this, "auto" trains a LoRA adapter, not every weight
 REFINE_TEMPLATE = (
     "{prompt}\n\nA draft answer:\n{response}\n\nFeedback on the draft:\n{feedback}\n\n"
@@ -51,7 +56,9 @@ def _field(default: Any, help: str) -> Any:
 
 @dataclass
 class PolicyTrainingConfig:
-    method: str = _field("dpo", "'dpo' (DPO on pairs, ILF on language feedback) or 'off'.")
+    method: str = _field(
+        "dpo", "'dpo' (DPO on pairs), 'grpo' (RL against the reward model) or 'off'; with ILF."
+    )
     beta: float = _field(0.1, "DPO's KL strength: higher keeps the policy nearer its reference.")
     learning_rate: float = _field(5e-5, "Optimizer step size (LoRA runs use 4x this).")
     epochs: int = _field(2, "Passes over the pairs.")
@@ -65,10 +72,18 @@ class PolicyTrainingConfig:
         0.5, "Promote only if the reward model prefers the candidate on more than this share."
     )
     seed: int = _field(0, "Seed for data order, sampling and the gate's generations.")
+    grpo_generations: int = _field(4, "GRPO: answers sampled per prompt (one group).")
+    max_new_tokens: int = _field(64, "GRPO: longest sampled answer, in tokens.")
+    uncertainty_penalty: float = _field(
+        1.0, "GRPO: reward = ensemble mean - this x ensemble std (resists reward hacking)."
+    )
+    kl_coef: float = _field(
+        0.04, "GRPO: KL strength towards the starting policy (0: no reference)."
+    )
 
     def __post_init__(self) -> None:
-        if self.method not in ("dpo", "off"):
-            raise ValueError(f"method={self.method!r}: choose 'dpo' or 'off'.")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: choose one of {', '.join(METHODS)}.")
         if self.lora not in ("auto", "on", "off"):
             raise ValueError(f"lora={self.lora!r}: choose 'auto', 'on' or 'off'.")
         for name in ("epochs", "batch_size", "max_length", "lora_rank", "gate_prompts"):
@@ -78,6 +93,13 @@ class PolicyTrainingConfig:
             raise ValueError(f"ilf_refinements={self.ilf_refinements} must be >= 0 (0: no ILF).")
         if not 0 <= self.min_win_rate < 1:
             raise ValueError(f"min_win_rate={self.min_win_rate} must be in [0, 1).")
+        if self.grpo_generations < 2 or self.batch_size % self.grpo_generations:
+            raise ValueError(
+                f"grpo_generations={self.grpo_generations} must be >= 2 and divide "
+                f"batch_size={self.batch_size} (a batch holds whole groups)."
+            )
+        if self.max_new_tokens < 1 or self.uncertainty_penalty < 0 or self.kl_coef < 0:
+            raise ValueError("max_new_tokens must be positive; uncertainty_penalty, kl_coef >= 0.")
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,8 @@ class FeedbackExample:
 
 
 StepReport = Callable[[int, int, float], None]
+# RewardModel.score_heads: per (prompt, responses) item, the per-head rewards (n, K).
+Judge = Callable[[list[tuple[str, list[str]]]], list[np.ndarray]]
 
 
 def uses_lora(config: PolicyTrainingConfig, model: torch.nn.Module) -> bool:
@@ -104,13 +128,18 @@ def train_policy(
     similarity: Callable[[list[str], list[str]], np.ndarray] | None = None,
     on_step: StepReport | None = None,
     ranks: Ranks = ONE_PROCESS,
+    judge: Judge | None = None,
 ) -> tuple[Policy, dict[str, Any]]:
     """A trained copy of ``policy`` (the original is untouched) and what the training did.
 
     ``similarity(texts, feedbacks)`` scores each refinement against its feedback for ILF; without
-    it, or without feedback, ILF is skipped. Across ``ranks``, every rank calls this with the
-    same data: rank 0 generates the ILF refinements for all, and TRL shards the examples.
+    it, or without feedback, ILF is skipped. ``judge`` rewards GRPO's samples (required for
+    ``method="grpo"``, which trains on the pairs' prompts instead of their labels). Across
+    ``ranks``, every rank calls this with the same data: rank 0 generates the ILF refinements
+    for all, and TRL shards the examples.
     """
+    if config.method == "grpo" and judge is None:
+        raise ValueError("GRPO needs a judge: the reward model that rewards the samples.")
     candidate = Policy(
         policy.config, copy.deepcopy(policy.model), policy.tokenizer, f"{policy.version}+trained"
     )
@@ -125,12 +154,28 @@ def train_policy(
         stats["ilf_examples"] = len(refined)
         stats["ilf"] = _fit(candidate, "sft", refined, config, on_step)
     usable = [p for p in pairs if p.chosen != p.rejected]
-    if usable:
+    if config.method == "grpo" and pairs:
+        prompts = [{"prompt": p} for p in dict.fromkeys(pair.prompt for pair in pairs)]
+        stats["grpo_prompts"] = len(prompts)
+        reward = penalized_reward(judge, config.uncertainty_penalty)  # type: ignore[arg-type]
+        stats["grpo"] = _fit(candidate, "grpo", prompts, config, on_step, reward)
+    elif usable:
         stats["dpo_pairs"] = len(usable)
         stats["dpo"] = _fit(candidate, "dpo", [p.__dict__ for p in usable], config, on_step)
     stats["train_seconds"] = round(time.monotonic() - started, 3)
     candidate.model.eval()
     return candidate, stats
+
+
+def penalized_reward(judge: Judge, penalty: float) -> Callable[..., list[float]]:
+    """GRPO's reward function: per completion, the heads' mean reward minus ``penalty`` × their
+    standard deviation (TRL calls it with the batch's prompts and completions)."""
+
+    def reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        heads = judge([(p, [c]) for p, c in zip(prompts, completions, strict=True)])
+        return [float(h[0].mean() - penalty * h[0].std()) for h in heads]
+
+    return reward
 
 
 def ilf_refinements(
@@ -158,19 +203,19 @@ def _fit(
     rows: list[dict[str, str]],
     config: PolicyTrainingConfig,
     on_step: StepReport | None,
+    reward: Callable[..., list[float]] | None = None,
 ) -> dict[str, float]:
-    """One TRL run (``dpo`` or ``sft``) on ``policy.model``, in place."""
+    """One TRL run (``dpo``, ``sft`` or ``grpo`` with ``reward``) on ``policy.model``, in place."""
     from datasets import Dataset
     from transformers import PrinterCallback
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
     lora = uses_lora(config, policy.model)
-    common = dict(
+    common: dict[str, Any] = dict(
         output_dir=tempfile.mkdtemp(prefix=f"rlhf-{method}-"),
         per_device_train_batch_size=config.batch_size,
         num_train_epochs=config.epochs,
         learning_rate=config.learning_rate * (4 if lora else 1),
-        max_length=config.max_length,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -190,7 +235,25 @@ def _fit(
     if method == "dpo":
         trainer: Any = DPOTrainer(
             model=policy.model,
-            args=DPOConfig(beta=config.beta, **common),
+            args=DPOConfig(beta=config.beta, max_length=config.max_length, **common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    elif method == "grpo":
+        args = GRPOConfig(
+            num_generations=config.grpo_generations,
+            max_completion_length=config.max_new_tokens,
+            temperature=policy.config.temperature,
+            top_p=policy.config.top_p,
+            beta=config.kl_coef,
+            **common,
+        )
+        trainer = GRPOTrainer(
+            model=policy.model,
+            reward_funcs=reward,
+            args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
@@ -199,7 +262,7 @@ def _fit(
     else:
         trainer = SFTTrainer(
             model=policy.model,
-            args=SFTConfig(completion_only_loss=True, **common),
+            args=SFTConfig(completion_only_loss=True, max_length=config.max_length, **common),
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
@@ -211,13 +274,18 @@ def _fit(
     if peft_config is not None:
         model = model.merge_and_unload()  # a version is a plain causal LM
     policy.model = model.eval()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {
+    history = trainer.state.log_history
+    losses = [e["loss"] for e in history if "loss" in e]
+    stats = {
         "steps": output.global_step,
         "first_loss": round(losses[0], 4) if losses else math.nan,
         "last_loss": round(losses[-1], 4) if losses else math.nan,
         "lora": lora,
     }
+    rewards = [e["reward"] for e in history if "reward" in e]  # GRPO: mean penalized reward
+    if rewards:
+        stats["first_reward"], stats["last_reward"] = round(rewards[0], 4), round(rewards[-1], 4)
+    return stats
 
 
 def _lora_config(config: PolicyTrainingConfig) -> Any:
