@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 PROCESSES = 2
 
 
-def accelerate_launch(data_dir: Path, backbone: str, *cli: str) -> subprocess.CompletedProcess:
+def accelerate_launch(
+    data_dir: Path, backbone: str, *cli: str, **settings: str
+) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).parent / "accelerate"
     argv = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(PROCESSES)]
     argv += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -34,6 +36,8 @@ def accelerate_launch(data_dir: Path, backbone: str, *cli: str) -> subprocess.Co
         "OMP_NUM_THREADS": "1",
         "RLHF_REWARD_BACKBONE": backbone,
         "RLHF_REWARD_HEADS": "4",
+        "RLHF_MAX_NEW_TOKENS": "8",
+        **settings,
     }
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
 
@@ -63,6 +67,18 @@ def test_accelerate_launch_trains_the_policy_data_parallel_and_records_once(tmp_
     pairs, batch, epochs = metrics["dpo_pairs"], 8, 2
     assert metrics["dpo"]["steps"] == math.ceil(math.ceil(pairs / PROCESSES) / batch) * epochs
     assert metrics["dpo"]["steps"] < math.ceil(pairs / batch) * epochs
+
+
+def test_grpo_runs_over_processes_too(tmp_path):
+    backbone = str(ensure_tiny_encoder(tmp_path / "models"))
+    config = BackendConfig(data_dir=tmp_path / "data", reward_backbone=backbone, reward_heads=4)
+    seed_annotations(Store(config.db_path).initialize(), 24)
+    run = accelerate_launch(
+        config.data_dir, backbone, "train", "--project", "1", RLHF_POLICY_TRAINING="grpo"
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    [policy] = registry_for(config).versions(1, POLICY)
+    assert policy.metrics["processes"] == PROCESSES and policy.metrics["grpo"]["steps"] > 0
 
 
 def test_only_training_spreads_over_processes(tmp_path):
