@@ -86,6 +86,39 @@ def test_dpo_moves_the_policy_towards_chosen_responses_and_leaves_the_original(p
     assert steps and steps[-1][:2] == (4, 4)
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_a_chat_policy_is_trained_in_the_template_it_answers_in(policy, monkeypatch):
+    import datasets
+
+    policy.tokenizer.chat_template = CHAT_TEMPLATE
+    assert policy.chats
+    seen: list[list[dict]] = []
+    from_list = datasets.Dataset.from_list
+    monkeypatch.setattr(
+        datasets.Dataset, "from_list", lambda rows: seen.append(rows) or from_list(rows)
+    )
+    pairs = [Pair(f"Question {i}:", CHOSEN, REJECTED_TEXT) for i in range(8)]
+
+    def margin(p: Policy) -> float:  # the prompt as generate() sends it
+        prompt = p.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Question 99:"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return log_prob(p, prompt, CHOSEN) - log_prob(p, prompt, REJECTED_TEXT)
+
+    before = margin(policy)
+    trained, stats = train_policy(policy, pairs, [], PolicyTrainingConfig(**FAST))
+    assert seen[-1][0]["prompt"] == [{"role": "user", "content": "Question 0:"}]
+    assert seen[-1][0]["chosen"] == [{"role": "assistant", "content": CHOSEN}]
+    assert margin(trained) > before + 1.0, stats
+
+
 def test_lora_training_is_merged_into_a_plain_causal_lm(policy, tmp_path):
     pairs = [Pair(f"Question {i}:", CHOSEN, REJECTED_TEXT) for i in range(4)]
     trained, stats = train_policy(policy, pairs, [], PolicyTrainingConfig(lora="on", **FAST))
@@ -163,9 +196,18 @@ def test_grpo_reward_is_the_heads_mean_less_the_penalty_times_their_spread():
     assert penalized_reward(judge, 0.0)(["p", "p"], ["a", "b"]) == pytest.approx([2.0, 2.0])
 
 
-def test_grpo_raises_what_the_reward_model_gives_the_policys_own_answers(policy):
-    def judge(items):  # likes the letter "e" (the tiny model's samples vary in it); heads agree
-        return [np.array([[r.count("e")] * 2 for r in responses], float) for _, responses in items]
+def judge_e(items):  # likes the letter "e" (the tiny model's samples vary in it); heads agree
+    return [np.array([[r.count("e")] * 2 for r in responses], float) for _, responses in items]
+
+
+@pytest.mark.parametrize("chats", [False, True])
+def test_grpo_raises_what_the_reward_model_gives_the_policys_own_answers(policy, chats):
+    policy.tokenizer.chat_template = CHAT_TEMPLATE if chats else None
+    judged: list[str] = []
+
+    def judge(items):
+        judged.extend(prompt for prompt, _ in items)
+        return judge_e(items)
 
     prompts = [f"Question {i}:" for i in range(8)]
     pairs = [Pair(p, CHOSEN, REJECTED_TEXT) for p in prompts]
@@ -180,7 +222,8 @@ def test_grpo_raises_what_the_reward_model_gives_the_policys_own_answers(policy)
 
     assert stats["grpo_prompts"] == 8 and stats["dpo_pairs"] == 0
     assert stats["grpo"]["steps"] > 0 and "last_reward" in stats["grpo"]
-    assert mean_reward(trained) > mean_reward(policy) + 1.0, stats
+    assert mean_reward(trained) > mean_reward(policy) + 0.5, stats
+    assert set(judged) <= set(prompts)  # the judge sees the plain prompt, template or not
 
 
 @pytest.fixture

@@ -122,6 +122,14 @@ class Policy:
         return cls(config, model, tokenizer, version)
 
     @property
+    def chats(self) -> bool:
+        """Whether prompts are user turns in the tokenizer's chat template (generation and
+        training alike)."""
+        return self.config.use_chat_template and bool(
+            getattr(self.tokenizer, "chat_template", None)
+        )
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -150,7 +158,7 @@ class Policy:
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         tok = self.tokenizer
-        if self.config.use_chat_template and getattr(tok, "chat_template", None):
+        if self.chats:
             text = tok.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )

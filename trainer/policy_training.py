@@ -170,8 +170,9 @@ def penalized_reward(judge: Judge, penalty: float) -> Callable[..., list[float]]
     """GRPO's reward function: per completion, the heads' mean reward minus ``penalty`` × their
     standard deviation (TRL calls it with the batch's prompts and completions)."""
 
-    def reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
-        heads = judge([(p, [c]) for p, c in zip(prompts, completions, strict=True)])
+    def reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        items = [(_text(p), [_text(c)]) for p, c in zip(prompts, completions, strict=True)]
+        heads = judge(items)
         return [float(h[0].mean() - penalty * h[0].std()) for h in heads]
 
     return reward
@@ -204,7 +205,11 @@ def _fit(
     on_step: StepReport | None,
     reward: Callable[..., list[float]] | None = None,
 ) -> dict[str, float]:
-    """One TRL run (``dpo``, ``sft`` or ``grpo`` with ``reward``) on ``policy.model``, in place."""
+    """One TRL run (``dpo``, ``sft`` or ``grpo`` with ``reward``) on ``policy.model``, in place.
+
+    A policy that answers in its chat template is trained in it too: the rows go to TRL as
+    conversations (user prompt, assistant answer), and TRL applies the template.
+    """
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
@@ -229,7 +234,7 @@ def _fit(
         tokenizer.pad_token = tokenizer.eos_token
     peft_config = _lora_config(config) if lora else None
     callbacks = [_progress_callback(on_step)] if on_step is not None else []
-    dataset = Dataset.from_list(rows)
+    dataset = Dataset.from_list(_as_conversations(rows) if policy.chats else rows)
     policy.model.train()
     if method == "dpo":
         trainer: Any = DPOTrainer(
@@ -285,6 +290,23 @@ def _fit(
     if rewards:
         stats["first_reward"], stats["last_reward"] = round(rewards[0], 4), round(rewards[-1], 4)
     return stats
+
+
+def _as_conversations(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """TRL's conversational format: the prompt a user turn, each answer an assistant turn."""
+    conversations = []
+    for row in rows:
+        turns: dict[str, Any] = {"prompt": [{"role": "user", "content": row["prompt"]}]}
+        for key in ("chosen", "rejected", "completion"):
+            if key in row:
+                turns[key] = [{"role": "assistant", "content": row[key]}]
+        conversations.append(turns)
+    return conversations
+
+
+def _text(turns: str | list[dict[str, str]]) -> str:
+    """A plain prompt or completion, or the last turn's text of a conversational one."""
+    return turns if isinstance(turns, str) else turns[-1]["content"]
 
 
 def _lora_config(config: PolicyTrainingConfig) -> Any:
