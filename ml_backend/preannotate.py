@@ -29,8 +29,7 @@ from tqdm import tqdm
 
 from ml_backend.conversion import field_text
 from ml_backend.label_schema import RLHFSchema
-from ml_backend.predict import build_prediction, pair_probabilities, task_candidates
-from trainer.acquisition import acquisition
+from ml_backend.predict import build_prediction, most_informative_pair, task_candidates
 from trainer.selection import pool_scores
 
 logger = logging.getLogger(__name__)
@@ -83,12 +82,11 @@ class ScoredTask:
     feature: np.ndarray  # (H,) that pair's embedding difference: near-duplicates are close
 
 
-def most_informative_pair(head_rewards: np.ndarray, strategy: str) -> tuple[int, int, float]:
-    """The pair (i, j) of responses whose label teaches the most, and its acquisition value."""
-    pairs, p_heads = pair_probabilities(head_rewards)
-    value = acquisition(strategy)(p_heads, np.random.default_rng(len(head_rewards)))
-    best = int(np.argmax(value))
-    return pairs[best][0], pairs[best][1], float(value[best])
+def _most_informative(head_rewards: np.ndarray, strategy: str) -> tuple[int, int, float]:
+    """:func:`most_informative_pair` of responses written by this job (always at least two)."""
+    informative = most_informative_pair(head_rewards, strategy, seed=len(head_rewards))
+    assert informative is not None
+    return informative
 
 
 def fill_candidates(
@@ -111,7 +109,7 @@ def fill_candidates(
         ]
         new[schema.rankers[0].items.key] = items
         return new
-    first, second, _ = most_informative_pair(head_rewards, strategy)
+    first, second, _ = _most_informative(head_rewards, strategy)
     order = [first, second] + [i for i in range(len(candidates)) if i not in (first, second)]
     for slot, index in zip(schema.responses, order):
         new[slot.key] = candidates[index]
@@ -184,7 +182,7 @@ def _score(
     )
     scored = []
     for (task, candidates), head_rewards, emb in zip(found, rewards, embeddings):
-        first, second, value = most_informative_pair(head_rewards, strategy)
+        first, second, value = _most_informative(head_rewards, strategy)
         prediction = build_prediction(schema, candidates, head_rewards, version, strategy)
         scored.append(ScoredTask(task["id"], prediction, value, emb[first] - emb[second]))
     return scored

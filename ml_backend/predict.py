@@ -71,6 +71,19 @@ def pair_probabilities(head_rewards: np.ndarray) -> tuple[list[tuple[int, int]],
     return pairs, 1.0 / (1.0 + np.exp(-(left - right)))
 
 
+def most_informative_pair(
+    head_rewards: np.ndarray, strategy: str, seed: int = 0
+) -> tuple[int, int, float] | None:
+    """The pair (i, j) of responses whose label teaches the most, and its acquisition value;
+    ``None`` for fewer than two responses. ``seed`` only matters for ``random``."""
+    pairs, p_heads = pair_probabilities(head_rewards)
+    if not pairs:
+        return None
+    value = acquisition(strategy)(p_heads, np.random.default_rng(seed))
+    best = int(np.argmax(value))
+    return pairs[best][0], pairs[best][1], float(value[best])
+
+
 def build_prediction(
     schema: RLHFSchema,
     candidates: Candidates,
@@ -80,9 +93,8 @@ def build_prediction(
 ) -> dict[str, Any]:
     """One Label Studio prediction for a task, from its responses' per-head rewards (n, K)."""
     rewards = head_rewards.mean(axis=1)  # (n,)
-    pairs, p_heads = pair_probabilities(head_rewards)
-    uncertainty = acquisition(strategy)(p_heads, np.random.default_rng(0))
-    score = float(1.0 - uncertainty.max()) if len(pairs) else 1.0
+    informative = most_informative_pair(head_rewards, strategy)
+    score = 1.0 - informative[2] if informative else 1.0
     result: list[dict[str, Any]] = []
     for control in schema.pairwise:
         left, right = (

@@ -43,6 +43,10 @@ class Ranks:
         broadcast_object_list(box, from_process=0)
         return box[0]
 
+    def wait(self) -> None:
+        """Return once every rank has got here."""
+        self.share(None)
+
 
 ONE_PROCESS = Ranks()
 

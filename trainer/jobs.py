@@ -62,7 +62,10 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
     store = Store(config.db_path, config.store_sync)
     registry = registry_for(config)
     records, feedback = ranks.share(
-        (store.records(job.project_id, "preference"), store.records(job.project_id, "feedback"))
+        (
+            store.records(job.project_id, "preference"),
+            store.records(job.project_id, "feedback") if config.policy_training != "off" else [],
+        )
         if ranks.is_main
         else ([], [])
     )
@@ -73,7 +76,7 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
         result = train_reward_model(
             config, registry, job.project_id, records, job_progress(store, job, "reward model")
         )
-    ranks.share(None)  # every rank waits for the judge the policy is trained and gated with
+    ranks.wait()  # for the judge the policy is trained and gated with
     if config.policy_training != "off":
         result["policy"] = train_policy_version(
             config,

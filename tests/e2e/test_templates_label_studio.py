@@ -26,8 +26,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from ml_backend.config import BackendConfig
 from ml_backend.conversion import Provenance, convert
 from ml_backend.label_schema import RLHFSchema, parse_label_config
-from ml_backend.preannotate import most_informative_pair
-from ml_backend.predict import task_candidates
+from ml_backend.predict import most_informative_pair, task_candidates
 from ml_backend.store import JOB_DONE
 from trainer.jobs import registry_for
 from trainer.registry import PROMOTED, REWARD_MODEL
