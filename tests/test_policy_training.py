@@ -65,6 +65,9 @@ def test_config_rejects_bad_values():
         PolicyTrainingConfig(lora="maybe")
     with pytest.raises(ValueError, match="min_win_rate"):
         PolicyTrainingConfig(min_win_rate=1.0)
+    with pytest.raises(ValueError, match="whole groups"):
+        PolicyTrainingConfig(method="grpo", batch_size=6, grpo_generations=4)
+    PolicyTrainingConfig(method="dpo", batch_size=6)  # GRPO's group size does not bind DPO
 
 
 def test_dpo_moves_the_policy_towards_chosen_responses_and_leaves_the_original(policy):

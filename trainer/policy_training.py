@@ -92,7 +92,8 @@ class PolicyTrainingConfig:
             raise ValueError(f"ilf_refinements={self.ilf_refinements} must be >= 0 (0: no ILF).")
         if not 0 <= self.min_win_rate < 1:
             raise ValueError(f"min_win_rate={self.min_win_rate} must be in [0, 1).")
-        if self.grpo_generations < 2 or self.batch_size % self.grpo_generations:
+        grpo = self.method == "grpo"
+        if self.grpo_generations < 2 or (grpo and self.batch_size % self.grpo_generations):
             raise ValueError(
                 f"grpo_generations={self.grpo_generations} must be >= 2 and divide "
                 f"batch_size={self.batch_size} (a batch holds whole groups)."
