@@ -116,14 +116,20 @@ def _train_across_ranks(config: BackendConfig, store: Any, project_id: int) -> i
         claimed = ranks.share(None)
         if claimed is not None:
             train_job(config, claimed, ranks)
+        ranks.finish()  # exit together with rank 0, which gates and saves after training
         return 0
     worker = Worker(config, {"train": lambda job: train_job(config, job, ranks)})
     claimed = ranks.share(store.start_job(project_id, "train", "cli", worker.name))
     if claimed is None:
         print("a worker is already running a train job for this project", file=sys.stderr)
+        ranks.finish()
         return 1
-    worker.run_job(claimed)  # records the outcome; a failure here stops the other ranks
-    return _print_outcome(store, claimed.job_id)
+    worker.run_job(claimed)  # records the outcome
+    outcome = _print_outcome(store, claimed.job_id)
+    if outcome == 0:
+        ranks.finish()
+    # A failure exits non-zero without waiting: accelerate's launcher then stops the other ranks.
+    return outcome
 
 
 def _print_outcome(store: Any, job_id: int) -> int:

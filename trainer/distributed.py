@@ -47,6 +47,16 @@ class Ranks:
         """Return once every rank has got here."""
         self.share(None)
 
+    def finish(self) -> None:
+        """Wait for every rank, then leave the process group. A rank that exits while another
+        still uses the group can be aborted on its way out (gloo: ``terminate called``)."""
+        if self.count == 1:
+            return
+        self.wait()
+        from accelerate import PartialState
+
+        PartialState().destroy_process_group()
+
 
 ONE_PROCESS = Ranks()
 
