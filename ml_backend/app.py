@@ -12,6 +12,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from ml_backend import dashboard
 from ml_backend.config import BackendConfig
 from ml_backend.errors import BackendError, BadRequest, NotFound, Unauthorized
 from ml_backend.intake import MAX_ID, handle_event
@@ -55,6 +56,7 @@ def create_app(config: BackendConfig | None = None) -> Flask:
 
     _register_hooks(app, services)
     _register_routes(app, services)
+    app.register_blueprint(dashboard.blueprint)
     _register_errors(app)
     return app
 

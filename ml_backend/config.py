@@ -135,6 +135,13 @@ class BackendConfig:
         "bald, batch (margin, near-duplicates spread out over the pool's order), or default "
         "(batch).",
     )
+    arena_share: float = _setting(
+        0.1,
+        "RLHF_ARENA_SHARE",
+        "Share of prompt-only tasks on which pre-annotation pits the served policy against an "
+        "earlier promoted version (one response each) for the dashboard's human-judged "
+        "leaderboard (0: never).",
+    )
     log_level: str = _setting("INFO", "LOG_LEVEL", "Python logging level.")
 
     def __post_init__(self) -> None:
@@ -169,6 +176,8 @@ class BackendConfig:
             raise ConfigError("RLHF_TRAIN_EVERY must be 0 (never) or a positive integer.")
         if not 0.0 <= self.promotion_tolerance <= 1.0:
             raise ConfigError("RLHF_PROMOTION_TOLERANCE must be in [0, 1].")
+        if not 0.0 <= self.arena_share <= 1.0:
+            raise ConfigError("RLHF_ARENA_SHARE must be in [0, 1].")
 
     @property
     def auth_enabled(self) -> bool:

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from ml_backend.arena import Arena
 from ml_backend.conversion import field_text
 from ml_backend.label_schema import RLHFSchema
 from ml_backend.predict import build_prediction, most_informative_pair, task_candidates
@@ -125,7 +126,10 @@ def preannotate_project(
     batch_size: int = 16,
     strategy: str = "default",
     progress: bool = False,
+    arena: Arena | None = None,
 ) -> PreannotateReport:
+    """``arena``: pit the served policy against earlier versions on a share of the prompt-only
+    tasks (:mod:`ml_backend.arena`); None: every candidate comes from the served policy."""
     version = models.served_version(project_id)
     report = PreannotateReport(model_version=version)
     slots = len(schema.responses) if not schema.rankers else num_candidates
@@ -139,7 +143,9 @@ def preannotate_project(
     bar = tqdm(total=len(pending), desc=f"scoring project {project_id}", disable=not progress)
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
-        _generate_where_needed(project_id, schema, models, tasks, batch, n, strategy, report)
+        _generate_where_needed(
+            project_id, schema, models, tasks, batch, n, strategy, report, arena
+        )
         batch_scored = _score(project_id, schema, models, batch, version, strategy)
         report.skipped += len(batch) - len(batch_scored)
         report.tasks_seen += len(batch)
@@ -197,6 +203,7 @@ def _generate_where_needed(
     n: int,
     strategy: str,
     report: PreannotateReport,
+    arena: Arena | None = None,
 ) -> None:
     empty = []
     for task in batch:
@@ -211,7 +218,12 @@ def _generate_where_needed(
         return
     prompts = [field_text(t["data"], schema.prompt) for t in empty]
     generated = models.generate(project_id, prompts, n)
+    if arena is not None:
+        slots = n if schema.rankers else len(schema.responses)
+        generated = arena.pit([t["id"] for t in empty], prompts, generated, slots)
     rewards, _ = models.score_and_embed(project_id, list(zip(prompts, generated)))
+    if arena is not None:
+        arena.record_authors([t["id"] for t in empty], rewards)
     for task, candidates, head_rewards in zip(empty, generated, rewards):
         data = fill_candidates(schema, task["data"], candidates, head_rewards, strategy)
         tasks.update_task_data(task["id"], data)

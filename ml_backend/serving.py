@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 
 from ml_backend.config import BackendConfig
-from trainer.registry import POLICY, REWARD_MODEL, ModelVersion, Registry, served_version_string
+from trainer.registry import (
+    BASE_VERSIONS,
+    POLICY,
+    PROMOTED,
+    REWARD_MODEL,
+    ModelVersion,
+    Registry,
+    served_version_string,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +57,7 @@ class ModelServer:
         self._policy: dict[int, tuple[str, Any]] = {}  # project -> (version, Policy)
         self._base_reward: Any = None
         self._base_policy: Any = None
+        self._other_policy: tuple[str, Any] | None = None  # an earlier version (the arena's)
 
     @property
     def cache_dir(self) -> Path:
@@ -119,3 +128,29 @@ class ModelServer:
     def generate(self, project_id: int, prompts: list[str], n: int) -> list[list[str]]:
         _, policy = self.policy(project_id)
         return policy.generate(prompts, n)
+
+    def generate_with(
+        self, project_id: int, version: str, prompts: list[str], n: int
+    ) -> list[list[str]]:
+        """Candidates from a given policy version of the project (the arena's opponents); the
+        last one loaded stays loaded, since a pre-annotation batch asks for it again."""
+        if version == self.registry.served(project_id, POLICY).version:
+            return self.generate(project_id, prompts, n)
+        key = f"{project_id}:{version}"
+        if self._other_policy is None or self._other_policy[0] != key:
+            found = self.registry.get(project_id, POLICY, version)
+            if found is None:
+                raise LookupError(f"project {project_id} has no policy version {version!r}")
+            self._other_policy = (key, self._load_policy(found))
+        return self._other_policy[1].generate(prompts, n)
+
+    def arena_opponents(self, project_id: int) -> list[str]:
+        """Earlier promoted policy versions (the base policy included), not the served one."""
+        served = self.registry.served(project_id, POLICY).version
+        promoted = [
+            v.version
+            for v in self.registry.versions(project_id, POLICY)
+            if v.status == PROMOTED and v.version != served
+        ]
+        base = BASE_VERSIONS[POLICY]
+        return promoted + [base] if served != base else promoted

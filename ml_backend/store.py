@@ -96,6 +96,19 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+-- Which policy version wrote which response of an arena task (ml_backend.arena), and what the
+-- reward model serving then thought of it: the leaderboard's link from a label to versions.
+CREATE TABLE IF NOT EXISTS arena_responses (
+    project_id INTEGER NOT NULL,
+    task_id INTEGER NOT NULL,
+    text_hash TEXT NOT NULL,
+    policy_version TEXT NOT NULL,
+    chars INTEGER NOT NULL,
+    rm_reward REAL,
+    rm_version TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (project_id, task_id, text_hash)
+);
 """
 
 JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED = "queued", "running", "done", "failed"
@@ -544,6 +557,70 @@ class Store:
             "SELECT project_id, model_version FROM projects WHERE model_version IS NOT NULL"
         )
         return {row[0]: row[1] for row in rows}
+
+    def job_history(self, project_id: int, limit: int = 50) -> list[dict[str, Any]]:
+        """A project's newest jobs, every column (times, progress, result), newest first."""
+        rows = self._connection().execute(
+            "SELECT * FROM jobs WHERE project_id = ? ORDER BY job_id DESC LIMIT ?",
+            (project_id, limit),
+        )
+        history = []
+        for row in rows:
+            job = dict(row)
+            for key in ("progress", "result"):
+                job[key] = json.loads(job[key]) if job[key] else None
+            history.append(job)
+        return history
+
+    def annotator_counts(self, project_id: int) -> dict[int | None, tuple[int, int]]:
+        """Live annotations per annotator: (labels given, of which skipped)."""
+        rows = self._connection().execute(
+            """SELECT annotator, COUNT(*), SUM(was_cancelled) FROM annotations
+               WHERE project_id = ? AND deleted = 0 GROUP BY annotator""",
+            (project_id,),
+        )
+        return {row[0]: (int(row[1]), int(row[2] or 0)) for row in rows}
+
+    # -- arena -------------------------------------------------------------------------------
+
+    def replace_arena_responses(
+        self, project_id: int, task_id: int, responses: list[dict[str, Any]]
+    ) -> None:
+        """Which version wrote each response of an arena task (replacing an earlier attempt's).
+
+        ``responses``: ``{"text_hash", "policy_version", "chars", "rm_reward", "rm_version"}``.
+        """
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM arena_responses WHERE project_id = ? AND task_id = ?",
+                (project_id, task_id),
+            )
+            conn.executemany(
+                """INSERT OR REPLACE INTO arena_responses(project_id, task_id, text_hash,
+                       policy_version, chars, rm_reward, rm_version, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                [
+                    (
+                        project_id,
+                        task_id,
+                        r["text_hash"],
+                        r["policy_version"],
+                        r["chars"],
+                        r.get("rm_reward"),
+                        r.get("rm_version"),
+                        now,
+                    )
+                    for r in responses
+                ],
+            )
+
+    def arena_responses(self, project_id: int) -> list[dict[str, Any]]:
+        rows = self._connection().execute(
+            "SELECT * FROM arena_responses WHERE project_id = ? ORDER BY task_id, text_hash",
+            (project_id,),
+        )
+        return [dict(row) for row in rows]
 
 
 def _put_config(conn: sqlite3.Connection, xml: str) -> str:

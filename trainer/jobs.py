@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ml_backend.arena import Arena
 from ml_backend.config import BackendConfig
 from ml_backend.label_schema import parse_label_config
 from ml_backend.serving import ModelServer, policy_config, reward_model_config
@@ -346,5 +347,21 @@ def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
         num_candidates=config.num_candidates,
         strategy=config.strategy,
         progress=True,
+        arena=_arena(config, store, models, job.project_id),
     )
     return report.as_dict()
+
+
+def _arena(config: BackendConfig, store: Store, models: ModelServer, project_id: int) -> Arena:
+    registry = models.registry
+    return Arena(
+        project_id=project_id,
+        share=config.arena_share,
+        current=registry.served(project_id, POLICY).version,
+        opponents=models.arena_opponents(project_id),
+        reward_model=registry.served(project_id, REWARD_MODEL).version,
+        generate_with=lambda version, prompts, n: models.generate_with(
+            project_id, version, prompts, n
+        ),
+        record=store.replace_arena_responses,
+    )
