@@ -153,6 +153,7 @@ def accuracy_figure(versions: list[dict[str, Any]]) -> go.Figure | None:
     return _layout(
         figure,
         "Reward model per version (green: promoted, red: rejected)",
+        xaxis={"type": "category"},
         yaxis={"range": [0, 1.05], "title": "held-out"},
     )
 
@@ -206,6 +207,7 @@ def leaderboard_figure(rows: list[dict[str, Any]]) -> go.Figure | None:
         figure,
         "Policy leaderboard (people's choices, length-controlled)",
         xaxis={"title": "rating (Elo scale)"},
+        yaxis={"type": "category"},
     )
 
 

@@ -45,6 +45,7 @@ def project(tmp_path_factory, annotation_event):
         reward_backbone=str(ensure_tiny_encoder(data_dir / "models-cache")),
         reward_heads=4,
         policy_training="off",
+        train_every=25,
         basic_auth_user=USER,
         basic_auth_pass=PASSWORD,
     )
@@ -64,21 +65,23 @@ def project(tmp_path_factory, annotation_event):
         )
         assert http.post("/webhook", json=event, headers=AUTH).status_code == 200
 
+    store = app.extensions["rlhf"].store
+    trainer = Worker(config, {"train": lambda job: train_job(config, job)})
     rng = random.Random(0)
     for i in range(40):  # annotator 7 prefers the polite answer; 8 agrees on 8 of 10
         polite, rude = f"thank you, here is step {i}", f"go away {i}, no"
         left = rng.random() < 0.5
         data = {"prompt": f"question {i}", "answer1": polite if left else rude}
         data["answer2"] = rude if left else polite
-        annotate(i + 1, i + 1, data, "left" if left else "right", 7)
+        annotate(i + 1, i + 21, data, "left" if left else "right", 7)
         if i < 10:
             agrees = i < 8
-            annotate(500 + i, i + 1, data, ("left" if left else "right") if agrees else
+            annotate(500 + i, i + 21, data, ("left" if left else "right") if agrees else
                      ("right" if left else "left"), 8)
+        if i in (24, 39):  # jobs queued by the 25th and the 50th usable annotation
+            assert trainer.run(once=True) == 1
     annotate(600, 1, {"prompt": "question 0", "answer1": "a", "answer2": "b"}, "left", 9, True)
 
-    store = app.extensions["rlhf"].store  # the 50th usable annotation queued a training job
-    Worker(config, {"train": lambda job: train_job(config, job)}).run(once=True)
 
     def out_of_memory(job):
         raise RuntimeError("out of memory (simulated)")
@@ -131,15 +134,20 @@ def test_summary_needs_basic_auth(http):
     assert http.get("/dashboard/1").status_code == 401
 
 
-def test_summary_lists_the_trained_versions_with_their_evidence(http):
-    versions = {v["version"]: v for v in summary(http)["versions"]}
-    rm = versions["rm-0001"]
-    assert (rm["kind"], rm["status"], rm["served"]) == ("rm", "promoted", True)
-    assert rm["labels"] == 40 + 10  # every usable annotation the job saw
-    assert rm["heldout_pairs"] > 0 and 0.0 <= rm["accuracy"] <= 1.0
-    low, high = rm["accuracy_ci"]
-    assert low <= rm["accuracy"] <= high and high - low > 0
-    assert rm["ece"] is not None and rm["reason"]
+def test_summary_lists_the_trained_versions_with_their_evidence(project, http):
+    result = summary(http)
+    versions = {v["version"]: v for v in result["versions"]}
+    served_rm = registry_for(project[1]).served(1, "rm").version
+    for name, labels in (("rm-0001", 35), ("rm-0002", 50)):
+        rm = versions[name]
+        assert rm["kind"] == "rm" and rm["status"] in ("promoted", "rejected")
+        assert rm["served"] == (name == served_rm)
+        assert rm["labels"] == labels  # the usable annotations the job trained and tested on
+        assert rm["heldout_pairs"] > 0 and 0.0 <= rm["accuracy"] <= 1.0
+        low, high = rm["accuracy_ci"]
+        assert low <= rm["accuracy"] <= high and high - low > 0
+        assert rm["ece"] is not None and rm["reason"]
+    assert result["served"] == f"{served_rm}.policy-0001"
     policy = versions["policy-0001"]
     assert (policy["kind"], policy["gate_win_rate"], policy["labels"]) == ("policy", 0.61, 40)
 
@@ -149,14 +157,15 @@ def test_summary_lists_jobs_with_progress_and_failure_reasons(http):
     by_status = {}
     for job in jobs:
         by_status.setdefault(job["status"], []).append(job)
-    assert [j["trigger"] for j in by_status["done"]] == ["annotations"]  # the 50th webhook
+    assert [j["trigger"] for j in by_status["done"]] == ["annotations", "annotations"]
     [failed] = by_status["failed"]
     assert "out of memory" in failed["error"] and failed["attempts"] == 3
     [running] = by_status["running"]
     assert (running["phase"], running["step"], running["total"], running["eta_s"]) == (
         "reward model", 30, 120, 42,
     )
-    assert [j["kind"] for j in by_status["queued"]] == ["preannotate"]  # after the promotion
+    # Re-scoring after the promotion, and training after the arena's 25th label.
+    assert sorted(j["kind"] for j in by_status["queued"]) == ["preannotate", "train"]
 
 
 def test_summary_lists_annotators_with_labels_and_agreement(http):
@@ -194,7 +203,7 @@ def test_unknown_project_is_a_json_404(http):
 
 def test_dashboard_pages_render_and_refresh_while_a_job_runs(http):
     listing = http.get("/dashboard", headers=AUTH).get_data(as_text=True)
-    assert 'href="/dashboard/1"' in listing and "rm-0001.policy-0001" in listing
+    assert 'href="/dashboard/1"' in listing and "policy-0001" in listing
     page = http.get("/dashboard/1", headers=AUTH).get_data(as_text=True)
     assert '<meta http-equiv="refresh"' in page
     assert '<script src="/dashboard/plotly.min.js">' in page
@@ -239,7 +248,7 @@ def chromium(tmp_path):
         "--disable-component-update",
         "--disable-sync",
         "--no-first-run",
-        "--window-size=1400,2400",
+        "--window-size=1400,1900",
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(flag)
@@ -255,10 +264,17 @@ def chromium(tmp_path):
 PLOT_DATA = """
 const plot = document.getElementById(arguments[0]);
 if (!plot || !plot._fullLayout) return null;  // plotly never drew it
+const box = plot.getBoundingClientRect();
+const points = Array.from(plot.querySelectorAll('.scatterlayer .point, .barlayer .point'));
+const within = e => {
+  const r = e.getBoundingClientRect();
+  return r.left >= box.left && r.right <= box.right && r.top >= box.top && r.bottom <= box.bottom;
+};
 return {
   traces: plot.data.map(t => ({name: t.name || null, x: t.x, y: t.y})),
   ticks: Array.from(plot.querySelectorAll('.xtick text, .ytick text')).map(e => e.textContent),
-  points: plot.querySelectorAll('.scatterlayer .point, .barlayer .point').length,
+  points: points.length,
+  visible: points.filter(within).length,  // drawn inside the chart's box, not cut off
 };
 """
 
@@ -277,7 +293,7 @@ def test_a_browser_draws_the_charts_with_the_projects_data(http, live_url, chrom
     drawn = dict(zip(ratings["y"], ratings["x"]))
     assert drawn == {row["policy"]: row["rating"] for row in expected["leaderboard"]}
     assert {"policy-0001", "policy-base"} <= set(board["ticks"])  # the axis the browser drew
-    assert board["points"] == 2
+    assert board["points"] == board["visible"] == 2
 
     win_rates = chromium.execute_script(PLOT_DATA, "chart-win-rates")
     people, model = win_rates["traces"]
@@ -288,7 +304,7 @@ def test_a_browser_draws_the_charts_with_the_projects_data(http, live_url, chrom
     rm = [v for v in expected["versions"] if v["kind"] == "rm"]
     assert accuracy["traces"][0]["x"] == [v["version"] for v in rm]
     assert accuracy["traces"][0]["y"] == [v["accuracy"] for v in rm]
-    assert "rm-0001" in accuracy["ticks"] and accuracy["points"] >= 2
+    assert {"rm-0001", "rm-0002"} <= set(accuracy["ticks"]) and accuracy["points"] == accuracy["visible"] == 4
 
     curve = chromium.execute_script(PLOT_DATA, "chart-learning-curve")
     assert curve["traces"][0]["x"] == [v["labels"] for v in rm]
@@ -301,6 +317,5 @@ def test_a_browser_draws_the_charts_with_the_projects_data(http, live_url, chrom
     assert "out of memory (simulated)" in table and "30/120" in table
 
     screenshot = os.environ.get("RLHF_DASHBOARD_SCREENSHOT")
-    if screenshot:  # `make dashboard-screenshot` writes the README's picture this way
-        chromium.set_window_size(1400, 2000)
+    if screenshot:  # the README's picture (docs/dashboard.png) is taken this way
         Path(screenshot).write_bytes(chromium.get_screenshot_as_png())
