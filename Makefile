@@ -10,7 +10,7 @@ LABEL_STUDIO_VERSION := 1.23.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-label-studio run demo screenshot test test-fast lint format bench clean
+.PHONY: install install-label-studio run demo screenshot dashboard-screenshot test test-fast lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ screenshot: install install-label-studio
 	$(UV) pip install -q --python $(PY) -e ".[dev,screenshot]"
 	$(PY) scripts/demo.py --label-studio $(abspath $(LS_VENV))/bin/label-studio \
 		--no-wait --screenshot docs/labeling-screen.png --screenshot-task 1
+
+# The README's picture of the dashboard: the browser test's project, as headless Chromium drew it.
+dashboard-screenshot: install
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -q chromium chromium-driver
+	RLHF_DASHBOARD_SCREENSHOT=$(abspath docs/dashboard.png) $(PY) -m pytest -q \
+		tests/test_dashboard.py -k browser
 
 test-fast: install
 	$(PY) -m pytest -m "not e2e and not slow"

@@ -104,7 +104,7 @@ class Arena:
             mean = rewards.mean(axis=1)
             rows: dict[str, dict[str, Any]] = {}
             for i, (text, version) in enumerate(authors):
-                row = {
+                row: dict[str, Any] = {
                     "text_hash": text_hash(text),
                     "policy_version": version,
                     "chars": len(text),
@@ -121,7 +121,7 @@ def comparisons(
 ) -> list[Comparison]:
     """Human verdicts between versions: preference records on arena tasks whose two texts were
     written by two different versions. Annotations of texts edited after writing are skipped."""
-    authors: dict[tuple[int, str], dict[str, Any]] = {
+    authors: dict[tuple[Any, str], dict[str, Any]] = {
         (row["task_id"], row["text_hash"]): row for row in arena_rows
     }
     found = []

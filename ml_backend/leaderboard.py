@@ -127,7 +127,7 @@ def leaderboard(
         ]
     )  # (rounds, V + k)
     low, high = np.percentile(resampled, [2.5, 97.5], axis=0)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for policy, i in index.items():
         involved = (a == i) | (b == i)
         wins = np.where(a == i, outcome, 1.0 - outcome)[involved].sum()

@@ -143,9 +143,7 @@ def preannotate_project(
     bar = tqdm(total=len(pending), desc=f"scoring project {project_id}", disable=not progress)
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
-        _generate_where_needed(
-            project_id, schema, models, tasks, batch, n, strategy, report, arena
-        )
+        _generate_where_needed(project_id, schema, models, tasks, batch, n, strategy, report, arena)
         batch_scored = _score(project_id, schema, models, batch, version, strategy)
         report.skipped += len(batch) - len(batch_scored)
         report.tasks_seen += len(batch)

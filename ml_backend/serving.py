@@ -153,4 +153,4 @@ class ModelServer:
             if v.status == PROMOTED and v.version != served
         ]
         base = BASE_VERSIONS[POLICY]
-        return promoted + [base] if served != base else promoted
+        return [*promoted, base] if served != base else promoted

@@ -76,12 +76,16 @@ def project(tmp_path_factory, annotation_event):
         annotate(i + 1, i + 21, data, "left" if left else "right", 7)
         if i < 10:
             agrees = i < 8
-            annotate(500 + i, i + 21, data, ("left" if left else "right") if agrees else
-                     ("right" if left else "left"), 8)
+            annotate(
+                500 + i,
+                i + 21,
+                data,
+                ("left" if left else "right") if agrees else ("right" if left else "left"),
+                8,
+            )
         if i in (24, 39):  # jobs queued by the 25th and the 50th usable annotation
             assert trainer.run(once=True) == 1
     annotate(600, 1, {"prompt": "question 0", "answer1": "a", "answer2": "b"}, "left", 9, True)
-
 
     def out_of_memory(job):
         raise RuntimeError("out of memory (simulated)")
@@ -90,14 +94,22 @@ def project(tmp_path_factory, annotation_event):
     Worker(config, {"train": out_of_memory}).run(once=True)
     running = store.start_job(1, "train", "cli", "test-worker")
     store.set_job_progress(
-        running.job_id, {"phase": "reward model", "step": 30, "total": 120, "loss": 0.5, "eta_s": 42}
+        running.job_id,
+        {"phase": "reward model", "step": 30, "total": 120, "loss": 0.5, "eta_s": 42},
     )
 
     registry = registry_for(config)
     path = data_dir / "models" / "project-1" / "policy-0001"
     registry.record(
-        1, POLICY, "policy-0001", path, {}, {"annotations": list(range(1, 41)), "records": 50},
-        {"gate": {"win_rate": 0.61, "prompts": 8}}, PROMOTED, "win rate 0.61 > 0.5",
+        1,
+        POLICY,
+        "policy-0001",
+        path,
+        {},
+        {"annotations": list(range(1, 41)), "records": 50},
+        {"gate": {"win_rate": 0.61, "prompts": 8}},
+        PROMOTED,
+        "win rate 0.61 > 0.5",
     )
     for n, task in enumerate(ARENA_TASKS):  # the new policy's answer wins 24 of 30
         # Lengths vary independently of the version: length alone explains nothing here.
@@ -106,12 +118,26 @@ def project(tmp_path_factory, annotation_event):
         new_left = n % 2 == 0
         data = {"prompt": f"arena {n}", "answer1": new if new_left else old}
         data["answer2"] = old if new_left else new
-        store.replace_arena_responses(1, task, [
-            {"text_hash": text_hash(new), "policy_version": "policy-0001", "chars": len(new),
-             "rm_reward": 1.0, "rm_version": "rm-0001"},
-            {"text_hash": text_hash(old), "policy_version": "policy-base", "chars": len(old),
-             "rm_reward": 0.0, "rm_version": "rm-0001"},
-        ])
+        store.replace_arena_responses(
+            1,
+            task,
+            [
+                {
+                    "text_hash": text_hash(new),
+                    "policy_version": "policy-0001",
+                    "chars": len(new),
+                    "rm_reward": 1.0,
+                    "rm_version": "rm-0001",
+                },
+                {
+                    "text_hash": text_hash(old),
+                    "policy_version": "policy-base",
+                    "chars": len(old),
+                    "rm_reward": 0.0,
+                    "rm_version": "rm-0001",
+                },
+            ],
+        )
         new_won = n < NEW_POLICY_WINS
         annotate(2000 + n, task, data, "left" if new_left == new_won else "right", 7)
     return app, config
@@ -162,7 +188,10 @@ def test_summary_lists_jobs_with_progress_and_failure_reasons(http):
     assert "out of memory" in failed["error"] and failed["attempts"] == 3
     [running] = by_status["running"]
     assert (running["phase"], running["step"], running["total"], running["eta_s"]) == (
-        "reward model", 30, 120, 42,
+        "reward model",
+        30,
+        120,
+        42,
     )
     # Re-scoring after the promotion, and training after the arena's 25th label.
     assert sorted(j["kind"] for j in by_status["queued"]) == ["preannotate", "train"]
@@ -304,7 +333,9 @@ def test_a_browser_draws_the_charts_with_the_projects_data(http, live_url, chrom
     rm = [v for v in expected["versions"] if v["kind"] == "rm"]
     assert accuracy["traces"][0]["x"] == [v["version"] for v in rm]
     assert accuracy["traces"][0]["y"] == [v["accuracy"] for v in rm]
-    assert {"rm-0001", "rm-0002"} <= set(accuracy["ticks"]) and accuracy["points"] == accuracy["visible"] == 4
+    assert {"rm-0001", "rm-0002"} <= set(accuracy["ticks"]) and accuracy["points"] == accuracy[
+        "visible"
+    ] == 4
 
     curve = chromium.execute_script(PLOT_DATA, "chart-learning-curve")
     assert curve["traces"][0]["x"] == [v["labels"] for v in rm]
