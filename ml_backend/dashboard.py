@@ -20,6 +20,8 @@ import plotly.io as pio
 from flask import Blueprint, Response, current_app, jsonify, render_template, send_file
 
 from ml_backend.errors import NotFound
+from ml_backend.intake import MAX_ID
+from ml_backend.store import JOB_QUEUED, JOB_RUNNING
 from ml_backend.summary import busy, project_summary
 
 REFRESH_S = 5
@@ -35,7 +37,7 @@ def _services() -> Any:
 
 def _summary(project_id: int) -> dict[str, Any]:
     services = _services()
-    if services.store.project(project_id) is None:
+    if project_id > MAX_ID or services.store.project(project_id) is None:
         raise NotFound(f"project {project_id} is unknown: connect the backend to it first")
     return project_summary(services.store, services.registry, project_id)
 
@@ -54,7 +56,7 @@ def projects() -> str:
             "served": services.registry.served_version(project_id),
             "labels": sum(n for n, _ in services.store.annotator_counts(project_id).values()),
             "jobs": sum(
-                job["status"] in ("queued", "running")
+                job["status"] in (JOB_QUEUED, JOB_RUNNING)
                 for job in services.store.job_history(project_id, limit=20)
             ),
         }
@@ -77,8 +79,7 @@ def project(project_id: int) -> str:
 
 @blueprint.get("/dashboard/plotly.min.js")
 def plotly_js() -> Response:
-    response = send_file(PLOTLY_JS, mimetype="text/javascript", max_age=7 * 24 * 3600)
-    return response
+    return send_file(PLOTLY_JS, mimetype="text/javascript", max_age=7 * 24 * 3600)
 
 
 def charts(summary: dict[str, Any]) -> dict[str, str]:

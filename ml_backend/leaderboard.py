@@ -66,27 +66,41 @@ def fit_bradley_terry(
 
     ``a``, ``b``: item indices of each comparison (n,); ``outcome``: P(a wins) targets in [0, 1];
     ``covariates``: (n, k) features of each comparison; ``weights``: (n,) counts (a bootstrap
-    resample). Minimises ``−Σ w·loglik + alpha·‖β‖²``, choix's objective when k = 0.
+    resample). Minimises ``−Σ w·loglik + alpha·‖β‖²``, choix's objective when k = 0. Gradient and
+    Hessian are summed per item with ``bincount`` (no (n, V) design matrix).
     """
     n = len(a)
-    covariates = np.zeros((n, 0)) if covariates is None else covariates.reshape(n, -1)
-    weights = np.ones(n) if weights is None else weights
-    design = np.zeros((n, n_items + covariates.shape[1]))  # (n, V + k)
-    rows = np.arange(n)
-    design[rows, a] += 1.0
-    design[rows, b] -= 1.0
-    design[:, n_items:] = covariates
-    beta = np.zeros(design.shape[1]) if start is None else start.copy()
-    ridge = 2.0 * alpha * np.eye(design.shape[1])
+    x = np.zeros((n, 0)) if covariates is None else np.asarray(covariates, float).reshape(n, -1)
+    size = n_items + x.shape[1]
+    w = np.ones(n) if weights is None else weights
+    beta = np.zeros(size) if start is None else start.copy()
+    items = np.arange(n_items)
     for _ in range(100):
-        p = 1.0 / (1.0 + np.exp(-(design @ beta)))
-        gradient = design.T @ (weights * (p - outcome)) + 2.0 * alpha * beta
-        hessian = (design.T * (weights * p * (1.0 - p))) @ design + ridge
+        p = 1.0 / (1.0 + np.exp(-(beta[a] - beta[b] + x @ beta[n_items:])))  # (n,)
+        residual, curvature = w * (p - outcome), w * p * (1.0 - p)  # (n,) each
+        gradient = 2.0 * alpha * beta
+        gradient[:n_items] += _per_item(a, b, residual, n_items)
+        gradient[n_items:] += x.T @ residual
+        hessian = 2.0 * alpha * np.eye(size)
+        pairs = np.bincount(a * n_items + b, curvature, n_items * n_items)
+        pairs = pairs.reshape(n_items, n_items)
+        hessian[:n_items, :n_items] -= pairs + pairs.T
+        hessian[items, items] += np.bincount(a, curvature, n_items)
+        hessian[items, items] += np.bincount(b, curvature, n_items)
+        for j in range(x.shape[1]):
+            column = _per_item(a, b, curvature * x[:, j], n_items)
+            hessian[:n_items, n_items + j] = hessian[n_items + j, :n_items] = column
+        hessian[n_items:, n_items:] += (x * curvature[:, None]).T @ x
         step = np.linalg.solve(hessian, gradient)
         beta -= step
         if np.max(np.abs(step)) < 1e-10:
             break
     return beta
+
+
+def _per_item(a: np.ndarray, b: np.ndarray, values: np.ndarray, n_items: int) -> np.ndarray:
+    """Σ values over the comparisons an item is ``a`` in, minus over those it is ``b`` in."""
+    return np.bincount(a, values, n_items) - np.bincount(b, values, n_items)
 
 
 def leaderboard(

@@ -6,13 +6,14 @@ is read from the store and the registry; nothing here loads a model.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
 from ml_backend.arena import comparisons, reward_model_win_rates
-from ml_backend.leaderboard import leaderboard
+from ml_backend.leaderboard import Comparison, leaderboard
 from ml_backend.store import JOB_QUEUED, JOB_RUNNING, Store
 
 # The registry is the trainer's; reading it is the only thing the HTTP face needs from there.
@@ -24,7 +25,7 @@ WILSON_Z = 1.96
 def project_summary(store: Store, registry: Registry, project_id: int) -> dict[str, Any]:
     preferences = store.records(project_id, "preference")
     arena_rows = store.arena_responses(project_id)
-    board = leaderboard(comparisons(preferences, arena_rows))
+    board = _leaderboard(tuple(comparisons(preferences, arena_rows)))
     reward_model = registry.served(project_id, REWARD_MODEL)
     return {
         "project": project_id,
@@ -39,6 +40,13 @@ def project_summary(store: Store, registry: Registry, project_id: int) -> dict[s
             "length_ci": board["length_ci"],
         },
     }
+
+
+@functools.lru_cache(maxsize=16)
+def _leaderboard(verdicts: tuple[Comparison, ...]) -> dict[str, Any]:
+    """The fit with its bootstrap (a second or so for thousands of verdicts), once per set of
+    verdicts: the dashboard reloads every few seconds while a job runs."""
+    return leaderboard(verdicts)
 
 
 def busy(summary: dict[str, Any]) -> bool:

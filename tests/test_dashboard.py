@@ -228,6 +228,7 @@ def test_unknown_project_is_a_json_404(http):
     assert response.status_code == 404
     assert response.get_json()["error"] == "NotFound"
     assert http.get("/dashboard/99", headers=AUTH).status_code == 404
+    assert http.get(f"/api/projects/{2**70}/summary", headers=AUTH).status_code == 404
 
 
 def test_dashboard_pages_render_and_refresh_while_a_job_runs(http):
