@@ -166,3 +166,36 @@ def test_opponents_are_the_earlier_promoted_policies_and_the_base(tmp_path):
         registry.record(1, POLICY, version, tmp_path / version, {}, {}, {}, status, "test")
     assert ModelServer(config, registry).arena_opponents(1) == ["policy-0001", "policy-base"]
     assert ModelServer(config, registry).arena_opponents(2) == []  # only the base: no arena
+
+
+@pytest.mark.slow
+def test_the_job_pits_the_served_policy_against_a_real_earlier_one(tmp_path):
+    """The pre-annotation job's arena, with the tiny offline policy as the base version."""
+    import dataclasses
+
+    from ml_backend.serving import policy_config
+    from trainer.jobs import _arena
+    from trainer.policy import Policy
+    from trainer.policy_training import save_policy
+
+    config = BackendConfig(data_dir=tmp_path, max_new_tokens=4, arena_share=1.0)
+    store = Store(config.db_path).initialize()
+    registry = Registry(config.db_path, tmp_path / "models")
+    path = tmp_path / "models" / "project-1" / "policy-0001"
+    save_policy(Policy.load(policy_config(config), tmp_path / "cache"), path)
+    registry.record(1, POLICY, "policy-0001", path, {}, {}, {}, PROMOTED, "test")
+    models = ModelServer(config, registry)
+
+    job_arena = _arena(config, store, models, 1)
+    assert (job_arena.current, job_arena.opponents) == ("policy-0001", ["policy-base"])
+    assert (job_arena.share, job_arena.reward_model) == (1.0, "rm-untrained")
+    [pitted] = job_arena.pit([7], ["hi"], [["served says x", "served says y"]], slots=2)
+    assert len(pitted) == 2 and "served says x" in pitted and "served says y" not in pitted
+    job_arena.record_authors([7], [np.zeros((2, 3))])
+    rows = {r["policy_version"] for r in store.arena_responses(1)}
+    assert rows == {"policy-0001", "policy-base"}
+    loaded = models._other_policy
+    job_arena.generate_with("policy-base", ["hello"], 1)
+    assert models._other_policy is loaded  # the opponent stays loaded between batches
+    none = _arena(dataclasses.replace(config, arena_share=0.0), store, models, 1)
+    assert not none.active
