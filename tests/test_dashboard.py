@@ -244,6 +244,24 @@ def test_dashboard_pages_render_and_refresh_while_a_job_runs(http):
     assert b"plotly.js" in script.get_data()[:400]
 
 
+def test_a_new_project_has_an_empty_dashboard_not_an_error(client):
+    assert "No project yet" in client.get("/dashboard").get_data(as_text=True)
+    client.post("/setup", json={"project": "3.1", "schema": CONFIG})
+    page = client.get("/dashboard/3").get_data(as_text=True)
+    assert "No trained version yet" in page and "No job yet" in page
+    assert "No human verdict between two policy versions yet" in page
+    assert '<meta http-equiv="refresh"' not in page  # nothing is running
+    assert client.get("/api/projects/3/summary").get_json() == {
+        "project": 3,
+        "served": "rm-untrained.policy-base",
+        "versions": [],
+        "jobs": [],
+        "annotators": [],
+        "leaderboard": [],
+        "arena": {"tasks": 0, "length_coefficient": None, "length_ci": None},
+    }
+
+
 # -- in a real browser ---------------------------------------------------------------------------
 
 
