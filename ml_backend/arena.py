@@ -57,7 +57,8 @@ class Arena:
     reward_model: str  # the reward model version whose rewards are recorded
     generate_with: GenerateWith
     record: RecordResponses
-    _authors: dict[int, list[tuple[str, str]]] = field(default_factory=dict)  # (text, version)
+    # task -> [(text, version)] of what pit() wrote, until record_authors() stores it
+    _authors: dict[int, list[tuple[str, str]]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def active(self) -> bool:

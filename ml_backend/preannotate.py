@@ -5,7 +5,9 @@ For every unlabeled task of a project:
 1. in batches, tasks with only a prompt get ``num_candidates`` responses from the policy; the
    reward-model ensemble scores them and the pair (or, for a Ranker, the list) whose label would
    teach the model most is written into the task's data fields named by the label config — one
-   task update per task, so a crash never leaves a task half-written. Every task is then scored:
+   task update per task, so a crash never leaves a task half-written (on the arena's share of the
+   tasks, one response from the served policy and one from an earlier version instead:
+   :mod:`ml_backend.arena`). Every task is then scored:
    rewards, predicted choice, and the acquisition value of its most informative pair;
 2. the pool is ordered as the selection strategy would pick it (:func:`trainer.selection.
    pool_scores`: with the default, batch-aware margin, a near-duplicate of a task already near the

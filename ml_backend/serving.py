@@ -145,12 +145,13 @@ class ModelServer:
         return self._other_policy[1].generate(prompts, n)
 
     def arena_opponents(self, project_id: int) -> list[str]:
-        """Earlier promoted policy versions (the base policy included), not the served one."""
+        """Earlier promoted policy versions (the base policy included), not the served one;
+        only those whose checkpoint is still on disk."""
         served = self.registry.served(project_id, POLICY).version
         promoted = [
             v.version
             for v in self.registry.versions(project_id, POLICY)
-            if v.status == PROMOTED and v.version != served
+            if v.status == PROMOTED and v.version != served and v.path and v.path.is_dir()
         ]
         base = BASE_VERSIONS[POLICY]
         return [*promoted, base] if served != base else promoted

@@ -161,8 +161,10 @@ def test_opponents_are_the_earlier_promoted_policies_and_the_base(tmp_path):
     config = BackendConfig(data_dir=tmp_path)
     Store(config.db_path).initialize()
     registry = Registry(config.db_path, tmp_path / "models")
-    for number, status in ((1, PROMOTED), (2, REJECTED), (3, PROMOTED)):
+    for number, status in ((1, PROMOTED), (2, REJECTED), (3, PROMOTED), (4, PROMOTED)):
         version = f"policy-{number:04d}"
+        if number != 3:  # policy-0003's checkpoint was deleted (retention)
+            (tmp_path / version).mkdir()
         registry.record(1, POLICY, version, tmp_path / version, {}, {}, {}, status, "test")
     assert ModelServer(config, registry).arena_opponents(1) == ["policy-0001", "policy-base"]
     assert ModelServer(config, registry).arena_opponents(2) == []  # only the base: no arena
