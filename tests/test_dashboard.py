@@ -327,6 +327,7 @@ return {
 """
 
 
+@pytest.mark.slow  # starts Chromium
 def test_a_browser_draws_the_charts_with_the_projects_data(http, live_url, chromium):
     from selenium.webdriver.support.ui import WebDriverWait
 
