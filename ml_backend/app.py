@@ -6,6 +6,7 @@ import base64
 import hmac
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -16,9 +17,9 @@ from ml_backend import dashboard
 from ml_backend.config import BackendConfig
 from ml_backend.errors import BackendError, BadRequest, NotFound, Unauthorized
 from ml_backend.intake import MAX_ID, handle_event
-from ml_backend.label_schema import parse_label_config
+from ml_backend.label_schema import check_label_config
 from ml_backend.label_studio import WebhookSync
-from ml_backend.metrics import CONTENT_TYPE, Metrics
+from ml_backend.metrics import CONTENT_TYPE, Metrics, action_label, method_label
 from ml_backend.predict import predict_tasks
 from ml_backend.serving import ModelServer
 from ml_backend.store import Store
@@ -71,7 +72,9 @@ def _register_hooks(app: Flask, services: Services) -> None:
     @app.after_request
     def _observe(response: Response) -> Response:
         endpoint = request.endpoint or "unknown"
-        services.metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        services.metrics.requests.labels(
+            endpoint, method_label(request.method), str(response.status_code)
+        ).inc()
         started = g.get("started")
         if started is not None:
             services.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -95,11 +98,37 @@ def _json_body() -> dict[str, Any]:
         raise RequestEntityTooLarge()
     try:
         payload = json.loads(data)
+        if _SURROGATE_ESCAPE.search(data):
+            payload = clean_strings(payload)
     except (ValueError, RecursionError):  # bad JSON or UTF-8 (ValueError), absurd nesting
         raise BadRequest("request body must be valid JSON in UTF-8") from None
     if not isinstance(payload, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(payload).__name__}")
     return payload
+
+
+# JSON can spell a UTF-16 surrogate (``"\\ud800"``) that is no character: one alone cannot be
+# encoded to UTF-8, so SQLite, tokenizers and Prometheus would each fail on it. Raw UTF-8 bytes
+# cannot carry one (json.loads refuses them), so an escape in the body is the only way in.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """The one rule for incoming text: a lone surrogate becomes U+FFFD (the replacement
+    character), as a UTF-8 decoder does with bytes it cannot read; all else is kept."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def clean_strings(value: Any) -> Any:
+    """``clean_text`` on every string (keys included) of a parsed JSON value."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [clean_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {clean_text(k): clean_strings(v) for k, v in value.items()}
+    return value
 
 
 def parse_project_id(value: Any) -> int:
@@ -128,7 +157,8 @@ def _register_routes(app: Flask, services: Services) -> None:
             raise BadRequest("'schema' (the project's label config XML) is required")
         hostname = _optional_str(body, "hostname")
         access_token = _optional_str(body, "access_token")
-        parse_label_config(schema)  # raises UnsupportedLabelConfig naming what is missing
+        # 413 above RLHF_MAX_LABEL_CONFIG_BYTES; 422 naming what is missing
+        check_label_config(schema, services.config.max_label_config_bytes)
         services.store.upsert_project(project_id, schema, hostname, access_token)
         services.webhook_sync.schedule(
             project_id, hostname, access_token, webhook_url=request.host_url + "webhook"
@@ -174,9 +204,14 @@ def _register_routes(app: Flask, services: Services) -> None:
     @app.post("/webhook")
     def webhook() -> tuple[Response, int]:
         payload = _json_body()
-        result = handle_event(services.store, payload, services.config.train_every)
+        result = handle_event(
+            services.store,
+            payload,
+            services.config.train_every,
+            services.config.max_label_config_bytes,
+        )
         notify_workers(services.config, result.detail.get("job_id"), result.action)
-        services.metrics.webhook_events.labels(result.action).inc()
+        services.metrics.webhook_events.labels(action_label(result.action)).inc()
         return jsonify(result.as_json()), 200
 
     @app.get("/metrics")

@@ -47,6 +47,32 @@ class BackendConfig:
         "RLHF_MAX_BODY_BYTES",
         "Largest request body accepted; larger requests get 413.",
     )
+    max_label_config_bytes: int = _setting(
+        1024 * 1024,
+        "RLHF_MAX_LABEL_CONFIG_BYTES",
+        "Largest label config (UTF-8 bytes) /setup, /predict and webhooks accept; larger ones "
+        "get 413 and are not stored.",
+    )
+    max_ranking_pairs: int = _setting(
+        1000,
+        "RLHF_MAX_RANKING_PAIRS",
+        "Preference pairs a training job derives from one ranking (a Ranker answer is stored "
+        "once as an ordering; a ranking implying more pairs gives a fixed random sample of this "
+        "many).",
+    )
+    predict_max_tasks: int = _setting(
+        20000,
+        "RLHF_PREDICT_MAX_TASKS",
+        "Most tasks one /predict request may carry; more get 413 (Label Studio sends its whole "
+        "Retrieve Predictions selection in one request).",
+    )
+    predict_time_budget_s: float = _setting(
+        60.0,
+        "RLHF_PREDICT_TIME_BUDGET_S",
+        "Seconds /predict spends scoring (Label Studio gives up after 100 s); tasks left when it "
+        "runs out are handed to a queued pre-annotation job that uploads their predictions "
+        "through Label Studio's API.",
+    )
     public_url: str = _setting(
         "",
         "RLHF_PUBLIC_URL",
@@ -157,9 +183,14 @@ class BackendConfig:
             "reward_heads",
             "num_candidates",
             "max_new_tokens",
+            "max_label_config_bytes",
+            "max_ranking_pairs",
+            "predict_max_tasks",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_env_name(name)} must be a positive integer.")
+        if self.predict_time_budget_s <= 0:
+            raise ConfigError("RLHF_PREDICT_TIME_BUDGET_S must be positive.")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("RLHF_TOP_P must be in (0, 1].")
         if self.temperature <= 0.0:

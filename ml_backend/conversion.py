@@ -1,9 +1,14 @@
 """The one conversion from a Label Studio annotation to the records the trainer learns from.
 
-Two record kinds come out, each tagged with where it came from (project, task, annotation,
+Three record kinds come out, each tagged with where it came from (project, task, annotation,
 annotator) so that nothing a human said is anonymous or unattributable:
 
 ``preference``: ``{"prompt", "chosen", "rejected", "tie", "source", "control", ...}``
+``ranking``:    ``{"prompt", "ranking", "source", "control", ...}``: a Ranker's answer as it was
+                given, ``ranking`` the groups of response texts, best group first. It is stored
+                once (linear in the items), not as its implied pairs (quadratic: 600 ranked
+                items imply 179,700); :func:`ranking_pairs` derives the pairs when a job trains,
+                at most ``RLHF_MAX_RANKING_PAIRS`` per ranking.
 ``feedback``:   ``{"prompt", "response", "feedback", "control", ...}`` (``response`` is None for
                 feedback on the whole item)
 
@@ -33,9 +38,12 @@ is decided in ``ml_backend.intake``, not here.
 from __future__ import annotations
 
 import logging
+import random
+import zlib
+from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from itertools import combinations
+from itertools import accumulate, combinations
 from typing import Any
 
 from ml_backend.errors import AnnotationMismatch
@@ -70,7 +78,6 @@ def convert(
 
     pairs = [*_pairwise_pairs(by_control, task_data, schema)]
     pairs += _choices_pairs(by_control, task_data, schema)
-    pairs += _ranker_pairs(by_control, task_data, schema)
     pairs += _rating_pairs(by_control, task_data, schema)
     pairs = _drop_empty(pairs)
     records: list[Record] = [
@@ -87,6 +94,13 @@ def convert(
             },
         )
         for chosen, rejected, tie, source, control in pairs
+    ]
+    records += [
+        (
+            "ranking",
+            {**base, "prompt": prompt, "ranking": groups, "source": "ranker", "control": name},
+        )
+        for name, groups in _rankings(by_control, task_data, schema)
     ]
     for control in schema.feedback:
         text = _textarea_text(by_control.get(control.name))
@@ -175,10 +189,11 @@ def _choices_pairs(
     return pairs
 
 
-def _ranker_pairs(
+def _rankings(
     by_control: dict[str, dict[str, Any]], task_data: dict[str, Any], schema: RLHFSchema
-) -> list[Pair]:
-    pairs = []
+) -> list[tuple[str, list[list[str]]]]:
+    """Each answered Ranker's groups of response texts, best first (blank responses left out)."""
+    rankings = []
     for control in schema.rankers:
         value = by_control.get(control.name, {}).get("ranker")
         if value is None:
@@ -188,13 +203,59 @@ def _ranker_pairs(
         unknown = [item for group in groups for item in group if item not in texts]
         if unknown:
             raise AnnotationMismatch(
-                f"Ranker {control.name!r}: items {unknown} are not in the task's "
+                f"Ranker {control.name!r}: items {unknown[:20]} are not in the task's "
                 f"{control.items.key!r} list"
             )
-        for better, worse in combinations(groups, 2):
-            pairs += [
-                (texts[a], texts[b], False, "ranker", control.name) for a in better for b in worse
-            ]
+        ranked = [[texts[i] for i in group if texts[i].strip()] for group in groups]
+        ranked = [group for group in ranked if group]
+        if len(ranked) >= 2:
+            rankings.append((control.name, ranked))
+    return rankings
+
+
+def ranking_pairs(record: dict[str, Any], max_pairs: int) -> list[dict[str, Any]]:
+    """The preference records a ``ranking`` record implies: every item beats every item of a
+    later group. Above ``max_pairs`` implied pairs, a sample of ``max_pairs`` of them, drawn
+    without replacement and the same on every call (seeded by the annotation and control).
+
+    >>> ranking_pairs({"annotation": 7, "prompt": "p", "ranking": [["a"], ["b", "c"]],
+    ...                "source": "ranker", "control": "rank"}, 10)  # doctest: +NORMALIZE_WHITESPACE
+    [{'annotation': 7, 'prompt': 'p', 'source': 'ranker', 'control': 'rank', 'chosen': 'a',
+      'rejected': 'b', 'tie': False}, {'annotation': 7, 'prompt': 'p', 'source': 'ranker',
+      'control': 'rank', 'chosen': 'a', 'rejected': 'c', 'tie': False}]
+    """
+    groups = record["ranking"]
+    base = {k: v for k, v in record.items() if k != "ranking"}
+    starts = list(accumulate((len(g) for g in groups), initial=0))  # first flat index per group
+    flat = [text for group in groups for text in group]
+    group_of = [g for g, group in enumerate(groups) for _ in group]
+    # Pair (i, j), i in an earlier group than j, numbered in row order: row i has the items
+    # after i's group; all pairs are enumerated only when they fit the bound.
+    row_lengths = [len(flat) - starts[g + 1] for g in group_of]
+    total = sum(row_lengths)
+    if total <= max_pairs:
+        chosen = [
+            (i, j) for i in range(len(flat)) for j in range(starts[group_of[i] + 1], len(flat))
+        ]
+    else:
+        seed = zlib.crc32(f"{record.get('annotation')}:{record.get('control')}".encode())
+        picks = random.Random(seed).sample(range(total), max_pairs)
+        row_ends = list(accumulate(row_lengths))
+        chosen = []
+        for k in sorted(picks):
+            i = bisect_right(row_ends, k)
+            offset = k - (row_ends[i] - row_lengths[i])
+            chosen.append((i, starts[group_of[i] + 1] + offset))
+    return [{**base, "chosen": flat[i], "rejected": flat[j], "tie": False} for i, j in chosen]
+
+
+def preference_pairs(
+    preferences: list[dict[str, Any]], rankings: list[dict[str, Any]], max_per_ranking: int
+) -> list[dict[str, Any]]:
+    """What a training job learns from: the stored pairs and the pairs each ranking implies."""
+    pairs = list(preferences)
+    for record in rankings:
+        pairs += ranking_pairs(record, max_per_ranking)
     return pairs
 
 

@@ -35,3 +35,13 @@ class AnnotationMismatch(BackendError):
     """An annotation's result does not fit the label config it was made with."""
 
     status = 422
+
+
+class TooLarge(BackendError):
+    """A request asks for more than the backend's configured bounds allow."""
+
+    status = 413
+
+
+class LabelConfigTooLarge(TooLarge):
+    pass

@@ -11,9 +11,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from ml_backend.config import BackendConfig
 from ml_backend.conversion import Provenance, convert
-from ml_backend.errors import AnnotationMismatch, BadRequest, NotFound, UnsupportedLabelConfig
-from ml_backend.label_schema import parse_label_config
+from ml_backend.errors import (
+    AnnotationMismatch,
+    BadRequest,
+    LabelConfigTooLarge,
+    NotFound,
+    UnsupportedLabelConfig,
+)
+from ml_backend.label_schema import check_label_config, parse_label_config
 from ml_backend.store import IncomingAnnotation, Store
 
 logger = logging.getLogger(__name__)
@@ -26,6 +33,7 @@ START_TRAINING = "START_TRAINING"
 PROJECT_UPDATED = "PROJECT_UPDATED"
 
 MAX_ID = 2**63 - 1  # ids are SQLite INTEGERs (signed 64-bit)
+DEFAULT_MAX_LABEL_CONFIG_BYTES = BackendConfig.max_label_config_bytes
 
 
 @dataclass(frozen=True)
@@ -38,41 +46,54 @@ class IntakeResult:
         return {"action": self.action, "status": self.status, **self.detail}
 
 
-def handle_event(store: Store, payload: Any, train_every: int) -> IntakeResult:
-    """Apply one webhook event to the store. Raises BadRequest/NotFound for unusable input."""
+def handle_event(
+    store: Store,
+    payload: Any,
+    train_every: int,
+    max_label_config_bytes: int = DEFAULT_MAX_LABEL_CONFIG_BYTES,
+) -> IntakeResult:
+    """Apply one webhook event to the store. Raises BadRequest/NotFound for unusable input.
+
+    A label config the event carries replaces the project's only when ``/setup`` would accept
+    it; otherwise the working one stays (the answer says so), and a project not known yet is
+    refused with the config's 413/422, storing nothing."""
     if not isinstance(payload, dict):
         raise BadRequest("webhook body must be a JSON object")
     action = payload.get("action")
     if not isinstance(action, str) or not action:
         raise BadRequest("webhook body needs an 'action' string, e.g. 'ANNOTATION_CREATED'")
     if action in (ANNOTATION_CREATED, ANNOTATION_UPDATED):
-        return _store_annotation(store, action, payload, train_every)
+        return _store_annotation(store, action, payload, train_every, max_label_config_bytes)
     if action in (ANNOTATIONS_DELETED, ANNOTATION_DELETED):
         return _delete_annotations(store, action, payload)
     if action == START_TRAINING:
-        project_id = _known_project(store, payload)
+        project_id, kept = _known_project(store, payload, max_label_config_bytes)
         job = store.enqueue_training(project_id, trigger="start_training")
         status = "queued" if job else "coalesced"
-        return IntakeResult(action, status, {"job_id": job.job_id if job else None})
+        return IntakeResult(action, status, {"job_id": job.job_id if job else None, **kept})
     if action == PROJECT_UPDATED:
-        project_id = _known_project(store, payload)
-        return IntakeResult(action, "updated", {"project": project_id})
-    logger.info("ignoring webhook action %s", action)
+        project_id, kept = _known_project(store, payload, max_label_config_bytes)
+        return IntakeResult(action, "updated", {"project": project_id, **kept})
+    logger.info("ignoring webhook action %r", action[:64])
     return IntakeResult(action, "ignored", {})
 
 
 def _project_payload(payload: dict[str, Any]) -> dict[str, Any]:
     project = payload.get("project")
     if isinstance(project, int) and not isinstance(project, bool):
-        return {"id": project}
+        project = {"id": project}
     if not isinstance(project, dict):
         raise BadRequest("webhook body needs a 'project' object with an integer 'id'")
     _require_int(project, "id", "project")
     return project
 
 
-def _known_project(store: Store, payload: dict[str, Any]) -> int:
-    """The event's project id; a label config carried by the event updates the stored one."""
+def _known_project(
+    store: Store, payload: dict[str, Any], max_label_config_bytes: int
+) -> tuple[int, dict[str, str]]:
+    """The event's project id, and what became of a label config the event carries: it
+    replaces the stored one if ``/setup`` would accept it, else the stored one is kept (the
+    second value then says why for the answer)."""
     project = _project_payload(payload)
     project_id = project["id"]
     label_config = project.get("label_config")
@@ -80,17 +101,28 @@ def _known_project(store: Store, payload: dict[str, Any]) -> int:
         raise BadRequest("project.label_config must be a string")
     stored = store.project(project_id)
     if label_config and (stored is None or stored.label_config != label_config):
+        try:
+            check_label_config(label_config, max_label_config_bytes)
+        except (UnsupportedLabelConfig, LabelConfigTooLarge) as exc:
+            if stored is None:
+                raise
+            logger.warning("project %s: kept the working label config: %s", project_id, exc)
+            return project_id, {"label_config": f"refused, the working one kept: {exc.message}"}
         store.upsert_project(project_id, label_config)
     elif stored is None:
         raise NotFound(
             f"project {project_id} is unknown: connect this backend to it in Label Studio "
             "(POST /setup) or send the project's label_config with the event"
         )
-    return project_id
+    return project_id, {}
 
 
 def _store_annotation(
-    store: Store, action: str, payload: dict[str, Any], train_every: int
+    store: Store,
+    action: str,
+    payload: dict[str, Any],
+    train_every: int,
+    max_label_config_bytes: int,
 ) -> IntakeResult:
     annotation = payload.get("annotation")
     if not isinstance(annotation, dict):
@@ -108,7 +140,7 @@ def _store_annotation(
     task = payload.get("task")
     if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
         raise BadRequest(f"{action} needs a 'task' object with a 'data' object")
-    project_id = _known_project(store, payload)
+    project_id, kept = _known_project(store, payload, max_label_config_bytes)
     project = store.project(project_id)
     assert project is not None  # _known_project registered it or raised
     incoming = IncomingAnnotation(
@@ -125,13 +157,13 @@ def _store_annotation(
     records = [] if incoming.was_cancelled else _records(incoming)
     if not store.upsert_annotation(incoming, records):
         logger.info("annotation %s: stale or deleted, kept the stored state", annotation_id)
-        return IntakeResult(action, "stale", {"annotation": annotation_id})
+        return IntakeResult(action, "stale", {"annotation": annotation_id, **kept})
     job = (
         store.enqueue_training(project_id, "annotations", min_new=train_every)
         if train_every
         else None
     )
-    detail: dict[str, Any] = {"annotation": annotation_id, "records": len(records)}
+    detail: dict[str, Any] = {"annotation": annotation_id, "records": len(records), **kept}
     if job is not None:
         detail["job_id"] = job.job_id
     return IntakeResult(action, "stored", detail)

@@ -20,15 +20,16 @@ The prompt is the first Text, HyperText or Paragraphs object that is not a respo
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
-from xml.etree import ElementTree
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from ml_backend.errors import UnsupportedLabelConfig
+from ml_backend.errors import LabelConfigTooLarge, UnsupportedLabelConfig
 
 TEXT_OBJECTS = ("Text", "HyperText", "Paragraphs")
 TIE = -1
@@ -116,13 +117,62 @@ class RLHFSchema:
         return tuple(c for c in self.choices if any(i != TIE for i in c.choice_to_index.values()))
 
 
+PARSE_CACHE_BYTES = 16 * 1024 * 1024
+
+
 def parse_label_config(xml: str) -> RLHFSchema:
-    """Read an RLHF schema from a label config, or raise UnsupportedLabelConfig naming the gap."""
-    return _parse_cached(xml)
+    """Read an RLHF schema from a label config, or raise UnsupportedLabelConfig naming the gap.
+
+    Parsed schemas are cached per process, keyed by the config's digest and bounded by the
+    configs' total size (``PARSE_CACHE_BYTES``), not by their number: a few huge configs cannot
+    hold hundreds of megabytes."""
+    return _CACHE.get(xml)
 
 
-@functools.lru_cache(maxsize=256)
-def _parse_cached(xml: str) -> RLHFSchema:
+def check_label_config(xml: str, max_bytes: int) -> RLHFSchema:
+    """``parse_label_config`` for a config from a request: refused (413) above ``max_bytes``."""
+    size = len(xml.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise LabelConfigTooLarge(
+            f"label config is {size} bytes; the backend accepts up to {max_bytes} "
+            "(RLHF_MAX_LABEL_CONFIG_BYTES)"
+        )
+    return parse_label_config(xml)
+
+
+class _ParseCache:
+    """Least-recently-used schemas whose configs add up to at most ``budget`` bytes."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._entries: OrderedDict[str, tuple[int, RLHFSchema]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, xml: str) -> RLHFSchema:
+        key = hashlib.sha256(xml.encode("utf-8", "surrogatepass")).hexdigest()
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                return hit[1]
+        schema = _parse(xml)
+        size = len(xml)
+        if size <= self.budget:
+            with self._lock:
+                if key not in self._entries:
+                    self._entries[key] = (size, schema)
+                    self._bytes += size
+                while self._bytes > self.budget:
+                    _, (dropped, _) = self._entries.popitem(last=False)
+                    self._bytes -= dropped
+        return schema
+
+
+_CACHE = _ParseCache(PARSE_CACHE_BYTES)
+
+
+def _parse(xml: str) -> RLHFSchema:
     try:
         interface = LabelInterface(xml)
     except Exception as exc:  # the SDK raises bare XML/parsing errors of several types
@@ -131,7 +181,9 @@ def _parse_cached(xml: str) -> RLHFSchema:
     controls = list(interface.controls)
 
     pairwise = tuple(_pairwise(c, objects) for c in controls if c.tag == "Pairwise")
-    root = ElementTree.fromstring(xml)  # Bucket tags are not exposed by LabelInterface
+    # Bucket tags are not exposed by LabelInterface: read them from the tree it parsed (lxml).
+    # One parser path: a second parser may refuse what the first accepted (non-ASCII names).
+    root = interface._tree
     rankers = tuple(_ranker(c, objects, root) for c in controls if c.tag == "Ranker")
     ratings = tuple(
         RatingControl(c.name, _single_target(c, objects), _max_rating(c))
@@ -231,15 +283,15 @@ def _pairwise(control: Any, objects: dict[str, TextField]) -> PairwiseControl:
     return PairwiseControl(control.name, targets[0], targets[1])
 
 
-def _ranker(
-    control: Any, objects: dict[str, TextField], root: ElementTree.Element
-) -> RankerControl:
+def _ranker(control: Any, objects: dict[str, TextField], root: Any) -> RankerControl:
     target = _single_target(control, objects)
     if target.tag != "List":
         raise UnsupportedLabelConfig(
             f"<Ranker name={control.name!r}> must point to a <List> of candidate responses"
         )
-    element = next(e for e in root.iter("Ranker") if e.attrib.get("name") == control.name)
+    element = next((e for e in root.iter("Ranker") if e.attrib.get("name") == control.name), None)
+    if element is None:
+        return RankerControl(control.name, target, ())
     buckets = tuple(b.attrib["name"] for b in element.iter("Bucket") if "name" in b.attrib)
     return RankerControl(control.name, target, buckets)
 

@@ -22,6 +22,38 @@ from trainer.registry import Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# Label values come from closed sets: a label made from request text would let one request
+# (a 10 KB action, a string Prometheus cannot encode) add a series or break every scrape.
+WEBHOOK_ACTIONS = frozenset(
+    {
+        "ANNOTATION_CREATED",
+        "ANNOTATIONS_CREATED",
+        "ANNOTATION_UPDATED",
+        "ANNOTATION_DELETED",
+        "ANNOTATIONS_DELETED",
+        "START_TRAINING",
+        "PROJECT_CREATED",
+        "PROJECT_UPDATED",
+        "PROJECT_DELETED",
+        "TASKS_CREATED",
+        "TASKS_DELETED",
+        "LABEL_LINK_CREATED",
+        "LABEL_LINK_UPDATED",
+        "LABEL_LINK_DELETED",
+    }
+)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER = "other"
+
+
+def action_label(action: str) -> str:
+    """The webhook action as a metric label: Label Studio's own actions, anything else ``other``."""
+    return action if action in WEBHOOK_ACTIONS else OTHER
+
+
+def method_label(method: str) -> str:
+    return method if method in HTTP_METHODS else OTHER
+
 
 class Metrics:
     def __init__(self, store: Store, models: Registry) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ml_backend.conversion import field_text, list_item_texts
 from ml_backend.errors import AnnotationMismatch
-from ml_backend.label_schema import RLHFSchema, TextField
+from ml_backend.label_schema import TEXT_OBJECTS, RLHFSchema, TextField
 from trainer.acquisition import acquisition
 
 logger = logging.getLogger(__name__)
@@ -37,28 +37,48 @@ HeadRewardFn = Callable[[list[tuple[str, list[str]]]], list[np.ndarray]]
 
 @dataclass(frozen=True)
 class Candidates:
-    """The responses a task shows, in config order (ids are List item ids, or field names)."""
+    """The responses a task shows, in config order: the text responses, then each Ranker
+    List's items. ``owners[i]`` is the object tag response ``i`` belongs to (its own name, or
+    the List's); ``ids[i]`` is the field name, or the List item's id."""
 
     prompt: str
     ids: list[str]
     texts: list[str]
+    owners: list[str]
+
+    def index(self, name: str) -> int | None:
+        """The position of the text response ``name`` (not a List item), if the task shows it."""
+        return next(
+            (i for i, (o, n) in enumerate(zip(self.owners, self.ids)) if o == n == name), None
+        )
+
+    def of(self, owner: str) -> list[int]:
+        """Positions of the items of the List ``owner``."""
+        return [i for i, o in enumerate(self.owners) if o == owner]
 
 
 def task_candidates(task_data: dict[str, Any], schema: RLHFSchema) -> Candidates | None:
     """The prompt and responses of a task, or None when the task has no responses yet."""
+    ids: list[str] = []
+    texts: list[str] = []
+    owners: list[str] = []
     try:
         prompt = field_text(task_data, schema.prompt)
-        if schema.rankers:
-            items = list_item_texts(task_data, schema.rankers[0].items)
-            ids, texts = list(items), list(items.values())
-        else:
-            ids = [field.name for field in schema.responses]
-            texts = [field_text(task_data, field) for field in schema.responses]
+        for field in schema.responses:
+            if field.tag in TEXT_OBJECTS:
+                ids.append(field.name)
+                texts.append(field_text(task_data, field))
+                owners.append(field.name)
+        for list_name, field in {r.items.name: r.items for r in schema.rankers}.items():
+            for item_id, text in list_item_texts(task_data, field).items():
+                ids.append(item_id)
+                texts.append(text)
+                owners.append(list_name)
     except AnnotationMismatch:
         return None
     if len(texts) < 2 or not all(t.strip() for t in texts):
         return None
-    return Candidates(prompt, ids, texts)
+    return Candidates(prompt, ids, texts, owners)
 
 
 def pair_probabilities(head_rewards: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -97,19 +117,23 @@ def build_prediction(
     score = 1.0 - informative[2] if informative else 1.0
     result: list[dict[str, Any]] = []
     for control in schema.pairwise:
-        left, right = (
-            candidates.ids.index(control.left.name),
-            candidates.ids.index(control.right.name),
-        )
+        left, right = candidates.index(control.left.name), candidates.index(control.right.name)
+        if left is None or right is None:
+            continue
         selected = "left" if rewards[left] >= rewards[right] else "right"
         result.append(_region(control.name, control.left.name, "pairwise", {"selected": selected}))
     for ranker in schema.rankers:
-        order = [candidates.ids[i] for i in np.argsort(-rewards, kind="stable")]
+        items = candidates.of(ranker.items.name)
+        if not items:
+            continue
+        ranked = sorted(items, key=lambda i: -rewards[i])  # stable: ties keep the task's order
+        order = [candidates.ids[i] for i in ranked]
         value = _ranker_value(ranker.name, ranker.buckets, order)
         result.append(_region(ranker.name, ranker.items.name, "ranker", {"ranker": value}))
     for rating in schema.ratings:
-        if rating.target.name in candidates.ids:
-            reward = rewards[candidates.ids.index(rating.target.name)]
+        target = candidates.index(rating.target.name)
+        if target is not None:
+            reward = rewards[target]
             stars = 1 + round((rating.max_rating - 1) / (1.0 + np.exp(-reward)))
             result.append(_region(rating.name, rating.target.name, "rating", {"rating": stars}))
     for choice in schema.preference_choices:
@@ -126,10 +150,10 @@ def _predicted_choice(
     candidates: Candidates,
     rewards: np.ndarray,
 ) -> str | None:
-    names = [r.name for r in responses]
-    if not all(n in candidates.ids for n in names):
+    positions = [candidates.index(r.name) for r in responses]
+    if any(p is None for p in positions):
         return None
-    best = int(np.argmax([rewards[candidates.ids.index(n)] for n in names]))
+    best = int(np.argmax([rewards[p] for p in positions]))
     return next((key for key, index in choice_to_index.items() if index == best), None)
 
 

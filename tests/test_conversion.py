@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ml_backend.conversion import Provenance, convert, field_text, list_item_texts
+from ml_backend.conversion import Provenance, convert, field_text, list_item_texts, ranking_pairs
 from ml_backend.errors import AnnotationMismatch
 from ml_backend.label_schema import TextField, parse_label_config
 
@@ -209,6 +209,13 @@ def ranked(chosen: str, rejected: str) -> tuple:
     return preference(chosen, rejected, "ranker", "rank", prompt="Capital of France?")
 
 
+def run_ranked(xml: str, items: list[dict], task: dict, max_pairs: int = 10_000) -> list:
+    """The preference records a training job derives from the converted ranking records."""
+    records = run(xml, items, task)
+    assert all(kind == "ranking" for kind, _ in records)
+    return [("preference", p) for _, r in records for p in ranking_pairs(r, max_pairs)]
+
+
 ORDER_C_A_B = [
     ranked("Paris, on the Seine", "Paris"),
     ranked("Paris, on the Seine", "Lyon"),
@@ -216,35 +223,68 @@ ORDER_C_A_B = [
 ]
 
 
-def test_ranker_dict_form_keyed_by_ranker_name_as_label_studio_sends_it():
+def test_ranker_is_stored_once_as_its_ordering():
     value = {"ranker": {"rank": ["c", "a", "b"]}}
     records = run(RANKER, [result("rank", "ranker", value, "candidates")], RANK_TASK)
+
+    assert records == [
+        (
+            "ranking",
+            {
+                **IDS,
+                "prompt": "Capital of France?",
+                "ranking": [["Paris, on the Seine"], ["Paris"], ["Lyon"]],
+                "source": "ranker",
+                "control": "rank",
+            },
+        )
+    ]
+
+
+def test_a_ranking_of_600_items_gives_a_bounded_fixed_sample_of_distinct_pairs():
+    task = {"prompt": "p", "candidates": [{"id": str(i), "body": f"r{i}"} for i in range(600)]}
+    value = {"ranker": [str(i) for i in range(600)]}
+    [(_, record)] = run(RANKER, [result("rank", "ranker", value)], task)
+
+    pairs = ranking_pairs(record, 1000)
+
+    assert len(pairs) == 1000
+    assert pairs == ranking_pairs(record, 1000)  # the same sample on every read
+    picked = {(p["chosen"], p["rejected"]) for p in pairs}
+    assert len(picked) == 1000
+    assert all(int(a[1:]) < int(b[1:]) for a, b in picked)  # the earlier item always wins
+    assert len(ranking_pairs(record, 10**6)) == 600 * 599 // 2
+
+
+def test_ranker_dict_form_keyed_by_ranker_name_as_label_studio_sends_it():
+    value = {"ranker": {"rank": ["c", "a", "b"]}}
+    records = run_ranked(RANKER, [result("rank", "ranker", value, "candidates")], RANK_TASK)
 
     assert records == ORDER_C_A_B
 
 
 def test_ranker_dict_form_keyed_by_list_name():
     value = {"ranker": {"candidates": ["c", "a", "b"]}}
-    records = run(RANKER, [result("rank", "ranker", value, "candidates")], RANK_TASK)
+    records = run_ranked(RANKER, [result("rank", "ranker", value, "candidates")], RANK_TASK)
 
     assert records == ORDER_C_A_B
 
 
 def test_ranker_list_form():
-    records = run(RANKER, [result("rank", "ranker", {"ranker": ["c", "a", "b"]})], RANK_TASK)
+    records = run_ranked(RANKER, [result("rank", "ranker", {"ranker": ["c", "a", "b"]})], RANK_TASK)
 
     assert records == ORDER_C_A_B
 
 
 def test_ranker_item_without_body_is_read_by_its_title():
-    records = run(RANKER, [result("rank", "ranker", {"ranker": ["d", "b"]})], RANK_TASK)
+    records = run_ranked(RANKER, [result("rank", "ranker", {"ranker": ["d", "b"]})], RANK_TASK)
 
     assert records == [ranked("Only a title", "Lyon")]
 
 
 def test_ranker_buckets_rank_in_config_order_and_unsorted_items_are_ignored():
     value = {"ranker": {"bad": ["b"], "_": ["d"], "best": ["c", "a"], "ok": []}}
-    records = run(RANKER_BUCKETS, [result("rank", "ranker", value, "candidates")], RANK_TASK)
+    records = run_ranked(RANKER_BUCKETS, [result("rank", "ranker", value, "candidates")], RANK_TASK)
 
     # Items in one bucket are not compared with each other.
     assert records == [ranked("Paris, on the Seine", "Lyon"), ranked("Paris", "Lyon")]
@@ -253,7 +293,7 @@ def test_ranker_buckets_rank_in_config_order_and_unsorted_items_are_ignored():
 def test_ranker_submitted_untouched_with_buckets_gives_nothing():
     value = {"ranker": {"_": ["a", "b", "c", "d"], "best": [], "ok": [], "bad": []}}
 
-    assert run(RANKER_BUCKETS, [result("rank", "ranker", value)], RANK_TASK) == []
+    assert run_ranked(RANKER_BUCKETS, [result("rank", "ranker", value)], RANK_TASK) == []
 
 
 def test_ranker_with_unknown_item_ids_is_a_mismatch():

@@ -234,15 +234,14 @@ def ranking_case() -> tuple[int, list, list]:
         item("notes", "prompt", "textarea", {"text": ["Mention that strings are immutable."]}),
     ]
     prompt = data["prompt"]
+    # Stored as the ranking (best > good > unacceptable; the empty "weak" tier dropped); the
+    # training job derives c1>c4, c2>c4, c1>c3, c2>c3, c4>c3 from it.
+    ranking = [[body["c1"], body["c2"]], [body["c4"]], [body["c3"]]]
     records = [
-        preference(prompt, body[better], body[worse], "ranker", "rank")
-        for better, worse in [
-            ("c1", "c4"),  # best > good
-            ("c2", "c4"),
-            ("c1", "c3"),  # best > unacceptable
-            ("c2", "c3"),
-            ("c4", "c3"),  # good > unacceptable
-        ]
+        (
+            "ranking",
+            {**IDS, "prompt": prompt, "ranking": ranking, "source": "ranker", "control": "rank"},
+        )
     ]
     records.append(feedback(prompt, None, "Mention that strings are immutable.", "notes"))
     return 0, result, records

@@ -19,6 +19,7 @@ from typing import Any
 
 from ml_backend.arena import Arena
 from ml_backend.config import BackendConfig
+from ml_backend.conversion import preference_pairs
 from ml_backend.label_schema import parse_label_config
 from ml_backend.serving import ModelServer, policy_config, reward_model_config
 from ml_backend.store import JOB_PREANNOTATE, Job, Store
@@ -64,7 +65,11 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
     registry = registry_for(config)
     records, feedback = ranks.share(
         (
-            store.records(job.project_id, "preference"),
+            preference_pairs(
+                store.records(job.project_id, "preference"),
+                store.records(job.project_id, "ranking"),
+                config.max_ranking_pairs,
+            ),
             store.records(job.project_id, "feedback") if config.policy_training != "off" else [],
         )
         if ranks.is_main
