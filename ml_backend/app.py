@@ -15,14 +15,14 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ml_backend import dashboard
 from ml_backend.config import BackendConfig
-from ml_backend.errors import BackendError, BadRequest, NotFound, Unauthorized
+from ml_backend.errors import BackendError, BadRequest, NotFound, TooLarge, Unauthorized
 from ml_backend.intake import MAX_ID, handle_event
 from ml_backend.label_schema import check_label_config
 from ml_backend.label_studio import WebhookSync
 from ml_backend.metrics import CONTENT_TYPE, Metrics, action_label, method_label
-from ml_backend.predict import predict_tasks
-from ml_backend.serving import ModelServer
-from ml_backend.store import Store
+from ml_backend.predict import PREDICT_CHUNK, predict_in_time
+from ml_backend.serving import ModelServer, release_memory
+from ml_backend.store import JOB_PREANNOTATE, Store
 from trainer.dispatch import notify_workers
 from trainer.registry import Registry
 
@@ -171,17 +171,63 @@ def _register_routes(app: Flask, services: Services) -> None:
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
             raise BadRequest("'tasks' must be a list of task objects")
+        limit = services.config.predict_max_tasks
+        if len(tasks) > limit:
+            raise TooLarge(
+                f"{len(tasks)} tasks in one /predict; the backend takes up to {limit} "
+                "(RLHF_PREDICT_MAX_TASKS): select fewer tasks, or run `rlhf-backend preannotate`"
+            )
         project_id, label_config = _predict_project(body, tasks)
-        schema = parse_label_config(label_config)
+        schema = check_label_config(label_config, services.config.max_label_config_bytes)
         version = services.models.served_version(project_id)
-        results = predict_tasks(
-            schema,
-            tasks,
-            lambda items: services.models.head_rewards(project_id, items),
-            version,
-            services.config.strategy,
+        try:
+            timed = predict_in_time(
+                schema,
+                tasks,
+                lambda items: services.models.head_rewards(project_id, items),
+                version,
+                services.config.strategy,
+                budget_s=services.config.predict_time_budget_s,
+            )
+            answer: dict[str, Any] = {"results": timed.results}
+            if timed.unreached:
+                answer["handed_off"] = _hand_off(project_id, timed.unreached)
+            return jsonify(answer)
+        finally:
+            if len(tasks) > PREDICT_CHUNK:
+                release_memory()
+
+    def _hand_off(project_id: int, unreached: int) -> dict[str, Any]:
+        """Tasks /predict had no time for go to the project's pre-annotation job, which uploads
+        their predictions through Label Studio's API (it needs the URL and token /setup sent)."""
+        project = services.store.project(project_id)
+        reachable = project is not None and bool(
+            (services.config.label_studio_url or project.hostname)
+            and (services.config.label_studio_api_key or project.access_token)
         )
-        return jsonify(results=results)
+        budget = services.config.predict_time_budget_s
+        if not reachable:
+            logger.warning("project %s: %d tasks not predicted in time", project_id, unreached)
+            return {
+                "tasks": unreached,
+                "job_id": None,
+                "message": f"{unreached} tasks were not predicted within {budget:g} s "
+                "(RLHF_PREDICT_TIME_BUDGET_S) and no Label Studio connection is known for this "
+                f"project: run `rlhf-backend preannotate --project {project_id}`",
+            }
+        job = services.store.enqueue_job(
+            project_id, JOB_PREANNOTATE, trigger=f"/predict hand-off: {unreached} tasks"
+        )
+        job_id = job.job_id if job else None
+        notify_workers(services.config, job_id, "predict hand-off")
+        logger.info("project %s: %d tasks handed to pre-annotation", project_id, unreached)
+        return {
+            "tasks": unreached,
+            "job_id": job_id,
+            "message": f"{unreached} tasks were not predicted within {budget:g} s "
+            "(RLHF_PREDICT_TIME_BUDGET_S): the queued pre-annotation job uploads their "
+            "predictions to Label Studio",
+        }
 
     def _predict_project(body: dict[str, Any], tasks: list[dict[str, Any]]) -> tuple[int, str]:
         raw = body.get("project")

@@ -16,6 +16,7 @@ take new task data from a prediction): the pre-annotation job generates their ca
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 # Scores every (prompt, response) of every item in one batched call: returns, per item, the
 # per-head rewards of its responses, shape (n_responses, K).
 HeadRewardFn = Callable[[list[tuple[str, list[str]]]], list[np.ndarray]]
+
+# Tasks scored per backbone call in /predict; the time budget is checked between chunks.
+PREDICT_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,48 @@ def predict_tasks(
     strategy: str = "default",
 ) -> list[list[dict[str, Any]]]:
     """One list of predictions per task (empty for prompt-only tasks), scored in one batch."""
+    return predict_in_time(schema, tasks, head_reward_fn, model_version, strategy).results
+
+
+@dataclass
+class TimedPredictions:
+    """Predictions for the tasks reached in time; ``unreached`` tasks got an empty list."""
+
+    results: list[list[dict[str, Any]]]
+    unreached: int
+
+
+def predict_in_time(
+    schema: RLHFSchema,
+    tasks: list[dict[str, Any]],
+    head_reward_fn: HeadRewardFn,
+    model_version: str,
+    strategy: str = "default",
+    budget_s: float | None = None,
+    chunk: int = PREDICT_CHUNK,
+) -> TimedPredictions:
+    """Predictions scored ``chunk`` tasks at a time until ``budget_s`` seconds have passed
+    (None: no limit); a chunk is started only while time is left, so the answer comes at most
+    one chunk after the budget."""
+    started = time.monotonic()
+    results: list[list[dict[str, Any]]] = []
+    for start in range(0, len(tasks), chunk):
+        if budget_s is not None and start and time.monotonic() - started >= budget_s:
+            unreached = len(tasks) - start
+            return TimedPredictions(results + [[] for _ in range(unreached)], unreached)
+        results += _predict_chunk(
+            schema, tasks[start : start + chunk], head_reward_fn, model_version, strategy
+        )
+    return TimedPredictions(results, 0)
+
+
+def _predict_chunk(
+    schema: RLHFSchema,
+    tasks: list[dict[str, Any]],
+    head_reward_fn: HeadRewardFn,
+    model_version: str,
+    strategy: str,
+) -> list[list[dict[str, Any]]]:
     found = [task_candidates(_task_data(task), schema) for task in tasks]
     scorable = [c for c in found if c is not None]
     head_rewards = iter(head_reward_fn([(c.prompt, c.texts) for c in scorable]) if scorable else [])

@@ -9,6 +9,9 @@ with and finish on the old version.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import threading
 from pathlib import Path
@@ -28,6 +31,14 @@ from trainer.registry import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def release_memory() -> None:
+    """Give the memory a large request used back to the OS: glibc keeps freed heap pages in
+    the process (a 2,000-task /predict left ~300 MB behind) unless asked to trim them."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reward_model_config(config: BackendConfig) -> Any:
