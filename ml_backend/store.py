@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS projects (
     updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS annotations (
-    annotation_id INTEGER PRIMARY KEY,
+    annotation_id INTEGER NOT NULL,
     project_id INTEGER NOT NULL,
     task_id INTEGER,
     annotator INTEGER,
@@ -60,11 +60,16 @@ CREATE TABLE IF NOT EXISTS annotations (
     deleted INTEGER NOT NULL DEFAULT 0,
     kinds TEXT NOT NULL DEFAULT '',
     seq INTEGER NOT NULL,
-    stored_at REAL NOT NULL
+    stored_at REAL NOT NULL,
+    -- Label Studio numbers annotations per instance: an id alone may name annotations of two
+    -- projects (or of two instances' projects), so the project is part of the key.
+    PRIMARY KEY (project_id, annotation_id)
 );
 CREATE INDEX IF NOT EXISTS annotations_project ON annotations(project_id, deleted);
 -- Every stored webhook counts the project's changes since its last job: a range, not a scan.
 CREATE INDEX IF NOT EXISTS annotations_changes ON annotations(project_id, seq);
+-- Which label configs are still referenced (unreferenced ones are collected).
+CREATE INDEX IF NOT EXISTS annotations_config ON annotations(config_hash);
 CREATE TABLE IF NOT EXISTS records (
     record_id INTEGER PRIMARY KEY AUTOINCREMENT,
     annotation_id INTEGER NOT NULL,
@@ -72,7 +77,7 @@ CREATE TABLE IF NOT EXISTS records (
     kind TEXT NOT NULL,
     payload TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_annotation ON records(annotation_id);
+CREATE INDEX IF NOT EXISTS records_owner ON records(project_id, annotation_id);
 CREATE INDEX IF NOT EXISTS records_project ON records(project_id, kind);
 CREATE TABLE IF NOT EXISTS jobs (
     job_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -244,6 +249,7 @@ class Store:
     def initialize(self) -> Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._write() as conn:
+            _migrate_annotation_key(conn)
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -269,6 +275,9 @@ class Store:
     ) -> None:
         """Remember a project's label config and, when given, how to reach its Label Studio."""
         with self._write() as conn:
+            old = conn.execute(
+                "SELECT config_hash FROM projects WHERE project_id = ?", (project_id,)
+            ).fetchone()
             digest = _put_config(conn, label_config)
             conn.execute(
                 """INSERT INTO projects(project_id, config_hash, hostname, access_token, updated_at)
@@ -280,6 +289,8 @@ class Store:
                      updated_at = excluded.updated_at""",
                 (project_id, digest, hostname, access_token, time.time()),
             )
+            if old is not None and old[0] != digest:
+                _collect_config(conn, old[0])
 
     def project(self, project_id: int) -> Project | None:
         row = (
@@ -323,8 +334,9 @@ class Store:
         """
         with self._write() as conn:
             current = conn.execute(
-                "SELECT deleted, ls_updated_at FROM annotations WHERE annotation_id = ?",
-                (annotation.annotation_id,),
+                """SELECT deleted, ls_updated_at, config_hash FROM annotations
+                   WHERE project_id = ? AND annotation_id = ?""",
+                (annotation.project_id, annotation.annotation_id),
             ).fetchone()
             if current is not None and (
                 current["deleted"] or current["ls_updated_at"] > annotation.ls_updated_at
@@ -353,6 +365,8 @@ class Store:
                 ),
             )
             _replace_records(conn, annotation.annotation_id, annotation.project_id, records)
+            if current is not None and current["config_hash"] not in (None, digest):
+                _collect_config(conn, current["config_hash"])
             return True
 
     def delete_annotations(self, project_id: int, annotation_ids: list[int]) -> None:
@@ -362,7 +376,7 @@ class Store:
                 conn.execute(
                     """INSERT INTO annotations(annotation_id, project_id, deleted, seq, stored_at)
                        VALUES (?, ?, 1, ?, ?)
-                       ON CONFLICT(annotation_id) DO UPDATE SET
+                       ON CONFLICT(project_id, annotation_id) DO UPDATE SET
                          deleted = 1, kinds = '', seq = excluded.seq,
                          stored_at = excluded.stored_at""",
                     (annotation_id, project_id, _next_seq(conn), time.time()),
@@ -631,13 +645,41 @@ def _put_config(conn: sqlite3.Connection, xml: str) -> str:
     return digest
 
 
+def _collect_config(conn: sqlite3.Connection, digest: str) -> None:
+    """Drop a label config no project and no annotation refers to any more."""
+    conn.execute(
+        """DELETE FROM label_configs WHERE config_hash = ?
+           AND NOT EXISTS (SELECT 1 FROM projects WHERE config_hash = ?)
+           AND NOT EXISTS (SELECT 1 FROM annotations WHERE config_hash = ?)""",
+        (digest, digest, digest),
+    )
+
+
+def _migrate_annotation_key(conn: sqlite3.Connection) -> None:
+    """A store written when annotations were keyed by their id alone gets the (project, id)
+    key: the table is rebuilt in the same transaction, rows and tombstones unchanged."""
+    key = {row[1]: row[5] for row in conn.execute("PRAGMA table_info(annotations)")}
+    if not key or key.get("project_id"):  # a new store, or already migrated
+        return
+    logger.info("store: keying annotations by (project, annotation id)")
+    conn.execute("ALTER TABLE annotations RENAME TO annotations_by_id")
+    conn.execute(SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS annotations") :].split(";")[0])
+    columns = ", ".join(key)
+    conn.execute(f"INSERT INTO annotations({columns}) SELECT {columns} FROM annotations_by_id")
+    conn.execute("DROP TABLE annotations_by_id")  # its indexes go with it; SCHEMA remakes them
+    conn.execute("DROP INDEX IF EXISTS records_annotation")
+
+
 def _replace_records(
     conn: sqlite3.Connection,
     annotation_id: int,
     project_id: int,
     records: list[tuple[str, dict[str, Any]]],
 ) -> None:
-    conn.execute("DELETE FROM records WHERE annotation_id = ?", (annotation_id,))
+    conn.execute(
+        "DELETE FROM records WHERE project_id = ? AND annotation_id = ?",
+        (project_id, annotation_id),
+    )
     conn.executemany(
         "INSERT INTO records(annotation_id, project_id, kind, payload) VALUES (?, ?, ?, ?)",
         [(annotation_id, project_id, kind, json.dumps(payload)) for kind, payload in records],
