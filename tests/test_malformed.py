@@ -4,8 +4,11 @@ One real server (gunicorn, 2 workers, a 32 KiB body limit) takes a few hundred b
 every endpoint: bodies that are not JSON or not UTF-8, JSON of the wrong type, missing fields,
 fields of the wrong type, unknown projects, bodies over the limit, label configs the backend
 cannot learn from, unknown paths and wrong methods. Hand-written cases pin the exact status;
-hypothesis mutates the captured Label Studio payloads and the label_configs/ templates for the
-rest. After every test the server still answers ``/health``, its log has no traceback, and the
+hypothesis mutates the captured Label Studio payloads (tests/fixtures: the traffic a real Label
+Studio 1.23.2 sent) and the label_configs/ templates for the rest, with hostile strings (lone
+surrogates, non-ASCII names, very long values) among the values. After every request that was
+refused (4xx) the store holds exactly what it held before; after every test the server still
+answers ``/health``, ``/metrics`` still scrapes (and parses), its log has no traceback, and the
 annotations stored before are exactly as they were.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from ml_backend.app import parse_project_id
 from ml_backend.errors import BadRequest
@@ -36,6 +41,8 @@ SERVER_ENV = {
     "RLHF_MAX_BODY_BYTES": str(MAX_BODY),
     # /setup may start a webhook registration: keep it on loopback whatever hostname is sent.
     "LABEL_STUDIO_URL": "http://127.0.0.1:9",
+    # Above every template (2.7 KB at most) and below what the fuzzed configs can reach.
+    "RLHF_MAX_LABEL_CONFIG_BYTES": "6000",
 }
 TEMPLATES_DIR = Path(__file__).parent.parent / "label_configs"
 TEMPLATES = sorted(TEMPLATES_DIR.glob("*.xml"))
@@ -90,15 +97,41 @@ def unharmed(backend):
         new_log = log.read().decode(errors="replace")
     assert "Traceback" not in new_log and "WORKER TIMEOUT" not in new_log, new_log[-3000:]
     assert snapshot(backend) == before
+    scraped = requests.get(f"{backend.url}/metrics", timeout=30)
+    assert scraped.status_code == 200, scraped.text[:500]
+    assert any(f.name == "rlhf_http_requests" for f in text_string_to_metric_families(scraped.text))
 
 
-def send(backend, method: str, path: str, body: Any = None, raw: Any = None, **kw: Any):
+STORE_TABLES = ("label_configs", "projects", "annotations", "records", "jobs", "counters")
+
+
+def stored_state(backend) -> tuple[Any, ...]:
+    """What the store holds, in brief: row counts and the change counter (read-only)."""
+    with contextlib.closing(sqlite3.connect(f"file:{backend.db_path}?mode=ro", uri=True)) as db:
+        counts = [db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in STORE_TABLES]
+        return (*counts, db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone())
+
+
+class Answer:
+    """A response, and what the store held before and after the request."""
+
+    def __init__(self, response: requests.Response, before: Any, after: Any) -> None:
+        self.response, self.before, self.after = response, before, after
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.response, name)
+
+
+def send(backend, method: str, path: str, body: Any = None, raw: Any = None, **kw: Any) -> Any:
     data = raw if raw is not None else (None if body is None else json.dumps(body))
-    return requests.request(method, f"{backend.url}{path}", data=data, timeout=120, **kw)
+    before = stored_state(backend)
+    response = requests.request(method, f"{backend.url}{path}", data=data, timeout=120, **kw)
+    return Answer(response, before, stored_state(backend))
 
 
-def assert_clean(response: requests.Response, allowed: set[int] | None = None) -> None:
-    """No 5xx; an error is JSON {"error", "message"}; with ``allowed``, one of those statuses."""
+def assert_clean(response: Any, allowed: set[int] | None = None) -> None:
+    """No 5xx; an error is JSON {"error", "message"} and stored nothing; with ``allowed``, one
+    of those statuses."""
     assert response.status_code < 500, response.text[:500]
     if allowed is not None:
         assert response.status_code in allowed, (response.status_code, response.text[:500])
@@ -107,6 +140,8 @@ def assert_clean(response: requests.Response, allowed: set[int] | None = None) -
         assert set(body) == {"error", "message"}, body
         assert isinstance(body["error"], str) and isinstance(body["message"], str)
         assert body["message"]
+        if isinstance(response, Answer):
+            assert response.after == response.before, "a refused request changed the store"
     else:
         assert 200 <= response.status_code < 300
 
@@ -320,28 +355,30 @@ def test_get_endpoints_answer(backend):
 
 # -- hypothesis: anything at all, then mutations of real payloads -------------------------------
 
+# Strings the fuzzing of issue 19 broke the backend with: lone UTF-16 surrogates (no UTF-8
+# encoding exists for them), non-ASCII names, NUL, a long value.
+HOSTILE_STRINGS = ["\ud800", "a\udfffb", "\udbff\ud800", "\u017f", "\x00", "\u202e", "X" * 3000]
+texts = st.text(max_size=20) | st.sampled_from(HOSTILE_STRINGS)
 json_scalars = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
+    | texts
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
     max_leaves=12,
 )
 valid_ids = st.integers(min_value=1, max_value=10_000) | st.sampled_from([0, 2**63 - 1])
-ids = valid_ids | st.sampled_from([-1, 2**63])
+ids = valid_ids | st.sampled_from([-1, 2**63, 10**30])
 
 
 @FUZZ
 @given(
     path=st.sampled_from(["/webhook", "/setup", "/predict"]),
-    body=json_values | st.dictionaries(st.text(max_size=12), json_values, max_size=5),
+    body=json_values | st.dictionaries(texts, json_values, max_size=5),
 )
 def test_any_json_on_any_post_endpoint_is_answered_cleanly(backend, path, body):
     assume(not addresses_protected_data(body))
@@ -435,7 +472,7 @@ MUTABLE_PATHS = [
     ("task",),
     ("task", "id"),
     ("task", "data"),
-    ("project",),
+    ("project",),  # a bare integer too: Label Studio's own payloads sometimes send one
     ("project", "id"),
     ("project", "label_config"),
 ]
@@ -497,7 +534,7 @@ def test_mutated_label_studio_webhooks_are_answered_cleanly(backend, annotation_
     body = data.draw(mutated_webhooks(annotation_event))
     assume(not addresses_protected_data(body))
     response = send(backend, "POST", "/webhook", body)
-    assert_clean(response, {200, 400, 404})
+    assert_clean(response, {200, 400, 404, 413, 422})
     if response.status_code == 200:
         assert response.json()["action"] == body["action"]
 
@@ -531,7 +568,7 @@ def test_mutated_setup_is_answered_cleanly(backend, project, schema, hostname, a
         "access_token": access_token,
     }
     assume(not addresses_protected_data(body))
-    assert_clean(send(backend, "POST", "/setup", body), {200, 400, 422})
+    assert_clean(send(backend, "POST", "/setup", body), {200, 400, 413, 422})
 
 
 @settings(FUZZ, max_examples=40)
@@ -552,7 +589,65 @@ def test_mutated_predict_is_answered_cleanly(backend, project, tasks, label_conf
     if label_config is not None:
         body["label_config"] = label_config
     assume(not addresses_protected_data(body))
-    assert_clean(send(backend, "POST", "/predict", body), {200, 400, 404, 422})
+    assert_clean(send(backend, "POST", "/predict", body), {200, 400, 404, 413, 422})
+
+
+# -- label configs: every template, mutated ------------------------------------------------------
+
+XML_NAMES = st.sampled_from(["\u017f", "\u00e9t\u00e9", "data-x", "x.y", "_", "\u0391\u03b2"]) | (
+    st.from_regex(r"[A-Za-z_\u00c0-\u024f][A-Za-z0-9_.\u00c0-\u024f-]{0,6}", fullmatch=True)
+)
+EXTRA_CONTROLS = [  # what the fuzzing of issue 19 combined: several preference controls at once
+    '<List name="extra_list" value="$extra" title="More"/><Ranker name="extra_rank" '
+    'toName="extra_list"/>',
+    '<Ranker name="second_rank" toName="candidates"/>',
+    '<Pairwise name="extra_pair" toName="answer1,answer2"/>',
+    '<Rating name="extra_rating" toName="answer1"/>',
+    '<Choices name="extra_tie" toName="prompt"><Choice value="Tie"/></Choices>',
+    '<TextArea name="extra_notes" toName="answer2"/>',
+    '<Text name="answer1" value="$answer1"/><Text name="answer2" value="$answer2"/>',
+    "<!-- " + "padding " * 600 + "-->",  # over RLHF_MAX_LABEL_CONFIG_BYTES
+]
+
+
+@st.composite
+def mutated_configs(draw) -> tuple[str, dict[str, Any]]:
+    """A label_configs/ template, changed by up to three mutations, and its sample task data."""
+    xml, data, _ = template(draw(st.integers(min_value=0, max_value=len(TEMPLATES) - 1)))
+    data = {**data, "extra": [{"id": "e1", "body": "one"}, {"id": "e2", "body": "two"}]}
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        kind = draw(st.sampled_from(["attribute", "control", "text", "truncate", "rename"]))
+        at = xml.rindex("</View>")
+        if kind == "attribute":
+            name, value = draw(XML_NAMES), draw(texts).replace('"', "").replace("<", "")
+            xml = xml.replace("<View", f'<View {name}="{value}"', 1)
+        elif kind == "control":
+            xml = xml[:at] + draw(st.sampled_from(EXTRA_CONTROLS)) + xml[at:]
+        elif kind == "text":
+            xml = xml[:at] + draw(texts).replace("<", "&lt;").replace("&", "&amp;") + xml[at:]
+        elif kind == "truncate":
+            xml = xml[: draw(st.integers(min_value=0, max_value=len(xml)))]
+        else:
+            xml = xml.replace('name="', f'name="{draw(XML_NAMES)}', 1)
+    return xml, data
+
+
+@settings(FUZZ, max_examples=120)
+@given(config=mutated_configs(), project=st.integers(min_value=100, max_value=110))
+def test_mutated_templates_on_every_endpoint_are_answered_cleanly(
+    backend, annotation_event, config, project
+):
+    xml, data = config
+    setup = {"project": f"{project}.1", "schema": xml, "hostname": "http://127.0.0.1:9"}
+    assert_clean(send(backend, "POST", "/setup", setup), {200, 413, 422})
+    predict = {"project": f"{project}.1", "label_config": xml, "tasks": [{"id": 1, "data": data}]}
+    assert_clean(send(backend, "POST", "/predict", predict), {200, 413, 422})
+    event = annotation_event(project, project_id=project, task_data=data, label_config=xml)
+    answer = send(backend, "POST", "/webhook", event)
+    assert_clean(answer, {200, 413, 422})
+    if answer.status_code == 200 and "label_config" not in answer.json():
+        # a config the webhook accepted is one /setup accepts
+        assert_clean(send(backend, "POST", "/setup", {**setup, "project": "999.1"}), {200})
 
 
 def addresses_protected_data(body: Any) -> bool:
