@@ -198,7 +198,9 @@ class LabelStudioServer:
 LS_DB = "label_studio.sqlite3"
 
 
-def _label_studio_env(data_dir: Path, **extra: str) -> dict[str, str]:
+def _label_studio_env(
+    data_dir: Path, predict_timeout_s: float = LS_PREDICT_TIMEOUT_S, **extra: str
+) -> dict[str, str]:
     return _clean_env(
         LABEL_STUDIO_BASE_DATA_DIR=str(data_dir),
         # The backend lives on loopback, which Label Studio refuses to call by default.
@@ -212,7 +214,7 @@ def _label_studio_env(data_dir: Path, **extra: str) -> dict[str, str]:
         ML_TIMEOUT_HEALTH="15",
         ML_TIMEOUT_SETUP="30",
         WEBHOOK_TIMEOUT="15",
-        ML_TIMEOUT_PREDICT=str(LS_PREDICT_TIMEOUT_S),
+        ML_TIMEOUT_PREDICT=str(predict_timeout_s),
         # Nothing leaves the machine.
         COLLECT_ANALYTICS="false",
         LATEST_VERSION_CHECK="false",
@@ -253,15 +255,20 @@ def migrated_database(binary: Path, cache_dir: Path) -> Path:
 
 
 def start_label_studio(
-    binary: Path, data_dir: Path, database: Path | None = None
+    binary: Path,
+    data_dir: Path,
+    database: Path | None = None,
+    predict_timeout_s: float = LS_PREDICT_TIMEOUT_S,
 ) -> LabelStudioServer:
-    """Label Studio on a fresh data dir, seeded with ``database`` (migrated, empty) if given."""
+    """Label Studio on a fresh data dir, seeded with ``database`` (migrated, empty) if given;
+    ``predict_timeout_s``: how long it waits for /predict (Label Studio's own default: 100)."""
     if database is not None:
         shutil.copyfile(database, data_dir / LS_DB)
     port = free_port()
     token = secrets.token_hex(20)  # Label Studio's token column holds 40 characters
     env = _label_studio_env(
         data_dir,
+        predict_timeout_s,
         LABEL_STUDIO_USERNAME=LS_USER,
         LABEL_STUDIO_PASSWORD=secrets.token_urlsafe(16),
         LABEL_STUDIO_USER_TOKEN=token,
