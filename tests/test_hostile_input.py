@@ -331,3 +331,30 @@ def test_tasks_past_the_time_budget_are_handed_to_a_preannotation_job(tmp_path):
     assert answer["handed_off"]["tasks"] == 8
     [job] = store.jobs(1)
     assert (job.kind, job.job_id) == (JOB_PREANNOTATE, answer["handed_off"]["job_id"])
+
+
+def test_a_chunk_is_started_only_if_the_slowest_so_far_still_fits_the_budget(monkeypatch):
+    import numpy as np
+
+    from ml_backend import predict
+
+    clock = [0.0]
+    monkeypatch.setattr(predict.time, "monotonic", lambda: clock[0])
+
+    def ten_seconds_per_chunk(items):
+        clock[0] += 10.0
+        return [np.zeros((len(texts), 4)) for _, texts in items]
+
+    task = captured_body("04_predict")["tasks"][0]
+    timed = predict.predict_in_time(
+        parse_label_config(PAIRWISE),
+        [task] * 100,
+        ten_seconds_per_chunk,
+        "v",
+        budget_s=25.0,
+        chunk=10,
+    )
+
+    # 0 s: chunk 1 (to 10 s); 10 + 10 <= 25: chunk 2 (to 20 s); 20 + 10 > 25: the rest waits.
+    assert (timed.unreached, sum(1 for r in timed.results if r)) == (80, 20)
+    assert len(timed.results) == 100

@@ -617,7 +617,7 @@ def mutated_configs(draw) -> tuple[str, dict[str, Any]]:
     data = {**data, "extra": [{"id": "e1", "body": "one"}, {"id": "e2", "body": "two"}]}
     for _ in range(draw(st.integers(min_value=1, max_value=3))):
         kind = draw(st.sampled_from(["attribute", "control", "text", "truncate", "rename"]))
-        at = xml.rindex("</View>")
+        at = xml.rfind("</View>") % (len(xml) + 1)  # the end when truncated away
         if kind == "attribute":
             name, value = draw(XML_NAMES), draw(texts).replace('"', "").replace("<", "")
             xml = xml.replace("<View", f'<View {name}="{value}"', 1)
@@ -632,19 +632,19 @@ def mutated_configs(draw) -> tuple[str, dict[str, Any]]:
     return xml, data
 
 
-@settings(FUZZ, max_examples=120)
+@settings(FUZZ, max_examples=100)
 @given(config=mutated_configs(), project=st.integers(min_value=100, max_value=110))
 def test_mutated_templates_on_every_endpoint_are_answered_cleanly(
     backend, annotation_event, config, project
 ):
     xml, data = config
     setup = {"project": f"{project}.1", "schema": xml, "hostname": "http://127.0.0.1:9"}
-    assert_clean(send(backend, "POST", "/setup", setup), {200, 413, 422})
+    assert_clean(send(backend, "POST", "/setup", setup), {200, 400, 413, 422})  # 400: empty
     predict = {"project": f"{project}.1", "label_config": xml, "tasks": [{"id": 1, "data": data}]}
-    assert_clean(send(backend, "POST", "/predict", predict), {200, 413, 422})
+    assert_clean(send(backend, "POST", "/predict", predict), {200, 404, 413, 422})
     event = annotation_event(project, project_id=project, task_data=data, label_config=xml)
     answer = send(backend, "POST", "/webhook", event)
-    assert_clean(answer, {200, 413, 422})
+    assert_clean(answer, {200, 404, 413, 422})  # 404: an empty config for an unknown project
     if answer.status_code == 200 and "label_config" not in answer.json():
         # a config the webhook accepted is one /setup accepts
         assert_clean(send(backend, "POST", "/setup", {**setup, "project": "999.1"}), {200})
