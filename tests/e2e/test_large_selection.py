@@ -14,7 +14,8 @@ job and every task ends with exactly one prediction.
 * ``test_retrieve_predictions_on_2000_long_tasks_within_label_studios_timeout`` (also ``slow``:
   minutes on 2 cores): 2,000 tasks with two ~4 KB responses, default budget, a Label Studio of
   its own with its default 100 s timeout: had the answer come later, Label Studio would have
-  stored no prediction from it.
+  stored no prediction from it. The hand-off job is queued, not run (uploading ~2,000
+  predictions is what the CI variant checks on 8).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def predictions_by_task(ls: LabelStudio, project_id: int) -> dict[int, int]:
 
 
 def retrieve_predictions_then_run_the_job(
-    label_studio: LabelStudioServer, backend: Backend, n: int, chars: int
+    label_studio: LabelStudioServer, backend: Backend, n: int, chars: int, run_job: bool = True
 ) -> dict[str, Any]:
     ls = label_studio.client()
     tasks = pairwise_tasks(n, chars)
@@ -95,6 +96,12 @@ def retrieve_predictions_then_run_the_job(
     [job] = [j for j in backend.store.jobs(project.id) if j.kind == "preannotate"]
     assert job.trigger == f"/predict hand-off: {n - len(from_predict)} tasks"
     assert 0 < len(from_predict) < n  # the answer carried some; the job has the rest
+    print(
+        f"\n{n} tasks: Retrieve Predictions answered in {answered_s:.1f} s with "
+        f"{len(from_predict)} predictions; {n - len(from_predict)} handed off"
+    )
+    if not run_job:
+        return {"answered_s": answered_s, "predicted": len(from_predict)}
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["LABEL_STUDIO_URL"] = label_studio.url
@@ -109,10 +116,6 @@ def retrieve_predictions_then_run_the_job(
 
     assert backend.store.job(job.job_id).status == "done"
     assert predictions_by_task(ls, project.id) == {t: 1 for t in ls_task_ids(ls, project.id)}
-    print(
-        f"\n{n} tasks: Retrieve Predictions answered in {answered_s:.1f} s with "
-        f"{len(from_predict)} predictions; {n - len(from_predict)} handed off"
-    )
     return {"answered_s": answered_s, "predicted": len(from_predict)}
 
 
@@ -175,6 +178,9 @@ def test_retrieve_predictions_on_2000_long_tasks_within_label_studios_timeout(
         LABEL_STUDIO_URL=label_studio_default_timeout.url,
     )
     try:
-        retrieve_predictions_then_run_the_job(label_studio_default_timeout, backend, 2000, 4000)
+        # The job's uploads are what the CI variant checks; here: the answer came in time.
+        retrieve_predictions_then_run_the_job(
+            label_studio_default_timeout, backend, 2000, 4000, run_job=False
+        )
     finally:
         backend.process.stop()
