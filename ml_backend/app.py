@@ -205,29 +205,26 @@ def _register_routes(app: Flask, services: Services) -> None:
             (services.config.label_studio_url or project.hostname)
             and (services.config.label_studio_api_key or project.access_token)
         )
-        budget = services.config.predict_time_budget_s
+        late = (
+            f"{unreached} tasks were not predicted within "
+            f"{services.config.predict_time_budget_s:g} s (RLHF_PREDICT_TIME_BUDGET_S)"
+        )
         if not reachable:
-            logger.warning("project %s: %d tasks not predicted in time", project_id, unreached)
+            logger.warning("project %s: %s", project_id, late)
             return {
                 "tasks": unreached,
                 "job_id": None,
-                "message": f"{unreached} tasks were not predicted within {budget:g} s "
-                "(RLHF_PREDICT_TIME_BUDGET_S) and no Label Studio connection is known for this "
-                f"project: run `rlhf-backend preannotate --project {project_id}`",
+                "message": f"{late} and no Label Studio connection is known for this project: "
+                f"run `rlhf-backend preannotate --project {project_id}`",
             }
         job = services.store.enqueue_job(
             project_id, JOB_PREANNOTATE, trigger=f"/predict hand-off: {unreached} tasks"
         )
         job_id = job.job_id if job else None
         notify_workers(services.config, job_id, "predict hand-off")
-        logger.info("project %s: %d tasks handed to pre-annotation", project_id, unreached)
-        return {
-            "tasks": unreached,
-            "job_id": job_id,
-            "message": f"{unreached} tasks were not predicted within {budget:g} s "
-            "(RLHF_PREDICT_TIME_BUDGET_S): the queued pre-annotation job uploads their "
-            "predictions to Label Studio",
-        }
+        logger.info("project %s: %s, handed to pre-annotation", project_id, late)
+        message = f"{late}: the queued pre-annotation job uploads their predictions"
+        return {"tasks": unreached, "job_id": job_id, "message": message}
 
     def _predict_project(body: dict[str, Any], tasks: list[dict[str, Any]]) -> tuple[int, str]:
         raw = body.get("project")

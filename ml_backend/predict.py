@@ -230,6 +230,7 @@ def _predict_chunk(
     model_version: str,
     strategy: str,
 ) -> list[list[dict[str, Any]]]:
+    """Predictions for one chunk of tasks, scored in one backbone call."""
     found = [task_candidates(_task_data(task), schema) for task in tasks]
     scorable = [c for c in found if c is not None]
     head_rewards = iter(head_reward_fn([(c.prompt, c.texts) for c in scorable]) if scorable else [])
