@@ -650,6 +650,34 @@ def test_mutated_templates_on_every_endpoint_are_answered_cleanly(
         assert_clean(send(backend, "POST", "/setup", {**setup, "project": "999.1"}), {200})
 
 
+@settings(FUZZ, max_examples=40)
+@given(action=texts | st.sampled_from(ACTIONS))
+def test_any_webhook_action_is_answered_and_metrics_keep_scraping(backend, action):
+    """Every action string used to become a metric label: one lone surrogate broke /metrics."""
+    assert_clean(send(backend, "POST", "/webhook", {"action": action}), {200, 400, 404})
+    scraped = requests.get(f"{backend.url}/metrics", timeout=30)
+    assert scraped.status_code == 200, scraped.text[:300]
+    assert list(text_string_to_metric_families(scraped.text))
+
+
+@settings(FUZZ, max_examples=40)
+@given(
+    template_index=st.integers(min_value=0, max_value=len(TEMPLATES) - 1),
+    hostname=texts,
+    access_token=texts,
+)
+def test_setup_with_any_hostname_and_token_is_answered_cleanly(
+    backend, template_index, hostname, access_token
+):
+    body = {
+        "project": "77.1",
+        "schema": TEMPLATES[template_index].read_text(),
+        "hostname": hostname,
+        "access_token": access_token,
+    }
+    assert_clean(send(backend, "POST", "/setup", body), {200, 400})
+
+
 def addresses_protected_data(body: Any) -> bool:
     """Whether a (valid-looking) request could legitimately change the pre-stored annotations:
     it names their project, or one of their ids as an annotation."""
