@@ -163,3 +163,38 @@ def test_worker_runs_queued_jobs(config):
     worker = Worker(config, {"train": lambda job: train_job(config, job)})
     assert worker.run(once=True) == 1
     assert store.jobs(1)[0].status == JOB_DONE
+
+
+RANKING_CONFIG = """<View><Text name="prompt" value="$prompt"/>
+<List name="candidates" value="$candidates" title="Candidates"/>
+<Ranker name="rank" toName="candidates"/></View>"""
+
+
+def test_rankings_are_trained_on_as_their_pairs_at_most_the_bound_per_ranking(tmp_path, config):
+    from dataclasses import replace
+
+    from ml_backend.conversion import Provenance, convert
+    from ml_backend.label_schema import parse_label_config
+
+    config = replace(config, max_ranking_pairs=20)
+    store = Store(config.db_path).initialize()
+    store.upsert_project(1, RANKING_CONFIG)
+    schema = parse_label_config(RANKING_CONFIG)
+    for i in range(6):  # 10 items: 45 implied pairs each, 20 of them trained on
+        items = [{"id": f"c{k}", "body": f"answer {k} to {i}"} for k in range(10)]
+        data = {"prompt": f"question {i}", "candidates": items}
+        result = [
+            {"from_name": "rank", "type": "ranker", "value": {"ranker": [it["id"] for it in items]}}
+        ]
+        incoming = IncomingAnnotation(i + 1, 1, i + 1, 7, data, result, False, "t", RANKING_CONFIG)
+        store.upsert_annotation(
+            incoming, convert(result, data, schema, Provenance(1, i + 1, i + 1, 7))
+        )
+    store.enqueue_training(1, "test")
+
+    result = train_job(config, store.claim_job("test"))
+
+    assert len(store.records(1)) == 6  # one ranking record per annotation
+    served = registry_for(config).served(1, REWARD_MODEL)
+    assert result["trained"], result
+    assert served.data_snapshot["records"] == 6 * 20
