@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 from itertools import accumulate, combinations
 from typing import Any
 
+from ml_backend.config import BackendConfig
 from ml_backend.errors import AnnotationMismatch
 from ml_backend.label_schema import TIE, RankerControl, RLHFSchema, TextField
 
@@ -250,7 +251,9 @@ def ranking_pairs(record: dict[str, Any], max_pairs: int) -> list[dict[str, Any]
 
 
 def preference_pairs(
-    preferences: list[dict[str, Any]], rankings: list[dict[str, Any]], max_per_ranking: int
+    preferences: list[dict[str, Any]],
+    rankings: list[dict[str, Any]],
+    max_per_ranking: int = BackendConfig.max_ranking_pairs,
 ) -> list[dict[str, Any]]:
     """What a training job learns from: the stored pairs and the pairs each ranking implies."""
     pairs = list(preferences)

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ml_backend.arena import comparisons, reward_model_win_rates
+from ml_backend.conversion import preference_pairs
 from ml_backend.leaderboard import Comparison, leaderboard
 from ml_backend.store import JOB_QUEUED, JOB_RUNNING, Store
 
@@ -23,7 +24,9 @@ WILSON_Z = 1.96
 
 
 def project_summary(store: Store, registry: Registry, project_id: int) -> dict[str, Any]:
-    preferences = store.records(project_id, "preference")
+    preferences = preference_pairs(
+        store.records(project_id, "preference"), store.records(project_id, "ranking")
+    )
     arena_rows = store.arena_responses(project_id)
     board = _leaderboard(tuple(comparisons(preferences, arena_rows)))
     reward_model = registry.served(project_id, REWARD_MODEL)

@@ -678,6 +678,16 @@ def test_setup_with_any_hostname_and_token_is_answered_cleanly(
     assert_clean(send(backend, "POST", "/setup", body), {200, 400})
 
 
+@settings(FUZZ, max_examples=30)
+@given(
+    page=st.sampled_from(["/api/projects/{}/summary", "/dashboard/{}"]),
+    project=st.integers(min_value=-10, max_value=2**70) | texts,
+)
+def test_dashboard_pages_of_any_project_are_answered_cleanly(backend, page, project):
+    answer = requests.get(backend.url + page.format(project), timeout=60)
+    assert answer.status_code < 500, answer.text[:300]
+
+
 def addresses_protected_data(body: Any) -> bool:
     """Whether a (valid-looking) request could legitimately change the pre-stored annotations:
     it names their project, or one of their ids as an annotation."""
