@@ -22,13 +22,15 @@ from ml_backend.metrics import CONTENT_TYPE, Metrics
 from ml_backend.predict import predict_tasks
 from ml_backend.serving import ModelServer
 from ml_backend.store import Store
+from ml_backend.trust import WEBHOOK_SECRET_HEADER, Credentials
+from ml_backend.vault import Vault
 from trainer.dispatch import notify_workers
 from trainer.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 MODEL_CLASS = "RLHFBackend"
-OPEN_ENDPOINTS = {"health", "index"}
+OPEN_ENDPOINTS = {"health"}  # everything else needs basic auth when it is configured
 
 
 class Services:
@@ -36,7 +38,11 @@ class Services:
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
-        self.store = Store(config.db_path, config.store_sync, checkpoint_every_s=1.0).initialize()
+        vault = Vault.for_config(config)
+        self.store = Store(config.db_path, config.store_sync, checkpoint_every_s=1.0).initialize(
+            seal=vault.token_sealer(config)
+        )
+        self.credentials = Credentials(config, self.store, vault)
         self.registry = Registry(config.db_path, config.data_dir / "models")
         self.models = ModelServer(config, self.registry)
         self.metrics = Metrics(self.store, self.registry)
@@ -129,9 +135,15 @@ def _register_routes(app: Flask, services: Services) -> None:
         hostname = _optional_str(body, "hostname")
         access_token = _optional_str(body, "access_token")
         parse_label_config(schema)  # raises UnsupportedLabelConfig naming what is missing
-        services.store.upsert_project(project_id, schema, hostname, access_token)
+        credentials = services.credentials
+        credentials.connect(project_id, schema, hostname, access_token)
+        project = services.store.project(project_id)
+        assert project is not None  # connect() stored it
         services.webhook_sync.schedule(
-            project_id, hostname, access_token, webhook_url=request.host_url + "webhook"
+            project_id,
+            credentials.connection(project),
+            credentials.webhook_headers(project),
+            backend_url=request.url_root,
         )
         return jsonify(model_version=services.model_version(project_id))
 
@@ -174,7 +186,9 @@ def _register_routes(app: Flask, services: Services) -> None:
     @app.post("/webhook")
     def webhook() -> tuple[Response, int]:
         payload = _json_body()
-        result = handle_event(services.store, payload, services.config.train_every)
+        presented = request.headers.get(WEBHOOK_SECRET_HEADER)
+        proven = services.credentials.admit_webhook(payload, presented)  # or 401, nothing stored
+        result = handle_event(services.store, payload, services.config.train_every, proven)
         notify_workers(services.config, result.detail.get("job_id"), result.action)
         services.metrics.webhook_events.labels(result.action).inc()
         return jsonify(result.as_json()), 200

@@ -38,8 +38,13 @@ class IntakeResult:
         return {"action": self.action, "status": self.status, **self.detail}
 
 
-def handle_event(store: Store, payload: Any, train_every: int) -> IntakeResult:
-    """Apply one webhook event to the store. Raises BadRequest/NotFound for unusable input."""
+def handle_event(store: Store, payload: Any, train_every: int, proven: bool) -> IntakeResult:
+    """Apply one webhook event to the store. Raises BadRequest/NotFound for unusable input.
+
+    ``proven``: the event carried its project's webhook secret (``ml_backend.trust``). An
+    unproven START_TRAINING (Label Studio's ML client cannot send the secret) only queues
+    training for a connected project; it never registers a project or changes its config.
+    """
     if not isinstance(payload, dict):
         raise BadRequest("webhook body must be a JSON object")
     action = payload.get("action")
@@ -50,7 +55,9 @@ def handle_event(store: Store, payload: Any, train_every: int) -> IntakeResult:
     if action in (ANNOTATIONS_DELETED, ANNOTATION_DELETED):
         return _delete_annotations(store, action, payload)
     if action == START_TRAINING:
-        project_id = _known_project(store, payload)
+        project_id = (
+            _known_project(store, payload) if proven else _connected_project(store, payload)
+        )
         job = store.enqueue_training(project_id, trigger="start_training")
         status = "queued" if job else "coalesced"
         return IntakeResult(action, status, {"job_id": job.job_id if job else None})
@@ -61,7 +68,7 @@ def handle_event(store: Store, payload: Any, train_every: int) -> IntakeResult:
     return IntakeResult(action, "ignored", {})
 
 
-def _project_payload(payload: dict[str, Any]) -> dict[str, Any]:
+def project_payload(payload: dict[str, Any]) -> dict[str, Any]:
     project = payload.get("project")
     if isinstance(project, int) and not isinstance(project, bool):
         return {"id": project}
@@ -71,9 +78,16 @@ def _project_payload(payload: dict[str, Any]) -> dict[str, Any]:
     return project
 
 
+def _connected_project(store: Store, payload: dict[str, Any]) -> int:
+    project_id = project_payload(payload)["id"]
+    if store.project(project_id) is None:
+        raise NotFound(f"project {project_id} is not connected to this backend")
+    return project_id
+
+
 def _known_project(store: Store, payload: dict[str, Any]) -> int:
     """The event's project id; a label config carried by the event updates the stored one."""
-    project = _project_payload(payload)
+    project = project_payload(payload)
     project_id = project["id"]
     label_config = project.get("label_config")
     if label_config is not None and not isinstance(label_config, str):
@@ -162,7 +176,7 @@ def _delete_annotations(store: Store, action: str, payload: dict[str, Any]) -> I
     if not isinstance(listed, list) or not all(isinstance(a, dict) for a in listed):
         raise BadRequest(f"{action} needs an 'annotations' list of objects with an 'id'")
     ids = [_require_int(a, "id", "annotations[]") for a in listed]
-    project_id = _project_payload(payload)["id"]
+    project_id = project_payload(payload)["id"]
     store.delete_annotations(project_id, ids)
     return IntakeResult(action, "deleted", {"annotations": ids})
 
