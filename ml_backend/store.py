@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS projects (
     project_id INTEGER PRIMARY KEY,
     config_hash TEXT NOT NULL REFERENCES label_configs(config_hash),
     hostname TEXT,
-    access_token TEXT, -- plaintext, written by versions before 2026-12; emptied on open
+    access_token TEXT, -- plaintext, from earlier versions: emptied on open
     model_version TEXT,
     updated_at REAL NOT NULL,
     token_sealed TEXT, -- the Label Studio token that came with `hostname`, encrypted
@@ -314,10 +314,10 @@ class Store:
     ) -> None:
         """/setup: the label config, and the Label Studio host with the token that came with it.
 
-        A token is kept bound to its host: a token replaces the stored pair (its host None when
-        none came with it); a host alone keeps the stored token only when it is the same host,
-        else the token is forgotten. ``new_webhook_secret_sealed`` is kept only when the project
-        has no webhook secret yet.
+        A token stays bound to the host it came with: a token replaces the stored pair (its host
+        None when none came with it); a host without a token never moves the stored token to
+        that host (it is recorded only while no token is stored). ``new_webhook_secret_sealed``
+        is kept only when the project has no webhook secret yet.
         """
         with self._write() as conn:
             digest = _put_config(conn, label_config)
@@ -328,13 +328,12 @@ class Store:
                    VALUES (?, ?, ?, ?, ?, ?)
                    ON CONFLICT(project_id) DO UPDATE SET
                      config_hash = excluded.config_hash,
-                     hostname = CASE WHEN excluded.token_sealed IS NOT NULL THEN excluded.hostname
-                                     ELSE COALESCE(excluded.hostname, projects.hostname) END,
-                     token_sealed = CASE
-                       WHEN excluded.token_sealed IS NOT NULL THEN excluded.token_sealed
-                       WHEN excluded.hostname IS NULL OR excluded.hostname IS projects.hostname
-                         THEN projects.token_sealed
-                       ELSE NULL END,
+                     hostname = CASE
+                       WHEN excluded.token_sealed IS NOT NULL THEN excluded.hostname
+                       WHEN projects.token_sealed IS NULL
+                         THEN COALESCE(excluded.hostname, projects.hostname)
+                       ELSE projects.hostname END,
+                     token_sealed = COALESCE(excluded.token_sealed, projects.token_sealed),
                      webhook_secret_sealed = COALESCE(projects.webhook_secret_sealed,
                                                       excluded.webhook_secret_sealed),
                      updated_at = excluded.updated_at""",

@@ -35,6 +35,10 @@ from ml_backend.config import BackendConfig
 from ml_backend.store import Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# Tests post webhooks directly, as an operator who manages webhooks by hand would: every backend
+# they start accepts this RLHF_WEBHOOK_SECRET, sent in WEBHOOK_HEADERS.
+TEST_WEBHOOK_SECRET = "test-webhook-secret-0123456789"
+WEBHOOK_HEADERS = {"X-RLHF-Webhook-Secret": TEST_WEBHOOK_SECRET}
 STARTUP_TIMEOUT_S = 300.0  # workers import label-studio-sdk and torch: minutes on a busy 2-core box
 
 
@@ -68,6 +72,7 @@ class BackendServer:
             # No job worker beside gunicorn unless a test asks for one: queued jobs stay as
             # intake left them, and no training competes for the CPU with the requests.
             "RLHF_EMBEDDED_WORKER": "0",
+            "RLHF_WEBHOOK_SECRET": TEST_WEBHOOK_SECRET,
             **env,
         }
         full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -188,13 +193,20 @@ def server(server_factory: ServerFactory) -> BackendServer:
 
 @pytest.fixture
 def app_config(tmp_path: Path) -> BackendConfig:
-    return BackendConfig(data_dir=tmp_path)
+    return BackendConfig(data_dir=tmp_path, webhook_secret=TEST_WEBHOOK_SECRET)
+
+
+def webhook_client(config: BackendConfig) -> FlaskClient:
+    """A Flask test client of ``create_app(config)`` that sends ``WEBHOOK_HEADERS``."""
+    client = create_app(config).test_client()
+    client.environ_base["HTTP_X_RLHF_WEBHOOK_SECRET"] = TEST_WEBHOOK_SECRET
+    return client
 
 
 @pytest.fixture
 def client(app_config: BackendConfig) -> FlaskClient:
-    """A Flask test client of ``create_app(BackendConfig(data_dir=tmp_path))``."""
-    return create_app(app_config).test_client()
+    """A Flask test client of the app on ``tmp_path``, sending ``WEBHOOK_HEADERS``."""
+    return webhook_client(app_config)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import requests
+from conftest import WEBHOOK_HEADERS
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -64,7 +65,9 @@ def backend(module_server_factory, captured, annotation_event):
     with requests.Session() as session:
         for annotation_id in PRESTORED:
             body = annotation_event(annotation_id, task_id=annotation_id)
-            answer = session.post(f"{server.url}/webhook", json=body, timeout=30)
+            answer = session.post(
+                f"{server.url}/webhook", json=body, headers=WEBHOOK_HEADERS, timeout=30
+            )
             assert answer.json()["status"] == "stored"
     return server
 
@@ -94,7 +97,10 @@ def unharmed(backend):
 
 def send(backend, method: str, path: str, body: Any = None, raw: Any = None, **kw: Any):
     data = raw if raw is not None else (None if body is None else json.dumps(body))
-    return requests.request(method, f"{backend.url}{path}", data=data, timeout=120, **kw)
+    # The webhook secret: these tests are about bodies, which must reach the parser.
+    headers = {**WEBHOOK_HEADERS, **kw.pop("headers", {})}
+    url = f"{backend.url}{path}"
+    return requests.request(method, url, data=data, headers=headers, timeout=120, **kw)
 
 
 def assert_clean(response: requests.Response, allowed: set[int] | None = None) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import WEBHOOK_HEADERS, free_port
 
 from ml_backend.app import create_app
 from ml_backend.config import BackendConfig
@@ -116,7 +116,12 @@ def test_jobs_go_through_redis_to_workers_elsewhere(
     assert requests.post(f"{server.url}/setup", json=setup, timeout=60).status_code == 200
     for i in range(1, 13):
         body = annotation_event(i, task_id=i, selected="left" if i % 3 else "right")
-        assert requests.post(f"{server.url}/webhook", json=body, timeout=60).status_code == 200
+        assert (
+            requests.post(
+                f"{server.url}/webhook", json=body, headers=WEBHOOK_HEADERS, timeout=60
+            ).status_code
+            == 200
+        )
     assert queued_tasks(redis_url) == 0  # no job yet, no wake-up
     for _ in range(3):  # a burst of Start Training: one job, and the store coalesces the rest
         answer = requests.post(
