@@ -70,7 +70,7 @@ def handle_event(store: Store, payload: Any, train_every: int, proven: bool) -> 
 
 def project_payload(payload: dict[str, Any]) -> dict[str, Any]:
     project = payload.get("project")
-    if isinstance(project, int) and not isinstance(project, bool):
+    if _is_id(project):
         return {"id": project}
     if not isinstance(project, dict):
         raise BadRequest("webhook body needs a 'project' object with an integer 'id'")
