@@ -51,8 +51,8 @@ class BackendConfig:
     public_url: str = _setting(
         "",
         "RLHF_PUBLIC_URL",
-        "URL at which Label Studio reaches this backend (for the project webhook). "
-        "Default: the address Label Studio used for /setup.",
+        "URL at which Label Studio reaches this backend (for the project webhook). Default: the "
+        "URL Label Studio holds for this backend among the project's ML backends.",
     )
     label_studio_url: str = _setting(
         "",

@@ -213,8 +213,8 @@ def _hint(exc: Exception) -> str:
         # /setup carries the project creator's *legacy* token, which Label Studio itself refuses
         # unless legacy tokens are enabled for the organization.
         return (
-            ": Label Studio refused the token; set LABEL_STUDIO_API_KEY to a personal access "
-            "token, or enable legacy API tokens in Label Studio"
+            ": Label Studio refused the token; set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a "
+            "personal access token), or enable legacy API tokens in Label Studio"
         )
     if status == 400:
         # Label Studio's SSRF check refuses webhooks to private or loopback addresses; it then
