@@ -210,7 +210,8 @@ def _optional_str(body: dict[str, Any], key: str) -> str | None:
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(BackendError)
     def _backend_error(exc: BackendError) -> tuple[Response, int, dict[str, str]]:
-        headers = {"WWW-Authenticate": 'Basic realm="rlhf-backend"'} if exc.status == 401 else {}
+        challenge = isinstance(exc, Unauthorized)
+        headers = {"WWW-Authenticate": 'Basic realm="rlhf-backend"'} if challenge else {}
         return jsonify(error=type(exc).__name__, message=exc.message), exc.status, headers
 
     @app.errorhandler(HTTPException)

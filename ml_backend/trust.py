@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ml_backend.config import BackendConfig
-from ml_backend.errors import BadRequest, Unauthorized
+from ml_backend.errors import BadRequest, UnprovenWebhook
 from ml_backend.intake import (
     ANNOTATION_CREATED,
     ANNOTATION_DELETED,
@@ -139,7 +139,7 @@ class Credentials:
         return headers
 
     def admit_webhook(self, payload: dict[str, Any], presented: str | None) -> bool:
-        """Whether the event proves its origin; raises Unauthorized when it must and does not.
+        """Whether the event proves its origin; raises UnprovenWebhook when it must and does not.
 
         Returns False for events that need no proof (START_TRAINING for a connected project,
         actions nothing is stored for): the caller must then not let them change the project.
@@ -162,7 +162,7 @@ class Credentials:
             return True
         if action == START_TRAINING and project is not None:
             return False
-        raise Unauthorized(self._refusal(action, project_id, project, presented))
+        raise UnprovenWebhook(self._refusal(action, project_id, project, presented))
 
     def _refusal(
         self, action: str, project_id: int, project: Project | None, presented: str | None

@@ -81,7 +81,8 @@ def test_annotation_without_the_secret_is_refused_and_nothing_stored(connected, 
     answer = http.post("/webhook", json=annotation_event(7), headers=headers)
     assert answer.status_code == 401
     body = answer.get_json()
-    assert body["error"] == "Unauthorized" and HEADER in body["message"]
+    assert body["error"] == "UnprovenWebhook" and HEADER in body["message"]
+    assert "WWW-Authenticate" not in answer.headers  # no browser login prompt: not basic auth
     assert "RLHF_WEBHOOK_SECRET" in body["message"]  # says what to add by hand
     assert table_rows(store) == before
 
