@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -146,6 +147,43 @@ class BackendServer:
     def _signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, sig)
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path, password: str | None = None) -> Iterator[str]:
+    """A real ``redis-server`` on a free loopback port; yields its URL (with the password).
+
+    Skips the test when the server is not installed, except where ``RLHF_REQUIRE_REDIS=1`` (CI).
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("RLHF_REQUIRE_REDIS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from redis import Redis
+
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv += ["--requirepass", password] if password else []
+    quiet = subprocess.DEVNULL
+    process = subprocess.Popen(argv, cwd=workdir, stdout=quiet, stderr=quiet)
+    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            Redis.from_url(url).ping()
+            break
+        except Exception:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise
+            time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 ServerFactory = Callable[..., BackendServer]

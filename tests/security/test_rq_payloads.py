@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import redis_server
 
 from ml_backend.config import BackendConfig
 from trainer.dispatch import QUEUE_NAME, notify_workers
@@ -31,35 +29,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on loopback that requires a password."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        message = "redis-server is not installed (apt-get install redis-server)"
-        if os.environ.get("RLHF_REQUIRE_REDIS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    from redis import Redis
-
-    port = free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    argv += ["--appendonly", "no", "--requirepass", PASSWORD]
-    cwd = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            Redis.from_url(url).ping()
-            break
-        except Exception:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise
-            time.sleep(0.1)
-    try:
+    with redis_server(tmp_path_factory.mktemp("redis"), password=PASSWORD) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture
