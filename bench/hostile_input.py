@@ -86,9 +86,12 @@ def bench_ranking(items: int, root: Path) -> dict[str, Any]:
     path = app.extensions["rlhf"].store.path
     http = app.test_client()
     http.post("/setup", json={"project": "1", "schema": RANKING})
+    services = app.extensions["rlhf"]
+    # The header /setup's project webhook carries in Label Studio.
+    headers = services.credentials.webhook_headers(services.store.project(1))
     empty = store_bytes(path)
     started = time.perf_counter()
-    answer = http.post("/webhook", json=event).get_json()
+    answer = http.post("/webhook", json=event, headers=headers).get_json()
     seconds = time.perf_counter() - started
     grown = store_bytes(path) - empty
     records = answer["records"]

@@ -43,6 +43,8 @@ FIXTURES = ROOT / "tests" / "fixtures"
 TARGET_P99_MS = 50.0
 WARMUP = 50
 
+BENCH_WEBHOOK_SECRET = "bench-webhook-secret-0123456789"
+
 
 def captured(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / f"{name}.json").read_text())["body"]
@@ -82,6 +84,7 @@ class Server:
             "TRANSFORMERS_OFFLINE": "1",
             "LOG_LEVEL": "WARNING",
             "RLHF_EMBEDDED_WORKER": "1" if with_worker else "0",
+            "RLHF_WEBHOOK_SECRET": BENCH_WEBHOOK_SECRET,  # webhooks sent as Label Studio's would be
         }
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.process = subprocess.Popen(
@@ -151,7 +154,10 @@ def post_all(
                     response = post(
                         f"{url}/webhook",
                         data=data,
-                        headers={"Content-Type": "application/json"},
+                        headers={
+                            "Content-Type": "application/json",
+                            "X-RLHF-Webhook-Secret": BENCH_WEBHOOK_SECRET,
+                        },
                         timeout=30,
                     )
                     break

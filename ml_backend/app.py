@@ -23,13 +23,15 @@ from ml_backend.metrics import CONTENT_TYPE, Metrics, action_label, method_label
 from ml_backend.predict import PREDICT_CHUNK, predict_in_time
 from ml_backend.serving import ModelServer, release_memory
 from ml_backend.store import JOB_PREANNOTATE, Store
+from ml_backend.trust import WEBHOOK_SECRET_HEADER, Credentials
+from ml_backend.vault import Vault
 from trainer.dispatch import notify_workers
 from trainer.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 MODEL_CLASS = "RLHFBackend"
-OPEN_ENDPOINTS = {"health", "index"}
+OPEN_ENDPOINTS = {"health"}  # everything else needs basic auth when it is configured
 
 
 class Services:
@@ -37,7 +39,11 @@ class Services:
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
-        self.store = Store(config.db_path, config.store_sync, checkpoint_every_s=1.0).initialize()
+        vault = Vault.for_config(config)
+        self.store = Store(config.db_path, config.store_sync, checkpoint_every_s=1.0).initialize(
+            seal=vault.token_sealer(config)
+        )
+        self.credentials = Credentials(config, self.store, vault)
         self.registry = Registry(config.db_path, config.data_dir / "models")
         self.models = ModelServer(config, self.registry)
         self.metrics = Metrics(self.store, self.registry)
@@ -159,9 +165,15 @@ def _register_routes(app: Flask, services: Services) -> None:
         access_token = _optional_str(body, "access_token")
         # 413 above RLHF_MAX_LABEL_CONFIG_BYTES; 422 naming what is missing
         check_label_config(schema, services.config.max_label_config_bytes)
-        services.store.upsert_project(project_id, schema, hostname, access_token)
+        credentials = services.credentials
+        credentials.connect(project_id, schema, hostname, access_token)
+        project = services.store.project(project_id)
+        assert project is not None  # connect() stored it
         services.webhook_sync.schedule(
-            project_id, hostname, access_token, webhook_url=request.host_url + "webhook"
+            project_id,
+            credentials.connection(project),
+            credentials.webhook_headers(project),
+            backend_url=request.url_root,
         )
         return jsonify(model_version=services.model_version(project_id))
 
@@ -201,10 +213,7 @@ def _register_routes(app: Flask, services: Services) -> None:
         """Tasks /predict had no time for go to the project's pre-annotation job, which uploads
         their predictions through Label Studio's API (it needs the URL and token /setup sent)."""
         project = services.store.project(project_id)
-        reachable = project is not None and bool(
-            (services.config.label_studio_url or project.hostname)
-            and (services.config.label_studio_api_key or project.access_token)
-        )
+        reachable = project is not None and services.credentials.connection(project) is not None
         late = (
             f"{unreached} tasks were not predicted within "
             f"{services.config.predict_time_budget_s:g} s (RLHF_PREDICT_TIME_BUDGET_S)"
@@ -247,10 +256,13 @@ def _register_routes(app: Flask, services: Services) -> None:
     @app.post("/webhook")
     def webhook() -> tuple[Response, int]:
         payload = _json_body()
+        presented = request.headers.get(WEBHOOK_SECRET_HEADER)
+        proven = services.credentials.admit_webhook(payload, presented)  # or 401, nothing stored
         result = handle_event(
             services.store,
             payload,
             services.config.train_every,
+            proven,
             services.config.max_label_config_bytes,
         )
         notify_workers(services.config, result.detail.get("job_id"), result.action)
@@ -274,7 +286,8 @@ def _optional_str(body: dict[str, Any], key: str) -> str | None:
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(BackendError)
     def _backend_error(exc: BackendError) -> tuple[Response, int, dict[str, str]]:
-        headers = {"WWW-Authenticate": 'Basic realm="rlhf-backend"'} if exc.status == 401 else {}
+        challenge = isinstance(exc, Unauthorized)
+        headers = {"WWW-Authenticate": 'Basic realm="rlhf-backend"'} if challenge else {}
         return jsonify(error=type(exc).__name__, message=exc.message), exc.status, headers
 
     @app.errorhandler(HTTPException)

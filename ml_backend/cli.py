@@ -30,12 +30,17 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
 
     import threading
 
-    from ml_backend.server import run_gunicorn
+    from ml_backend.server import exposure_warning, run_gunicorn
     from ml_backend.store import Store
+    from ml_backend.vault import Vault
     from trainer.worker import supervise
 
-    # The schema is created once, before any fork.
-    Store(config.db_path, config.store_sync).initialize().close()
+    warning = exposure_warning(config)
+    if warning:
+        logging.getLogger(__name__).warning(warning)
+    # The schema and the key file are created once, before any fork.
+    vault = Vault.for_config(config)
+    Store(config.db_path, config.store_sync).initialize(seal=vault.token_sealer(config)).close()
     stop = threading.Event()
     if config.embedded_worker:
         command = [sys.executable, "-m", "ml_backend.cli", "worker"]
@@ -67,8 +72,10 @@ def _worker(config: BackendConfig, args: argparse.Namespace) -> int:
 def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) -> int:
     """Queue a job for the project's workers, or (default) run it here with a progress bar."""
     from ml_backend.store import Store
+    from ml_backend.vault import Vault
 
-    store = Store(config.db_path, config.store_sync).initialize()
+    seal = Vault.for_config(config).token_sealer(config)
+    store = Store(config.db_path, config.store_sync).initialize(seal=seal)
     if store.project(args.project) is None:
         print(
             f"rlhf-backend: project {args.project} is unknown here: connect this backend to it "

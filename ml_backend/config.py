@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+MIN_SECRET_CHARS = 32
 STRATEGY_NAMES = ("default", "random", "entropy", "margin", "variance", "bald", "batch")
 
 
@@ -76,8 +77,8 @@ class BackendConfig:
     public_url: str = _setting(
         "",
         "RLHF_PUBLIC_URL",
-        "URL at which Label Studio reaches this backend (for the project webhook). "
-        "Default: the address Label Studio used for /setup.",
+        "URL at which Label Studio reaches this backend (for the project webhook). Default: the "
+        "URL Label Studio holds for this backend among the project's ML backends.",
     )
     label_studio_url: str = _setting(
         "",
@@ -87,7 +88,21 @@ class BackendConfig:
     label_studio_api_key: str = _setting(
         "",
         "LABEL_STUDIO_API_KEY",
-        "Label Studio API token; overrides the `access_token` Label Studio sends in /setup.",
+        "Label Studio API token; overrides the `access_token` Label Studio sends in /setup (which "
+        "is then not stored). Sent only to LABEL_STUDIO_URL, which it requires.",
+    )
+    secret_key: str = _setting(
+        "",
+        "RLHF_SECRET_KEY",
+        "Key (32+ characters) that encrypts stored Label Studio tokens and webhook secrets. "
+        "Unset: a random key generated once in RLHF_DATA_DIR/secret.key (mode 0600).",
+    )
+    webhook_secret: str = _setting(
+        "",
+        "RLHF_WEBHOOK_SECRET",
+        "Webhook secret accepted for every project in the X-RLHF-Webhook-Secret header (for "
+        "webhooks made by hand). Unset: only each project's own secret, which the backend puts on "
+        "the webhooks it creates or fixes.",
     )
     train_every: int = _setting(
         50,
@@ -205,6 +220,19 @@ class BackendConfig:
             raise ConfigError("RLHF_UNCERTAINTY_PENALTY must be >= 0.")
         if self.train_every < 0:
             raise ConfigError("RLHF_TRAIN_EVERY must be 0 (never) or a positive integer.")
+        if self.label_studio_api_key and not self.label_studio_url:
+            raise ConfigError(
+                "LABEL_STUDIO_API_KEY is sent only to LABEL_STUDIO_URL: set LABEL_STUDIO_URL too."
+            )
+        if self.secret_key and len(self.secret_key) < MIN_SECRET_CHARS:
+            raise ConfigError(
+                f"RLHF_SECRET_KEY must be at least {MIN_SECRET_CHARS} characters; generate one "
+                "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        if self.webhook_secret and len(self.webhook_secret) < MIN_SECRET_CHARS // 2:
+            raise ConfigError(
+                f"RLHF_WEBHOOK_SECRET must be at least {MIN_SECRET_CHARS // 2} characters."
+            )
         if not 0.0 <= self.promotion_tolerance <= 1.0:
             raise ConfigError("RLHF_PROMOTION_TOLERANCE must be in [0, 1].")
         if not 0.0 <= self.arena_share <= 1.0:

@@ -18,6 +18,14 @@ class BadRequest(BackendError):
 
 
 class Unauthorized(BackendError):
+    """Basic auth missing or wrong (the answer carries a ``WWW-Authenticate`` challenge)."""
+
+    status = 401
+
+
+class UnprovenWebhook(BackendError):
+    """A webhook event without its project's ``X-RLHF-Webhook-Secret`` (ml_backend/trust.py)."""
+
     status = 401
 
 

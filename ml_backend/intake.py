@@ -50,13 +50,19 @@ def handle_event(
     store: Store,
     payload: Any,
     train_every: int,
+    proven: bool,
     max_label_config_bytes: int = DEFAULT_MAX_LABEL_CONFIG_BYTES,
 ) -> IntakeResult:
     """Apply one webhook event to the store. Raises BadRequest/NotFound for unusable input.
 
+    ``proven``: the event carried its project's webhook secret (``ml_backend.trust``). An
+    unproven START_TRAINING (Label Studio's ML client cannot send the secret) only queues
+    training for a connected project; it never registers a project or changes its config.
+
     A label config the event carries replaces the project's only when ``/setup`` would accept
     it; otherwise the working one stays (the answer says so), and a project not known yet is
-    refused with the config's 413/422, storing nothing."""
+    refused with the config's 413/422, storing nothing.
+    """
     if not isinstance(payload, dict):
         raise BadRequest("webhook body must be a JSON object")
     action = payload.get("action")
@@ -67,7 +73,10 @@ def handle_event(
     if action in (ANNOTATIONS_DELETED, ANNOTATION_DELETED):
         return _delete_annotations(store, action, payload)
     if action == START_TRAINING:
-        project_id, kept = _known_project(store, payload, max_label_config_bytes)
+        if proven:
+            project_id, kept = _known_project(store, payload, max_label_config_bytes)
+        else:
+            project_id, kept = _connected_project(store, payload), {}
         job = store.enqueue_training(project_id, trigger="start_training")
         status = "queued" if job else "coalesced"
         return IntakeResult(action, status, {"job_id": job.job_id if job else None, **kept})
@@ -78,7 +87,7 @@ def handle_event(
     return IntakeResult(action, "ignored", {})
 
 
-def _project_payload(payload: dict[str, Any]) -> dict[str, Any]:
+def project_payload(payload: dict[str, Any]) -> dict[str, Any]:
     project = payload.get("project")
     if isinstance(project, int) and not isinstance(project, bool):
         project = {"id": project}
@@ -88,13 +97,20 @@ def _project_payload(payload: dict[str, Any]) -> dict[str, Any]:
     return project
 
 
+def _connected_project(store: Store, payload: dict[str, Any]) -> int:
+    project_id = project_payload(payload)["id"]
+    if store.project(project_id) is None:
+        raise NotFound(f"project {project_id} is not connected to this backend")
+    return project_id
+
+
 def _known_project(
     store: Store, payload: dict[str, Any], max_label_config_bytes: int
 ) -> tuple[int, dict[str, str]]:
     """The event's project id, and what became of a label config the event carries: it
     replaces the stored one if ``/setup`` would accept it, else the stored one is kept (the
     second value then says why for the answer)."""
-    project = _project_payload(payload)
+    project = project_payload(payload)
     project_id = project["id"]
     label_config = project.get("label_config")
     if label_config is not None and not isinstance(label_config, str):
@@ -194,7 +210,7 @@ def _delete_annotations(store: Store, action: str, payload: dict[str, Any]) -> I
     if not isinstance(listed, list) or not all(isinstance(a, dict) for a in listed):
         raise BadRequest(f"{action} needs an 'annotations' list of objects with an 'id'")
     ids = [_require_int(a, "id", "annotations[]") for a in listed]
-    project_id = _project_payload(payload)["id"]
+    project_id = project_payload(payload)["id"]
     store.delete_annotations(project_id, ids)
     return IntakeResult(action, "deleted", {"annotations": ids})
 

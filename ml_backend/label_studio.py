@@ -1,16 +1,17 @@
 """Calls from the backend to Label Studio, through label-studio-sdk.
 
-The one job here for now: make sure annotation events reach us. Label Studio sends its project
-webhooks without any auth header, so with basic auth on, every annotation would bounce with 401.
-After ``/setup`` the backend therefore finds (or creates) the project's webhook pointing at its
-``/webhook`` and puts the right ``Authorization`` header on it. This runs in a background thread
-with retries: Label Studio is waiting for our ``/setup`` answer and may create its own webhook
-only afterwards.
+Make sure annotation events reach us, proven: Label Studio creates its project webhooks without
+any header, so every annotation would bounce with 401. After ``/setup`` the backend therefore
+finds (or creates) the project's webhook pointing at its ``/webhook`` and puts the project's
+``X-RLHF-Webhook-Secret`` (and, with basic auth on, the ``Authorization``) header on it. This
+runs in a background thread with retries: Label Studio is waiting for our ``/setup`` answer and
+may create its own webhook only afterwards.
 """
 
 from __future__ import annotations
 
-import base64
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -21,14 +22,18 @@ from urllib.parse import urlsplit
 from label_studio_sdk.client import LabelStudio
 
 from ml_backend.config import BackendConfig
+from ml_backend.trust import WEBHOOK_SECRET_HEADER, Connection
 
 logger = logging.getLogger(__name__)
 
 RETRY_DELAYS_S = (0.5, 2.0, 5.0, 15.0, 60.0)
 
 
-def client(hostname: str, access_token: str, timeout: float = 30.0) -> LabelStudio:
-    return LabelStudio(base_url=hostname.rstrip("/"), api_key=access_token, timeout=timeout)
+def client(connection: Connection, timeout: float = 30.0) -> LabelStudio:
+    """A Label Studio client, made only from a :class:`Connection`: a host and its token."""
+    return LabelStudio(
+        base_url=connection.url.rstrip("/"), api_key=connection.token, timeout=timeout
+    )
 
 
 def _same_endpoint(url_a: str, url_b: str) -> bool:
@@ -78,11 +83,14 @@ def ensure_webhook(
 
 
 class WebhookSync:
-    """Keeps each connected project's webhook pointed at us, with our auth header.
+    """Keeps each connected project's webhook pointed at us, with our secret and auth headers.
 
-    Label Studio calls ``/setup`` often (each time its model list is read, before each batch of
-    predictions), so a project whose webhook is being fixed, or was confirmed in the last
-    ``CONFIRMED_TTL_S`` seconds, is not checked again by this process.
+    The webhook's URL is ``RLHF_PUBLIC_URL``/webhook when set, else the URL Label Studio itself
+    holds for this backend among the project's ML backends (the one the /setup request came
+    to) plus ``/webhook``: never a URL made from a request's ``Host`` header, which anyone can
+    send. Label Studio calls ``/setup`` often (each time its model list is read, before each
+    batch of predictions), so a project whose webhook is being fixed, or was confirmed in the
+    last ``CONFIRMED_TTL_S`` seconds, is not checked again by this process.
     """
 
     CONFIRMED_TTL_S = 300.0
@@ -90,34 +98,29 @@ class WebhookSync:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self._lock = threading.Lock()
-        self._busy: set[tuple[int, str, str]] = set()
-        self._confirmed_at: dict[tuple[int, str, str], float] = {}
-
-    def headers(self) -> dict[str, str]:
-        if not self.config.auth_enabled:
-            return {}
-        pair = f"{self.config.basic_auth_user}:{self.config.basic_auth_pass}".encode()
-        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+        self._busy: set[tuple[int, str, str, str]] = set()
+        self._confirmed_at: dict[tuple[int, str, str, str], float] = {}
 
     def schedule(
         self,
         project_id: int,
-        hostname: str | None,
-        access_token: str | None,
-        webhook_url: str,
+        connection: Connection | None,
+        headers: dict[str, str],
+        backend_url: str,
     ) -> threading.Thread | None:
-        hostname = self.config.label_studio_url or hostname
-        access_token = self.config.label_studio_api_key or access_token
-        if not hostname or not access_token:
+        """Fix the project's webhook in the background. ``backend_url``: the URL the /setup
+        request came to, used only to pick this backend among those Label Studio holds."""
+        if connection is None:
             logger.warning(
-                "project %s: no Label Studio URL/token, cannot register the webhook; "
-                "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY",
+                "project %s: no Label Studio URL/token, cannot put the %s header on its "
+                "webhook; set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or RLHF_WEBHOOK_SECRET "
+                "and add that header by hand (README: Security)",
                 project_id,
+                WEBHOOK_SECRET_HEADER,
             )
             return None
-        if self.config.public_url:
-            webhook_url = self.config.public_url.rstrip("/") + "/webhook"
-        key = (project_id, hostname, webhook_url)
+        fingerprint = hashlib.sha256(json.dumps(headers, sort_keys=True).encode()).hexdigest()
+        key = (project_id, connection.url, backend_url, fingerprint)
         with self._lock:
             confirmed_at = self._confirmed_at.get(key)
             recent = (
@@ -128,49 +131,74 @@ class WebhookSync:
             self._busy.add(key)
         thread = threading.Thread(
             target=self._run_once,
-            args=(key, access_token),
+            args=(key, connection, headers),
             name=f"webhook-sync-{project_id}",
             daemon=True,
         )
         thread.start()
         return thread
 
-    def _run_once(self, key: tuple[int, str, str], access_token: str) -> None:
-        project_id, hostname, url = key
+    def _run_once(
+        self, key: tuple[int, str, str, str], connection: Connection, headers: dict[str, str]
+    ) -> None:
+        project_id, _, backend_url, _ = key
         confirmed = False
         try:
-            confirmed = self._run(project_id, hostname, access_token, url)
+            confirmed = self._run(project_id, connection, headers, backend_url)
         finally:
             with self._lock:
                 self._busy.discard(key)
                 if confirmed:
                     self._confirmed_at[key] = time.monotonic()
 
-    def _run(self, project_id: int, hostname: str, access_token: str, url: str) -> bool:
+    def _run(
+        self, project_id: int, connection: Connection, headers: dict[str, str], backend_url: str
+    ) -> bool:
         """Fix the project's webhook, retrying; True once it is right."""
-        # Label Studio creates its own webhook just after our /setup answer; the first attempt
-        # only fixes that one, so that a race never leaves two webhooks delivering every event.
+        # Label Studio registers the ML backend and creates its own webhook just after our /setup
+        # answer; the first attempt only fixes that one, so that a race never leaves two webhooks
+        # delivering every event.
+        url = None
         for attempt, delay in enumerate(RETRY_DELAYS_S):
             time.sleep(delay)
             try:
-                ls = client(hostname, access_token)
-                if ensure_webhook(ls, project_id, url, self.headers(), create=attempt > 0):
+                ls = client(connection)
+                url = self._webhook_url(ls, project_id, backend_url)
+                if url and ensure_webhook(ls, project_id, url, headers, create=attempt > 0):
                     return True
             except Exception as exc:  # network or API error: retry, then give up loudly
                 logger.warning(
                     "project %s: could not register webhook at %s (%s); retrying%s",
                     project_id,
-                    hostname,
+                    connection.url,
                     _describe(exc),
                     _hint(exc),
                 )
-        logger.error(
-            "project %s: giving up registering the webhook; annotations will not arrive "
-            "until a webhook to %s exists in Label Studio",
-            project_id,
-            url,
-        )
+        if url is None and not self.config.public_url:
+            logger.error(
+                "project %s: giving up registering the webhook: none of the project's ML "
+                "backends in Label Studio is at %s; set RLHF_PUBLIC_URL to the URL Label Studio "
+                "reaches this backend at",
+                project_id,
+                backend_url,
+            )
+        else:
+            logger.error(
+                "project %s: giving up registering the webhook; annotations will not arrive "
+                "until a webhook to %s with the %s header exists in Label Studio",
+                project_id,
+                url,
+                WEBHOOK_SECRET_HEADER,
+            )
         return False
+
+    def _webhook_url(self, ls: LabelStudio, project_id: int, backend_url: str) -> str | None:
+        if self.config.public_url:
+            return self.config.public_url.rstrip("/") + "/webhook"
+        for backend in ls.ml.list(project=project_id):
+            if backend.url and _same_endpoint(backend.url, backend_url):
+                return backend.url.rstrip("/") + "/webhook"
+        return None
 
 
 def _describe(exc: Exception) -> str:
@@ -185,8 +213,8 @@ def _hint(exc: Exception) -> str:
         # /setup carries the project creator's *legacy* token, which Label Studio itself refuses
         # unless legacy tokens are enabled for the organization.
         return (
-            ": Label Studio refused the token; set LABEL_STUDIO_API_KEY to a personal access "
-            "token, or enable legacy API tokens in Label Studio"
+            ": Label Studio refused the token; set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a "
+            "personal access token), or enable legacy API tokens in Label Studio"
         )
     if status == 400:
         # Label Studio's SSRF check refuses webhooks to private or loopback addresses; it then

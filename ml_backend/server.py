@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
@@ -50,6 +51,28 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         # the garbage collector's full passes, which otherwise stall a request now and then.
         gc.freeze()
         return app
+
+
+def exposure_warning(config: BackendConfig) -> str | None:
+    """What to tell an operator who serves a non-loopback address without basic auth."""
+    if config.auth_enabled or _is_loopback(config.host):
+        return None
+    return (
+        f"serving on {config.host}:{config.port} without basic auth: anyone who can reach this "
+        "port can connect projects (/setup), request predictions and start training. Set "
+        "BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same pair in Label Studio's model "
+        "connection), or RLHF_HOST=127.0.0.1 when Label Studio runs on this machine. Webhooks "
+        "are checked either way (README: Security)."
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: only its resolver knows, so warn
+        return False
 
 
 def run_gunicorn(config: BackendConfig) -> int:

@@ -26,7 +26,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +43,11 @@ CREATE TABLE IF NOT EXISTS projects (
     project_id INTEGER PRIMARY KEY,
     config_hash TEXT NOT NULL REFERENCES label_configs(config_hash),
     hostname TEXT,
-    access_token TEXT,
+    access_token TEXT, -- plaintext, from earlier versions: emptied on open
     model_version TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    token_sealed TEXT, -- the Label Studio token that came with `hostname`, encrypted
+    webhook_secret_sealed TEXT -- the secret this backend puts on the project's webhook, encrypted
 );
 CREATE TABLE IF NOT EXISTS annotations (
     annotation_id INTEGER NOT NULL,
@@ -139,8 +141,9 @@ class IncomingAnnotation:
 class Project:
     project_id: int
     label_config: str
-    hostname: str | None
-    access_token: str | None
+    hostname: str | None  # the Label Studio URL the token came with
+    token_sealed: str | None  # encrypted (ml_backend.vault); None when not stored
+    webhook_secret_sealed: str | None  # None for a project never connected through /setup
     model_version: str | None
 
 
@@ -246,7 +249,10 @@ class Store:
             raise
         conn.execute("COMMIT")
 
-    def initialize(self) -> Store:
+    def initialize(self, seal: Callable[[str], str | None] | None = None) -> Store:
+        """Create or upgrade the schema. ``seal``: how to keep the tokens an earlier version
+        stored in plaintext (None from it drops a token); without it they wait for a process
+        that has the key."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._write() as conn:
             _migrate_annotation_key(conn)
@@ -256,7 +262,34 @@ class Store:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
             if "progress" not in columns:  # a store written before progress was recorded
                 conn.execute("ALTER TABLE jobs ADD COLUMN progress TEXT")
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(projects)")}
+            for column in ("token_sealed", "webhook_secret_sealed"):
+                if column not in columns:  # a store written before secrets were encrypted
+                    conn.execute(f"ALTER TABLE projects ADD COLUMN {column} TEXT")
+        if seal is not None:
+            self._seal_plaintext_tokens(seal)
         return self
+
+    def _seal_plaintext_tokens(self, seal: Callable[[str], str | None]) -> None:
+        conn = self._connection()
+        rows = conn.execute(
+            "SELECT project_id, access_token FROM projects WHERE access_token IS NOT NULL"
+        ).fetchall()
+        if not rows:
+            return
+        # Overwrite the freed plaintext in the file, then empty the WAL that may still hold it.
+        conn.execute("PRAGMA secure_delete=ON")
+        with self._write() as tx:
+            for project_id, token in rows:
+                tx.execute(
+                    """UPDATE projects SET token_sealed = ?, access_token = NULL
+                       WHERE project_id = ?""",
+                    (seal(token), project_id),
+                )
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        logger.info(
+            "encrypted the Label Studio tokens of %d projects stored in plaintext", len(rows)
+        )
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -266,31 +299,71 @@ class Store:
 
     # -- projects ----------------------------------------------------------------------------
 
-    def upsert_project(
+    def upsert_project(self, project_id: int, label_config: str) -> None:
+        """Remember a project's label config (from a webhook event: no credentials)."""
+        with self._write() as conn:
+            old = _stored_config_hash(conn, project_id)
+            digest = _put_config(conn, label_config)
+            conn.execute(
+                """INSERT INTO projects(project_id, config_hash, updated_at) VALUES (?, ?, ?)
+                   ON CONFLICT(project_id) DO UPDATE SET
+                     config_hash = excluded.config_hash, updated_at = excluded.updated_at""",
+                (project_id, digest, time.time()),
+            )
+            _collect_replaced_config(conn, old, digest)
+
+    def connect_project(
         self,
         project_id: int,
         label_config: str,
-        hostname: str | None = None,
-        access_token: str | None = None,
+        hostname: str | None,
+        token_sealed: str | None,
+        new_webhook_secret_sealed: str,
     ) -> None:
-        """Remember a project's label config and, when given, how to reach its Label Studio."""
+        """/setup: the label config, and the Label Studio host with the token that came with it.
+
+        A token stays bound to the host it came with: a token replaces the stored pair (its host
+        None when none came with it); a host without a token never moves the stored token to
+        that host (it is recorded only while no token is stored). ``new_webhook_secret_sealed``
+        is kept only when the project has no webhook secret yet.
+        """
         with self._write() as conn:
-            old = conn.execute(
-                "SELECT config_hash FROM projects WHERE project_id = ?", (project_id,)
-            ).fetchone()
+            old = _stored_config_hash(conn, project_id)
             digest = _put_config(conn, label_config)
+            # Every SET expression reads the row as it was before this statement.
             conn.execute(
-                """INSERT INTO projects(project_id, config_hash, hostname, access_token, updated_at)
-                   VALUES (?, ?, ?, ?, ?)
+                """INSERT INTO projects(project_id, config_hash, hostname, token_sealed,
+                       webhook_secret_sealed, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?)
                    ON CONFLICT(project_id) DO UPDATE SET
                      config_hash = excluded.config_hash,
-                     hostname = COALESCE(excluded.hostname, projects.hostname),
-                     access_token = COALESCE(excluded.access_token, projects.access_token),
+                     hostname = CASE
+                       WHEN excluded.token_sealed IS NOT NULL THEN excluded.hostname
+                       WHEN projects.token_sealed IS NULL
+                         THEN COALESCE(excluded.hostname, projects.hostname)
+                       ELSE projects.hostname END,
+                     token_sealed = COALESCE(excluded.token_sealed, projects.token_sealed),
+                     webhook_secret_sealed = COALESCE(projects.webhook_secret_sealed,
+                                                      excluded.webhook_secret_sealed),
                      updated_at = excluded.updated_at""",
-                (project_id, digest, hostname, access_token, time.time()),
+                (
+                    project_id,
+                    digest,
+                    hostname,
+                    token_sealed,
+                    new_webhook_secret_sealed,
+                    time.time(),
+                ),
             )
-            if old is not None and old[0] != digest:
-                _collect_config(conn, old[0])
+            _collect_replaced_config(conn, old, digest)
+
+    def replace_webhook_secret(self, project_id: int, sealed: str) -> None:
+        """A new secret for a project whose stored one the current key cannot open."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE projects SET webhook_secret_sealed = ? WHERE project_id = ?",
+                (sealed, project_id),
+            )
 
     def project(self, project_id: int) -> Project | None:
         row = (
@@ -308,7 +381,8 @@ class Store:
             project_id=row["project_id"],
             label_config=row["xml"],
             hostname=row["hostname"],
-            access_token=row["access_token"],
+            token_sealed=row["token_sealed"],
+            webhook_secret_sealed=row["webhook_secret_sealed"],
             model_version=row["model_version"],
         )
 
@@ -635,6 +709,19 @@ class Store:
             (project_id,),
         )
         return [dict(row) for row in rows]
+
+
+def _stored_config_hash(conn: sqlite3.Connection, project_id: int) -> str | None:
+    row = conn.execute(
+        "SELECT config_hash FROM projects WHERE project_id = ?", (project_id,)
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def _collect_replaced_config(conn: sqlite3.Connection, old: str | None, new: str) -> None:
+    """Drop the project's previous config once nothing refers to it any more."""
+    if old is not None and old != new:
+        _collect_config(conn, old)
 
 
 def _put_config(conn: sqlite3.Connection, xml: str) -> str:

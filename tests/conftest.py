@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,10 @@ from ml_backend.config import BackendConfig
 from ml_backend.store import Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# Tests post webhooks directly, as an operator who manages webhooks by hand would: every backend
+# they start accepts this RLHF_WEBHOOK_SECRET, sent in WEBHOOK_HEADERS.
+TEST_WEBHOOK_SECRET = "test-webhook-secret-0123456789"
+WEBHOOK_HEADERS = {"X-RLHF-Webhook-Secret": TEST_WEBHOOK_SECRET}
 STARTUP_TIMEOUT_S = 300.0  # workers import label-studio-sdk and torch: minutes on a busy 2-core box
 
 
@@ -68,6 +73,7 @@ class BackendServer:
             # No job worker beside gunicorn unless a test asks for one: queued jobs stay as
             # intake left them, and no training competes for the CPU with the requests.
             "RLHF_EMBEDDED_WORKER": "0",
+            "RLHF_WEBHOOK_SECRET": TEST_WEBHOOK_SECRET,
             **env,
         }
         full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -143,6 +149,43 @@ class BackendServer:
             os.killpg(self.process.pid, sig)
 
 
+@contextlib.contextmanager
+def redis_server(workdir: Path, password: str | None = None) -> Iterator[str]:
+    """A real ``redis-server`` on a free loopback port; yields its URL (with the password).
+
+    Skips the test when the server is not installed, except where ``RLHF_REQUIRE_REDIS=1`` (CI).
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("RLHF_REQUIRE_REDIS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from redis import Redis
+
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv += ["--requirepass", password] if password else []
+    quiet = subprocess.DEVNULL
+    process = subprocess.Popen(argv, cwd=workdir, stdout=quiet, stderr=quiet)
+    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            Redis.from_url(url).ping()
+            break
+        except Exception:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise
+            time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 ServerFactory = Callable[..., BackendServer]
 
 
@@ -188,13 +231,20 @@ def server(server_factory: ServerFactory) -> BackendServer:
 
 @pytest.fixture
 def app_config(tmp_path: Path) -> BackendConfig:
-    return BackendConfig(data_dir=tmp_path)
+    return BackendConfig(data_dir=tmp_path, webhook_secret=TEST_WEBHOOK_SECRET)
+
+
+def webhook_client(config: BackendConfig) -> FlaskClient:
+    """A Flask test client of ``create_app(config)`` that sends ``WEBHOOK_HEADERS``."""
+    client = create_app(config).test_client()
+    client.environ_base["HTTP_X_RLHF_WEBHOOK_SECRET"] = TEST_WEBHOOK_SECRET
+    return client
 
 
 @pytest.fixture
 def client(app_config: BackendConfig) -> FlaskClient:
-    """A Flask test client of ``create_app(BackendConfig(data_dir=tmp_path))``."""
-    return create_app(app_config).test_client()
+    """A Flask test client of the app on ``tmp_path``, sending ``WEBHOOK_HEADERS``."""
+    return webhook_client(app_config)
 
 
 @pytest.fixture

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TEST_WEBHOOK_SECRET, WEBHOOK_HEADERS, webhook_client
 
 from ml_backend.app import create_app, parse_project_id
 from ml_backend.config import BackendConfig
 from ml_backend.errors import BadRequest
+from ml_backend.vault import Vault
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -20,13 +22,18 @@ def capture(name: str) -> dict:
 
 
 @pytest.fixture
-def app(tmp_path):
-    return create_app(BackendConfig(data_dir=tmp_path))
+def config(tmp_path):
+    return BackendConfig(data_dir=tmp_path, webhook_secret=TEST_WEBHOOK_SECRET)
 
 
 @pytest.fixture
-def http(app):
-    return app.test_client()
+def http(config):
+    return webhook_client(config)
+
+
+@pytest.fixture
+def app(http):
+    return http.application
 
 
 @pytest.fixture
@@ -44,7 +51,7 @@ def test_health_reports_up_model_class_and_version(http):
         }
 
 
-def test_setup_remembers_project_config_and_label_studio(http, store):
+def test_setup_remembers_project_config_and_label_studio(http, store, config):
     body = capture("01_setup.json")
     response = http.post("/setup", json=body)
     assert response.status_code == 200
@@ -52,7 +59,8 @@ def test_setup_remembers_project_config_and_label_studio(http, store):
     project = store.project(1)
     assert project.label_config == body["schema"]
     assert project.hostname == "http://localhost:8080"
-    assert project.access_token == "REDACTED-PROJECT-TOKEN"
+    assert "REDACTED-PROJECT-TOKEN" not in project.token_sealed  # encrypted at rest
+    assert Vault.for_config(config).open(project.token_sealed) == "REDACTED-PROJECT-TOKEN"
 
 
 def test_setup_rejects_unservable_config_naming_the_missing_tag(http, store):
@@ -160,7 +168,12 @@ def test_parse_project_id_rejects_others(value):
 class TestBasicAuth:
     @pytest.fixture
     def http(self, tmp_path):
-        config = BackendConfig(data_dir=tmp_path, basic_auth_user="ls", basic_auth_pass="s3cret")
+        config = BackendConfig(
+            data_dir=tmp_path,
+            basic_auth_user="ls",
+            basic_auth_pass="s3cret",
+            webhook_secret=TEST_WEBHOOK_SECRET,
+        )
         return create_app(config).test_client()
 
     @staticmethod
@@ -184,5 +197,6 @@ class TestBasicAuth:
 
     def test_right_credentials_pass(self, http):
         body = capture("05_webhook_annotation_created.json")
-        response = http.post("/webhook", json=body, headers=self.auth("ls", "s3cret"))
+        headers = {**self.auth("ls", "s3cret"), **WEBHOOK_HEADERS}
+        response = http.post("/webhook", json=body, headers=headers)
         assert response.status_code == 200

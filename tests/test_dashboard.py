@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import TEST_WEBHOOK_SECRET, WEBHOOK_HEADERS
 from werkzeug.serving import make_server
 
 from ml_backend.app import create_app
@@ -48,6 +49,7 @@ def project(tmp_path_factory, annotation_event):
         train_every=25,
         basic_auth_user=USER,
         basic_auth_pass=PASSWORD,
+        webhook_secret=TEST_WEBHOOK_SECRET,
     )
     app = create_app(config)
     http = app.test_client()
@@ -63,7 +65,8 @@ def project(tmp_path_factory, annotation_event):
             was_cancelled=cancelled,
             label_config=CONFIG,
         )
-        assert http.post("/webhook", json=event, headers=AUTH).status_code == 200
+        headers = {**AUTH, **WEBHOOK_HEADERS}
+        assert http.post("/webhook", json=event, headers=headers).status_code == 200
 
     store = app.extensions["rlhf"].store
     trainer = Worker(config, {"train": lambda job: train_job(config, job)})

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import requests
+from conftest import WEBHOOK_HEADERS
 
 PROJECT = 1
 MAX_REQUESTS = 2000  # the burst is cut short by the kill
@@ -60,7 +61,9 @@ class Burst:
                     annotation_id, task_id=annotation_id, selected=selected_for(annotation_id)
                 )
                 try:
-                    response = session.post(f"{self.url}/webhook", json=body, timeout=10)
+                    response = session.post(
+                        f"{self.url}/webhook", json=body, headers=WEBHOOK_HEADERS, timeout=10
+                    )
                 except requests.RequestException:
                     continue  # the server is gone (or going): no answer, no promise
                 with self.lock:
@@ -132,7 +135,9 @@ def test_every_acknowledged_annotation_survives_kill_9(
 
     # The restarted server takes new annotations on the recovered store.
     after = annotation_event(MAX_REQUESTS + 1, task_id=MAX_REQUESTS + 1)
-    answer = requests.post(f"{restarted.url}/webhook", json=after, timeout=30)
+    answer = requests.post(
+        f"{restarted.url}/webhook", json=after, headers=WEBHOOK_HEADERS, timeout=30
+    )
     assert answer.json()["status"] == "stored"
     assert MAX_REQUESTS + 1 in {a.annotation_id for a in store.annotations(PROJECT)}
 

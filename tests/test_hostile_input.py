@@ -14,7 +14,7 @@ from ml_backend.app import create_app
 from ml_backend.config import BackendConfig
 from ml_backend.label_schema import parse_label_config
 from ml_backend.store import JOB_PREANNOTATE, Store
-from tests.conftest import annotation_event, captured_body
+from tests.conftest import TEST_WEBHOOK_SECRET, annotation_event, captured_body, webhook_client
 
 PAIRWISE = captured_body("01_setup")["schema"]
 LONE = "\ud800"
@@ -27,12 +27,13 @@ def post(http, path: str, body: Any):
 
 @pytest.fixture
 def config(tmp_path) -> BackendConfig:
-    return BackendConfig(data_dir=tmp_path)
+    return BackendConfig(data_dir=tmp_path, webhook_secret=TEST_WEBHOOK_SECRET)
 
 
 @pytest.fixture
 def http(config):
-    return create_app(config).test_client()
+    """Sends WEBHOOK_HEADERS: the webhooks below prove their origin, as Label Studio's do."""
+    return webhook_client(config)
 
 
 @pytest.fixture
@@ -101,8 +102,8 @@ def test_lone_surrogate_in_setup_hostname_and_token_is_stored_replaced(http, sto
     answer = setup(http, hostname=f"http://h{LONE}", access_token=f"t{LONE}")
 
     assert answer.status_code == 200
-    project = store.project(1)
-    assert (project.hostname, project.access_token) == ("http://h\ufffd", "t\ufffd")
+    connection = http.application.extensions["rlhf"].credentials.connection(store.project(1))
+    assert (connection.url, connection.token) == ("http://h\ufffd", "t\ufffd")
 
 
 def test_lone_surrogate_in_webhook_label_config_is_not_a_500(http, store):
@@ -195,11 +196,15 @@ def test_a_600_item_ranking_is_stored_as_one_record(http, store):
 
 @pytest.fixture
 def small_configs(tmp_path) -> BackendConfig:
-    return BackendConfig(data_dir=tmp_path, max_label_config_bytes=len(PAIRWISE) + 100)
+    return BackendConfig(
+        data_dir=tmp_path,
+        webhook_secret=TEST_WEBHOOK_SECRET,
+        max_label_config_bytes=len(PAIRWISE) + 100,
+    )
 
 
 def test_a_config_over_the_size_limit_is_a_413_and_not_stored(small_configs):
-    http = create_app(small_configs).test_client()
+    http = webhook_client(small_configs)
     store = http.application.extensions["rlhf"].store
     big = PAIRWISE.replace("<View>", "<View>" + "<!-- padding -->" * 20)
 

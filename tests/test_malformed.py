@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import requests
+from conftest import WEBHOOK_HEADERS
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -71,7 +72,9 @@ def backend(module_server_factory, captured, annotation_event):
     with requests.Session() as session:
         for annotation_id in PRESTORED:
             body = annotation_event(annotation_id, task_id=annotation_id)
-            answer = session.post(f"{server.url}/webhook", json=body, timeout=30)
+            answer = session.post(
+                f"{server.url}/webhook", json=body, headers=WEBHOOK_HEADERS, timeout=30
+            )
             assert answer.json()["status"] == "stored"
     return server
 
@@ -124,8 +127,12 @@ class Answer:
 
 def send(backend, method: str, path: str, body: Any = None, raw: Any = None, **kw: Any) -> Any:
     data = raw if raw is not None else (None if body is None else json.dumps(body))
+    # The webhook secret: these tests are about bodies, which must reach the parser.
+    headers = {**WEBHOOK_HEADERS, **kw.pop("headers", {})}
     before = stored_state(backend)
-    response = requests.request(method, f"{backend.url}{path}", data=data, timeout=120, **kw)
+    response = requests.request(
+        method, f"{backend.url}{path}", data=data, headers=headers, timeout=120, **kw
+    )
     return Answer(response, before, stored_state(backend))
 
 

@@ -7,15 +7,13 @@ missing server fails these tests instead of skipping them.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import WEBHOOK_HEADERS, free_port, redis_server
 
 from ml_backend.app import create_app
 from ml_backend.config import BackendConfig
@@ -31,38 +29,8 @@ pytestmark = pytest.mark.timeout(2 * WORKER_TIMEOUT_S + 600)
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        message = "redis-server is not installed (apt-get install redis-server)"
-        if os.environ.get("RLHF_REQUIRE_REDIS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    from redis import Redis
-
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            Redis.from_url(url).ping()
-            break
-        except Exception:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise
-            time.sleep(0.1)
-    try:
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def queued_tasks(url: str) -> int:
@@ -116,7 +84,12 @@ def test_jobs_go_through_redis_to_workers_elsewhere(
     assert requests.post(f"{server.url}/setup", json=setup, timeout=60).status_code == 200
     for i in range(1, 13):
         body = annotation_event(i, task_id=i, selected="left" if i % 3 else "right")
-        assert requests.post(f"{server.url}/webhook", json=body, timeout=60).status_code == 200
+        assert (
+            requests.post(
+                f"{server.url}/webhook", json=body, headers=WEBHOOK_HEADERS, timeout=60
+            ).status_code
+            == 200
+        )
     assert queued_tasks(redis_url) == 0  # no job yet, no wake-up
     for _ in range(3):  # a burst of Start Training: one job, and the store coalesces the rest
         answer = requests.post(

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import requests
+from conftest import WEBHOOK_HEADERS
 
 from ml_backend.store import Store
 
@@ -346,7 +347,9 @@ def test_concurrent_replay_through_gunicorn_equals_label_studio_state(
         with requests.Session() as session:
             for _, body in share:
                 try:
-                    response = session.post(f"{server.url}/webhook", json=body, timeout=30)
+                    response = session.post(
+                        f"{server.url}/webhook", json=body, headers=WEBHOOK_HEADERS, timeout=30
+                    )
                     assert_answer(response.status_code, response.json(), body)
                 except (requests.RequestException, AssertionError, ValueError) as exc:
                     failures.append(f"{body['action']}: {exc!r}")

@@ -9,6 +9,11 @@ runs it, and two wake-ups for one job run it once.
 
 Workers on other machines reach the same store and model registry through a shared
 ``RLHF_DATA_DIR`` (a network file system mounted at the same path).
+
+Only a job id crosses Redis, as JSON: RQ's default serializer is pickle, which would let anyone
+who can write to Redis run code on the workers. The workers read JSON only and run nothing but
+:func:`drain` with an integer argument (:class:`DrainJob`); anything else in the queue fails.
+Put a password in the URL (``redis://:PASSWORD@host:6379/0``) when Redis is reachable by others.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import os
 import socket
 from typing import Any
 
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
 from ml_backend.config import BackendConfig
 
 logger = logging.getLogger(__name__)
@@ -25,6 +33,25 @@ logger = logging.getLogger(__name__)
 QUEUE_NAME = "rlhf-jobs"
 REDIS_TIMEOUT_S = 2.0  # a webhook must not hang on an unreachable Redis
 TASK_TIMEOUT_S = 24 * 3600  # RQ kills a task after this; training can take hours
+DRAIN = "trainer.dispatch.drain"
+
+
+class RefusedJob(Exception):
+    """A queued RQ job that is not ``drain(<job id>)``: someone else wrote to our queue."""
+
+
+class DrainJob(Job):
+    """An RQ job that can only be :func:`drain` of one store job id; callbacks never run."""
+
+    @property
+    def func(self) -> Any:
+        args, kwargs = self.args, self.kwargs
+        plain_id = len(args) == 1 and type(args[0]) is int
+        if self.func_name != DRAIN or self.instance is not None or kwargs or not plain_id:
+            raise RefusedJob(f"refused RQ job {self.id}: this queue runs only {DRAIN}(<job id>)")
+        return drain
+
+    success_callback = failure_callback = stopped_callback = property(lambda self: None)
 
 
 def _redis(config: BackendConfig, timeout_s: float | None = REDIS_TIMEOUT_S) -> Any:
@@ -43,8 +70,9 @@ def notify_workers(config: BackendConfig, job_id: int | None, why: str) -> None:
     from rq import Queue
 
     try:
-        Queue(QUEUE_NAME, connection=_redis(config)).enqueue(
-            "trainer.dispatch.drain",
+        Queue(QUEUE_NAME, connection=_redis(config), serializer=JSONSerializer).enqueue(
+            DRAIN,
+            job_id,
             job_timeout=TASK_TIMEOUT_S,
             description=f"store job {job_id} ({why})",
         )
@@ -57,8 +85,9 @@ def notify_workers(config: BackendConfig, job_id: int | None, why: str) -> None:
         )
 
 
-def drain() -> int:
-    """The RQ task: run every job the store has ready, with this machine's configuration."""
+def drain(job_id: int | None = None) -> int:
+    """The RQ task: run every job the store has ready (``job_id``, the one that woke us, among
+    them), with this machine's configuration."""
     from trainer.worker import Worker, default_handlers
 
     config = BackendConfig.from_env()
@@ -74,4 +103,11 @@ def run_rq_worker(config: BackendConfig, burst: bool = False) -> None:
     drain()  # the store may hold jobs queued while no worker listened
     name = f"rlhf-{socket.gethostname()}-{os.getpid()}"
     # No socket timeout: the worker blocks on Redis until a task arrives.
-    Worker([QUEUE_NAME], connection=_redis(config, None), name=name).work(burst=burst)
+    worker = Worker(
+        [QUEUE_NAME],
+        connection=_redis(config, None),
+        name=name,
+        serializer=JSONSerializer,
+        job_class=DrainJob,
+    )
+    worker.work(burst=burst)

@@ -332,23 +332,26 @@ def after_promotion(
 def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
     from ml_backend.label_studio import LabelStudioTasks, client
     from ml_backend.preannotate import preannotate_project
+    from ml_backend.trust import Credentials
+    from ml_backend.vault import Vault
 
     store = Store(config.db_path, config.store_sync)
     project = store.project(job.project_id)
     if project is None:
         raise LookupError(f"project {job.project_id} is not connected")
-    hostname = config.label_studio_url or project.hostname
-    token = config.label_studio_api_key or project.access_token
-    if not hostname or not token:
+    # The token goes only to the host it came with, or to LABEL_STUDIO_URL (ml_backend/trust.py).
+    connection = Credentials(config, store, Vault.for_config(config)).connection(project)
+    if connection is None:
         raise LookupError(
-            "no Label Studio URL/token: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
+            "no Label Studio URL/token for this project: reconnect the model in Label Studio "
+            "(its /setup brings both), or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
         )
     models = ModelServer(config, registry_for(config))
     report = preannotate_project(
         job.project_id,
         parse_label_config(project.label_config),
         models,
-        LabelStudioTasks(client(hostname, token)),
+        LabelStudioTasks(client(connection)),
         num_candidates=config.num_candidates,
         strategy=config.strategy,
         progress=True,

@@ -29,6 +29,7 @@ import requests
 from label_studio_sdk.client import LabelStudio
 
 from ml_backend.store import Store
+from ml_backend.trust import WEBHOOK_SECRET_HEADER
 
 REPO = Path(__file__).resolve().parents[2]
 LABEL_STUDIO_VERSION = "1.23.2"
@@ -347,10 +348,24 @@ def create_project(
 def connect(
     label_studio: LabelStudioServer, project_id: int, backend: Backend, **auth: Any
 ) -> dict[str, Any]:
-    """Connect ``backend`` as the *Connect Model* dialog does; return Label Studio's ML row."""
+    """Connect ``backend`` as the *Connect Model* dialog does; return Label Studio's ML row.
+
+    Returns once the backend has put its webhook secret on the project's webhook: annotation
+    events before that are refused (README: Security), as they would be for a user who
+    annotates within the first second or two."""
     body = {"project": project_id, "url": backend.url, "title": "rlhf", **auth}
     response = label_studio.api("POST", "/api/ml", json=body)
     assert response.status_code == 201, response.text
+    ls = label_studio.client()
+    wait_for(
+        lambda: [
+            hook
+            for hook in ls.webhooks.list(project=str(project_id))
+            if hook.project == project_id and WEBHOOK_SECRET_HEADER in (hook.headers or {})
+        ],
+        timeout_s=60,
+        what="the backend to put its secret header on the project's webhook",
+    )
     return dict(response.json())
 
 

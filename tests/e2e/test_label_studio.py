@@ -15,6 +15,10 @@ import pytest
 import requests
 from label_studio_sdk.client import LabelStudio
 
+from ml_backend.config import BackendConfig
+from ml_backend.trust import WEBHOOK_SECRET_HEADER, Credentials
+from ml_backend.vault import Vault
+
 from .harness import (
     SESSION_SETUP_BUDGET_S,
     Backend,
@@ -73,6 +77,12 @@ def assert_store_matches(ls: LabelStudio, backend: Backend, project: Project) ->
     )
 
 
+def backend_credentials(backend: Backend) -> Credentials:
+    """The backend's own view of its sealed credentials (its key file is in its data dir)."""
+    config = BackendConfig(data_dir=backend.store.path.parent)
+    return Credentials(config, backend.store, Vault.for_config(config))
+
+
 def project_webhooks(ls: LabelStudio, project_id: int) -> list[Any]:
     return [h for h in ls.webhooks.list(project=str(project_id)) if h.project == project_id]
 
@@ -95,11 +105,17 @@ def test_connect_marks_backend_connected_and_registers_project(
     stored = backend.store.project(project.id)
     assert stored is not None
     assert stored.label_config == project.label_config
-    assert stored.access_token == label_studio.token  # /setup carries the creator's legacy token
-    # Label Studio made exactly one webhook to us; the backend's sync found it, made no second.
+    # /setup carries the creator's legacy token: stored encrypted, bound to Label Studio's host.
+    credentials = backend_credentials(backend)
+    connection = credentials.connection(stored)
+    assert connection is not None and connection.token == label_studio.token
+    assert label_studio.token not in (stored.token_sealed or "")
+    # Label Studio made exactly one webhook to us; the backend's sync found it, made no second,
+    # and put the project's secret on it.
     hooks = wait_for(lambda: project_webhooks(ls, project.id), what="Label Studio's webhook")
     assert [h.url for h in hooks] == [backend.url + "/webhook"]
     assert hooks[0].send_payload and hooks[0].is_active
+    assert hooks[0].headers == {WEBHOOK_SECRET_HEADER: credentials.webhook_secret(stored)}
 
 
 def test_annotations_created_updated_deleted_reach_the_store(
@@ -182,7 +198,13 @@ def test_basic_auth_connects_and_fixes_the_webhook_header(
     )
     assert len(project_webhooks(ls, project.id)) == 1
     assert hooks[0].url == auth_backend.url + "/webhook"
-    assert hooks[0].headers == {"Authorization": expected["Authorization"]}
+    secret = backend_credentials(auth_backend).webhook_secret(
+        auth_backend.store.project(project.id)
+    )
+    assert hooks[0].headers == {
+        "Authorization": expected["Authorization"],
+        WEBHOOK_SECRET_HEADER: secret,
+    }
 
     ls.annotations.create(id=project.task_ids[0], result=pairwise("right"))
     assert_store_matches(ls, auth_backend, project)
