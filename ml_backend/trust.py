@@ -69,6 +69,12 @@ def normalize_url(value: str, name: str = "hostname") -> str:
             f"'{name}' must be an http(s) URL like http://host:8080, got {value[:80]!r}"
         )
     host = parts.hostname.lower()
+    try:
+        host.encode("idna")  # what an HTTP client sends; U+FFFD, empty or 64+ char labels fail
+    except UnicodeError:
+        raise BadRequest(
+            f"'{name}' has a host name no HTTP client can send: {value[:80]!r}"
+        ) from None
     if ":" in host:
         host = f"[{host}]"
     netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"

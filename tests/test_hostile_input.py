@@ -1,6 +1,6 @@
 """Hostile, huge and unusual input (issue 19): each cause of a 500 the fuzzing found, and the
 resources a request could grow without bound. In-process (Flask test client, real store and
-reward model); the property-based suite over a real server is tests/test_fuzz_endpoints.py."""
+reward model); the property-based suite over a real server is tests/test_malformed.py."""
 
 from __future__ import annotations
 
@@ -98,12 +98,21 @@ def test_lone_surrogate_in_task_text_is_predicted(http):
     assert answer.get_json()["results"][0][0]["result"][0]["from_name"] == "comparison"
 
 
-def test_lone_surrogate_in_setup_hostname_and_token_is_stored_replaced(http, store):
-    answer = setup(http, hostname=f"http://h{LONE}", access_token=f"t{LONE}")
+def test_lone_surrogate_in_setup_token_is_stored_replaced(http, store):
+    answer = setup(http, hostname="http://127.0.0.1:9", access_token=f"t{LONE}")
 
     assert answer.status_code == 200
     connection = http.application.extensions["rlhf"].credentials.connection(store.project(1))
-    assert (connection.url, connection.token) == ("http://h\ufffd", "t\ufffd")
+    assert (connection.url, connection.token) == ("http://127.0.0.1:9", "t\ufffd")
+
+
+def test_lone_surrogate_in_setup_hostname_is_a_400_storing_nothing(http, store):
+    # Cleaned to "http://h\ufffd", a host name no HTTP client can send: refused, not kept.
+    answer = setup(http, hostname=f"http://h{LONE}", access_token="t")
+
+    assert answer.status_code == 400
+    assert "hostname" in answer.get_json()["message"]
+    assert store.project(1) is None
 
 
 def test_lone_surrogate_in_webhook_label_config_is_not_a_500(http, store):
