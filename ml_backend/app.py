@@ -196,10 +196,11 @@ def _register_routes(app: Flask, services: Services) -> None:
             timed = predict_in_time(
                 schema,
                 tasks,
-                lambda items: services.models.head_rewards(project_id, items),
+                lambda items: services.models.score_and_embed(project_id, items),
                 version,
                 services.config.strategy,
                 budget_s=services.config.predict_time_budget_s,
+                posterior=services.models.posterior(project_id),
             )
             answer: dict[str, Any] = {"results": timed.results}
             if timed.unreached:

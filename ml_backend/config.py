@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Any
 
 MIN_SECRET_CHARS = 32
-STRATEGY_NAMES = ("default", "random", "entropy", "margin", "variance", "bald", "batch")
+STRATEGY_NAMES = (
+    "default",
+    "random",
+    "entropy",
+    "margin",
+    "variance",
+    "bald",
+    "batch",
+    "eig",
+    "adaptive",
+)
 
 
 class ConfigError(ValueError):

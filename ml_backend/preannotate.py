@@ -10,10 +10,12 @@ For every unlabeled task of a project:
    :mod:`ml_backend.arena`). Every task is then scored:
    rewards, predicted choice, and the acquisition value of its most informative pair;
 2. the pool is ordered as the selection strategy would pick it (:func:`trainer.selection.
-   pool_scores`: with the default, batch-aware margin, a near-duplicate of a task already near the
-   front waits behind a different, slightly less uncertain one), and the predictions go to
-   Label Studio in that order, each with ``score`` = 1 − its value at its place. Label Studio shows
-   the lowest score first, so annotators label the batch the reward model asks for.
+   score_tasks`, the function behind ``/predict``'s scores and the simulator's batches: with the
+   default, a near-duplicate of a task already near the front waits behind a different one, since
+   a label on the first already told the model most of what the second would), and the
+   predictions go to Label Studio in that order, each with ``score`` = 1 − its value at its
+   place. Label Studio shows the lowest score first, so annotators label the batch the reward
+   model asks for.
 
 Resumable by construction: a rerun skips tasks that already carry a prediction of the served
 version, and tasks that already have responses are only predicted, never regenerated.
@@ -32,8 +34,9 @@ from tqdm import tqdm
 from ml_backend.arena import Arena
 from ml_backend.conversion import field_text
 from ml_backend.label_schema import RLHFSchema
-from ml_backend.predict import build_prediction, most_informative_pair, task_candidates
-from trainer.selection import pool_scores
+from ml_backend.predict import Candidates, build_prediction, most_informative_pair, task_candidates
+from trainer.acquisition import Posterior
+from trainer.selection import score_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,9 @@ class Models(Protocol):
         """``n`` candidate responses per prompt from the served policy."""
 
     def served_version(self, project_id: int) -> str: ...
+
+    def posterior(self, project_id: int) -> Posterior:
+        """The served reward model's Laplace posterior (what selection measures against)."""
 
 
 class TaskWriter(Protocol):
@@ -77,19 +83,12 @@ class PreannotateReport:
 
 @dataclass
 class ScoredTask:
-    """A task's prediction, and where its most informative pair stands for selection."""
+    """A task, its responses' per-head rewards (n, K) and embeddings (n, H), and what it shows."""
 
     task_id: int
-    prediction: dict[str, Any]
-    value: float  # acquisition value of the task's most informative pair, in [0, 1]
-    feature: np.ndarray  # (H,) that pair's embedding difference: near-duplicates are close
-
-
-def _most_informative(head_rewards: np.ndarray, strategy: str) -> tuple[int, int, float]:
-    """:func:`most_informative_pair` of responses written by this job (always at least two)."""
-    informative = most_informative_pair(head_rewards, strategy, seed=len(head_rewards))
-    assert informative is not None
-    return informative
+    candidates: Candidates
+    head_rewards: np.ndarray
+    embeddings: np.ndarray
 
 
 def fill_candidates(
@@ -98,6 +97,8 @@ def fill_candidates(
     candidates: list[str],
     head_rewards: np.ndarray,
     strategy: str,
+    embeddings: np.ndarray | None = None,
+    posterior: Posterior | None = None,
 ) -> dict[str, Any]:
     """Task data with the generated candidates written into the config's response fields.
 
@@ -112,7 +113,9 @@ def fill_candidates(
         ]
         new[schema.rankers[0].items.key] = items
         return new
-    first, second, _ = _most_informative(head_rewards, strategy)
+    informative = most_informative_pair(head_rewards, strategy, embeddings, posterior)
+    assert informative is not None  # the job writes at least two candidates
+    first, second, _ = informative
     order = [first, second] + [i for i in range(len(candidates)) if i not in (first, second)]
     for slot, index in zip(schema.responses, order):
         new[slot.key] = candidates[index]
@@ -133,6 +136,7 @@ def preannotate_project(
     """``arena``: pit the served policy against earlier versions on a share of the prompt-only
     tasks (:mod:`ml_backend.arena`); None: every candidate comes from the served policy."""
     version = models.served_version(project_id)
+    posterior = models.posterior(project_id)
     report = PreannotateReport(model_version=version)
     slots = len(schema.responses) if not schema.rankers else num_candidates
     n = max(num_candidates, slots, 2)
@@ -145,37 +149,35 @@ def preannotate_project(
     bar = tqdm(total=len(pending), desc=f"scoring project {project_id}", disable=not progress)
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
-        _generate_where_needed(project_id, schema, models, tasks, batch, n, strategy, report, arena)
-        batch_scored = _score(project_id, schema, models, batch, version, strategy)
+        _generate_where_needed(
+            project_id, schema, models, tasks, batch, n, strategy, posterior, report, arena
+        )
+        batch_scored = _score(project_id, schema, models, batch)
         report.skipped += len(batch) - len(batch_scored)
         report.tasks_seen += len(batch)
         scored += batch_scored
         bar.update(len(batch))
     bar.close()
     if scored:
-        values = np.array([s.value for s in scored])
-        scores = pool_scores(strategy, values, np.stack([s.feature for s in scored]))
+        pool = [(s.head_rewards, s.embeddings) for s in scored]
+        _, scores = score_tasks(strategy, pool, posterior)
         for index in tqdm(
             np.argsort(scores, kind="stable"), desc="uploading", disable=not progress
         ):
             task = scored[int(index)]
-            tasks.create_prediction(
-                task.task_id, {**task.prediction, "score": round(float(scores[index]), 6)}
+            prediction = build_prediction(
+                schema, task.candidates, task.head_rewards, version, float(scores[index])
             )
+            tasks.create_prediction(task.task_id, prediction)
             report.predicted += 1
     tasks.set_project_model_version(project_id, version)
     return report
 
 
 def _score(
-    project_id: int,
-    schema: RLHFSchema,
-    models: Models,
-    batch: list[dict[str, Any]],
-    version: str,
-    strategy: str,
+    project_id: int, schema: RLHFSchema, models: Models, batch: list[dict[str, Any]]
 ) -> list[ScoredTask]:
-    """Predictions and selection features for the tasks of ``batch`` that have responses."""
+    """Rewards and embeddings of the tasks of ``batch`` that have responses."""
     found = [
         (task, c)
         for task in batch
@@ -186,12 +188,10 @@ def _score(
     rewards, embeddings = models.score_and_embed(
         project_id, [(c.prompt, c.texts) for _, c in found]
     )
-    scored = []
-    for (task, candidates), head_rewards, emb in zip(found, rewards, embeddings):
-        first, second, value = _most_informative(head_rewards, strategy)
-        prediction = build_prediction(schema, candidates, head_rewards, version, strategy)
-        scored.append(ScoredTask(task["id"], prediction, value, emb[first] - emb[second]))
-    return scored
+    return [
+        ScoredTask(task["id"], candidates, head_rewards, np.asarray(emb, dtype=np.float64))
+        for (task, candidates), head_rewards, emb in zip(found, rewards, embeddings)
+    ]
 
 
 def _generate_where_needed(
@@ -202,6 +202,7 @@ def _generate_where_needed(
     batch: list[dict[str, Any]],
     n: int,
     strategy: str,
+    posterior: Posterior,
     report: PreannotateReport,
     arena: Arena | None = None,
 ) -> None:
@@ -221,11 +222,13 @@ def _generate_where_needed(
     if arena is not None:
         slots = n if schema.rankers else len(schema.responses)
         generated = arena.pit([t["id"] for t in empty], prompts, generated, slots)
-    rewards, _ = models.score_and_embed(project_id, list(zip(prompts, generated)))
+    rewards, embeddings = models.score_and_embed(project_id, list(zip(prompts, generated)))
     if arena is not None:
         arena.record_authors([t["id"] for t in empty], rewards)
-    for task, candidates, head_rewards in zip(empty, generated, rewards):
-        data = fill_candidates(schema, task["data"], candidates, head_rewards, strategy)
+    for task, candidates, head_rewards, emb in zip(empty, generated, rewards, embeddings):
+        data = fill_candidates(
+            schema, task["data"], candidates, head_rewards, strategy, np.asarray(emb), posterior
+        )
         tasks.update_task_data(task["id"], data)
         task["data"] = data  # the batch is scored next, with the written candidates
         report.generated += 1

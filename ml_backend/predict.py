@@ -6,11 +6,15 @@ project's control tags (Pairwise ``selected``, Ranker order, a Rating per respon
 preference Choice).
 
 ``score`` follows Label Studio's convention that the Data Manager and uncertainty sampling show
-the LOWEST score first: ``score = 1 − u`` where ``u`` in [0, 1] is the acquisition value (the
-default strategy of :mod:`trainer.acquisition`) of the most informative pair in the task. A
-score near 0 means "a human label here teaches the reward model most"; near 1, "the model is
-already sure". Tasks with only a prompt get no prediction from ``/predict`` (Label Studio cannot
-take new task data from a prediction): the pre-annotation job generates their candidates.
+the LOWEST score first. It comes from :func:`trainer.selection.score_tasks`, the one selection
+function: the same call orders the pool after a promotion (``ml_backend.preannotate``) and picks
+the simulator's batches, so the tasks of a request sort in the order the strategy would have them
+labelled. With one task, ``score = 1 − u``, ``u`` in [0, 1] the value of the task's most
+informative pair (for the default, the information a label would carry about the reward
+model's weights). A score near 0 means "a human label here teaches the reward model most";
+near 1, "the model is already sure". Tasks with only a prompt get no prediction from
+``/predict`` (Label Studio cannot take new task data from a prediction): the pre-annotation job
+generates their candidates.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import numpy as np
 from ml_backend.conversion import field_text, list_item_texts
 from ml_backend.errors import AnnotationMismatch
 from ml_backend.label_schema import TEXT_OBJECTS, RLHFSchema, TextField
-from trainer.acquisition import acquisition
+from trainer.acquisition import Posterior, prior_precision
+from trainer.selection import score_tasks, task_pairs
 
 logger = logging.getLogger(__name__)
 
 # Scores every (prompt, response) of every item in one batched call: returns, per item, the
-# per-head rewards of its responses, shape (n_responses, K).
-HeadRewardFn = Callable[[list[tuple[str, list[str]]]], list[np.ndarray]]
+# per-head rewards of its responses (n_responses, K) and their embeddings (n_responses, H).
+ScoreFn = Callable[[list[tuple[str, list[str]]]], tuple[list[np.ndarray], list[np.ndarray]]]
 
 # Tasks scored per backbone call in /predict; the time budget is checked between chunks.
 PREDICT_CHUNK = 32
@@ -96,16 +101,27 @@ def pair_probabilities(head_rewards: np.ndarray) -> tuple[list[tuple[int, int]],
 
 
 def most_informative_pair(
-    head_rewards: np.ndarray, strategy: str, seed: int = 0
+    head_rewards: np.ndarray,
+    strategy: str,
+    embeddings: np.ndarray | None = None,
+    posterior: Posterior | None = None,
 ) -> tuple[int, int, float] | None:
-    """The pair (i, j) of responses whose label teaches the most, and its acquisition value;
-    ``None`` for fewer than two responses. ``seed`` only matters for ``random``."""
-    pairs, p_heads = pair_probabilities(head_rewards)
-    if not pairs:
+    """The pair (i, j) of responses whose label teaches the most, and its value; ``None`` for
+    fewer than two responses. ``embeddings`` (n, H) and ``posterior`` (default: the prior) are
+    what ``eig``/``adaptive`` measure with; the ensemble-only strategies ignore them."""
+    if head_rewards.shape[0] < 2:
         return None
-    value = acquisition(strategy)(p_heads, np.random.default_rng(seed))
+    if embeddings is None:
+        embeddings = np.zeros((head_rewards.shape[0], 1))
+    posterior = posterior or prior_posterior(embeddings.shape[1])
+    pairs, _, value = task_pairs(strategy, head_rewards, embeddings, posterior)
     best = int(np.argmax(value))
     return pairs[best][0], pairs[best][1], float(value[best])
+
+
+def prior_posterior(hidden_size: int, prior_scale: float = 4.0) -> Posterior:
+    """The posterior of a model with no labels (the reward model's default prior scale)."""
+    return Posterior.prior(hidden_size, prior_precision(hidden_size, prior_scale))
 
 
 def build_prediction(
@@ -113,12 +129,11 @@ def build_prediction(
     candidates: Candidates,
     head_rewards: np.ndarray,
     model_version: str,
-    strategy: str = "default",
+    score: float,
 ) -> dict[str, Any]:
-    """One Label Studio prediction for a task, from its responses' per-head rewards (n, K)."""
+    """One Label Studio prediction for a task, from its responses' per-head rewards (n, K) and
+    its selection ``score`` (:func:`trainer.selection.score_tasks`)."""
     rewards = head_rewards.mean(axis=1)  # (n,)
-    informative = most_informative_pair(head_rewards, strategy)
-    score = 1.0 - informative[2] if informative else 1.0
     result: list[dict[str, Any]] = []
     for control in schema.pairwise:
         left, right = candidates.index(control.left.name), candidates.index(control.right.name)
@@ -179,12 +194,16 @@ def _region(from_name: str, to_name: str, kind: str, value: dict[str, Any]) -> d
 def predict_tasks(
     schema: RLHFSchema,
     tasks: list[dict[str, Any]],
-    head_reward_fn: HeadRewardFn,
+    score_fn: ScoreFn,
     model_version: str,
     strategy: str = "default",
+    posterior: Posterior | None = None,
 ) -> list[list[dict[str, Any]]]:
-    """One list of predictions per task (empty for prompt-only tasks), scored in one batch."""
-    return predict_in_time(schema, tasks, head_reward_fn, model_version, strategy).results
+    """One list of predictions per task (empty for prompt-only tasks), ordered among themselves
+    by the selection strategy (``posterior``: the served reward model's, default the prior)."""
+    return predict_in_time(
+        schema, tasks, score_fn, model_version, strategy, posterior=posterior
+    ).results
 
 
 @dataclass
@@ -198,51 +217,58 @@ class TimedPredictions:
 def predict_in_time(
     schema: RLHFSchema,
     tasks: list[dict[str, Any]],
-    head_reward_fn: HeadRewardFn,
+    score_fn: ScoreFn,
     model_version: str,
     strategy: str = "default",
     budget_s: float | None = None,
     chunk: int = PREDICT_CHUNK,
+    posterior: Posterior | None = None,
 ) -> TimedPredictions:
     """Predictions scored ``chunk`` tasks at a time while ``budget_s`` seconds (None: no limit)
     leave room for one more: a chunk is started only if the slowest chunk so far still fits, so
     the answer comes near the budget even when the machine is slow. The first chunk always runs.
+    The tasks reached are then scored together by :func:`trainer.selection.score_tasks`.
     """
     started = time.monotonic()
     slowest = 0.0
-    results: list[list[dict[str, Any]]] = []
+    reached = len(tasks)
+    scored: list[tuple[int, Candidates, np.ndarray, np.ndarray]] = []
     for start in range(0, len(tasks), chunk):
         now = time.monotonic()
         if budget_s is not None and start and now - started + slowest > budget_s:
-            unreached = len(tasks) - start
-            return TimedPredictions(results + [[] for _ in range(unreached)], unreached)
-        results += _predict_chunk(
-            schema, tasks[start : start + chunk], head_reward_fn, model_version, strategy
-        )
+            reached = start
+            break
+        scored += _score_chunk(schema, tasks[start : start + chunk], start, score_fn)
         slowest = max(slowest, time.monotonic() - now)
-    return TimedPredictions(results, 0)
+    results: list[list[dict[str, Any]]] = [[] for _ in tasks]
+    if scored:
+        posterior = posterior or prior_posterior(scored[0][3].shape[1])
+        _, scores = score_tasks(strategy, [(r, e) for _, _, r, e in scored], posterior)
+        for (index, candidates, head_rewards, _), score in zip(scored, scores):
+            prediction = build_prediction(
+                schema, candidates, head_rewards, model_version, float(score)
+            )
+            results[index] = [prediction]
+    return TimedPredictions(results, len(tasks) - reached)
 
 
-def _predict_chunk(
-    schema: RLHFSchema,
-    tasks: list[dict[str, Any]],
-    head_reward_fn: HeadRewardFn,
-    model_version: str,
-    strategy: str,
-) -> list[list[dict[str, Any]]]:
-    """Predictions for one chunk of tasks, scored in one backbone call."""
-    found = [task_candidates(_task_data(task), schema) for task in tasks]
-    scorable = [c for c in found if c is not None]
-    head_rewards = iter(head_reward_fn([(c.prompt, c.texts) for c in scorable]) if scorable else [])
-    results = []
-    for candidates in found:
-        if candidates is None:
-            results.append([])
-            continue
-        results.append(
-            [build_prediction(schema, candidates, next(head_rewards), model_version, strategy)]
-        )
-    return results
+def _score_chunk(
+    schema: RLHFSchema, tasks: list[dict[str, Any]], offset: int, score_fn: ScoreFn
+) -> list[tuple[int, Candidates, np.ndarray, np.ndarray]]:
+    """(task index, candidates, per-head rewards, embeddings) for the chunk's tasks that have
+    responses, from one backbone call."""
+    found = [
+        (offset + i, c)
+        for i, task in enumerate(tasks)
+        if (c := task_candidates(_task_data(task), schema)) is not None
+    ]
+    if not found:
+        return []
+    rewards, embeddings = score_fn([(c.prompt, c.texts) for _, c in found])
+    return [
+        (index, candidates, head_rewards, np.asarray(emb, dtype=np.float64))
+        for (index, candidates), head_rewards, emb in zip(found, rewards, embeddings)
+    ]
 
 
 def _task_data(task: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,11 @@ def reward_model_config(config: BackendConfig) -> Any:
     return RewardModelConfig(backbone=config.reward_backbone, num_heads=config.reward_heads)
 
 
+def embedding_store_path(config: BackendConfig) -> Path:
+    """The per-machine embedding cache (trainer.embedding_store): a cache, not the store."""
+    return config.data_dir / "cache" / "embeddings.sqlite"
+
+
 def policy_config(config: BackendConfig, model: str | None = None) -> Any:
     from trainer.policy import PolicyConfig
 
@@ -69,6 +74,17 @@ class ModelServer:
         self._base_reward: Any = None
         self._base_policy: Any = None
         self._other_policy: tuple[str, Any] | None = None  # an earlier version (the arena's)
+        self._embeddings: Any = None  # trainer.embedding_store.EmbeddingStore, opened lazily
+
+    def embedding_store(self) -> Any:
+        """This process's handle on the embedding cache (opened on first use)."""
+        if self._embeddings is None:
+            from trainer.embedding_store import EmbeddingStore
+
+            with self._lock:
+                if self._embeddings is None:
+                    self._embeddings = EmbeddingStore(embedding_store_path(self.config))
+        return self._embeddings
 
     @property
     def cache_dir(self) -> Path:
@@ -132,9 +148,15 @@ class ModelServer:
     def score_and_embed(
         self, project_id: int, items: list[tuple[str, list[str]]]
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per-head rewards (n_i, K) and response embeddings (n_i, H) for every item."""
+        """Per-head rewards (n_i, K) and response embeddings (n_i, H) for every item; texts
+        already in the embedding cache are not encoded again."""
         _, model = self.reward_model(project_id)
-        return model.score_and_embed(items)
+        return model.score_and_embed(items, self.embedding_store())
+
+    def posterior(self, project_id: int) -> Any:
+        """The served reward model's Laplace posterior (trainer.selection measures against it)."""
+        _, model = self.reward_model(project_id)
+        return model.posterior()
 
     def generate(self, project_id: int, prompts: list[str], n: int) -> list[list[str]]:
         _, policy = self.policy(project_id)

@@ -12,6 +12,7 @@ import pytest
 
 from ml_backend.label_schema import parse_label_config
 from ml_backend.preannotate import fill_candidates, preannotate_project
+from ml_backend.predict import prior_posterior
 
 PAIRWISE = """<View><Text name="prompt" value="$prompt"/>
 <Pairwise name="comparison" toName="answer1,answer2"/>
@@ -37,6 +38,9 @@ class FakeModels:
         return [
             [f"{p} answer {i}{'+' * (i == 1)}{'-' * (i == 2)}" for i in range(n)] for p in prompts
         ]
+
+    def posterior(self, project_id):
+        return prior_posterior(64)
 
     def score_and_embed(self, project_id, items):
         rewards, embeddings = [], []

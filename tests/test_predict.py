@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,20 @@ RATING = """<View>
 </View>"""
 
 
+def embedding(text: str, dims: int = 16) -> np.ndarray:
+    """A fixed pseudo-random embedding per text (different texts point different ways)."""
+    return np.random.default_rng(zlib.crc32(text.encode())).normal(size=dims)
+
+
 def fixed_rewards(table: dict[str, list[float]]):
-    """A head-reward function reading per-head rewards from a {response text: rewards} table."""
+    """A scoring function reading per-head rewards from a {response text: rewards} table;
+    embeddings from :func:`embedding`."""
     calls = []
 
     def head_rewards(items):
         calls.append(items)
-        return [np.array([table[text] for text in responses]) for _, responses in items]
+        rewards = [np.array([table[text] for text in responses]) for _, responses in items]
+        return rewards, [np.stack([embedding(t) for t in responses]) for _, responses in items]
 
     head_rewards.calls = calls
     return head_rewards

@@ -146,8 +146,9 @@ def test_head_rewards_train_on_cached_embeddings(model):
     assert all(p.grad is None for p in rm.backbone.parameters())  # backbone frozen by default
 
 
-def test_forward_matches_embed_and_reaches_the_backbone_when_fine_tuning(backbone):
-    rm = RewardModel.create(RewardModelConfig(backbone=backbone, finetune_backbone=True))
+def test_forward_matches_embed_and_reaches_the_backbone_when_unfrozen(backbone):
+    rm = RewardModel.create(RewardModelConfig(backbone=backbone))
+    rm.backbone.requires_grad_(True)
     prompts, responses = ["a question", "x"], ["an answer", "a much longer answer than that"]
     rewards = rm(**rm.collate(prompts, responses))  # (B, K), with autograd
     with torch.no_grad():
@@ -178,11 +179,11 @@ def test_save_load_roundtrip_keeps_scores_config_and_provenance(model, tmp_path)
         assert b.trained is True
 
 
-def test_fine_tuned_backbone_travels_with_the_checkpoint(backbone, tmp_path):
-    rm = RewardModel.create(RewardModelConfig(backbone=backbone, finetune_backbone=True))
+def test_a_changed_backbone_travels_with_the_checkpoint(backbone, tmp_path):
+    rm = RewardModel.create(RewardModelConfig(backbone=backbone))
     with torch.no_grad():
         rm.backbone.get_input_embeddings().weight.mul_(1.5)  # stands in for fine-tuning
-    rm.save(tmp_path / "ckpt")
+    rm.save(tmp_path / "ckpt", include_backbone=True)
     assert rm.version and rm.version.startswith("rm-")  # content hash when no version is given
     loaded = RewardModel.load(tmp_path / "ckpt")
     assert loaded.version == rm.version

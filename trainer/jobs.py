@@ -21,10 +21,16 @@ from ml_backend.arena import Arena
 from ml_backend.config import BackendConfig
 from ml_backend.conversion import preference_pairs
 from ml_backend.label_schema import parse_label_config
-from ml_backend.serving import ModelServer, policy_config, reward_model_config
+from ml_backend.serving import (
+    ModelServer,
+    embedding_store_path,
+    policy_config,
+    reward_model_config,
+)
 from ml_backend.store import JOB_PREANNOTATE, Job, Store
 from trainer.dispatch import notify_workers
 from trainer.distributed import ONE_PROCESS, Ranks
+from trainer.embedding_store import EmbeddingStore
 from trainer.policy_training import (
     FeedbackExample,
     PolicyTrainingConfig,
@@ -40,6 +46,7 @@ from trainer.reward_training import (
     Progress,
     RewardTrainingConfig,
     evaluate,
+    laplace_posterior,
     preference_probabilities,
     should_promote,
     split_pairs,
@@ -133,7 +140,8 @@ def train_reward_model(
     )
     candidate = copy.deepcopy(serving_model)  # warm start from what is served
 
-    cache = EmbeddingCache(candidate.embed)
+    store = EmbeddingStore(embedding_store_path(config))
+    cache = EmbeddingCache(lambda prompts, responses: store.embed(candidate, prompts, responses))
     cache.add(train + heldout)
     embeddings = cache.matrix()
     started = time.monotonic()
@@ -150,6 +158,10 @@ def train_reward_model(
         on_step=progress or Progress(f"project {project_id} reward model"),
     )
     seconds = time.monotonic() - started
+    posterior = laplace_posterior(
+        candidate.head_rewards, embeddings, chosen, rejected, candidate.config.prior_scale
+    )
+    candidate.posterior_precision = posterior.precision
 
     new_eval, old_eval = (_evaluate(model, cache, heldout) for model in (candidate, serving_model))
     promote, reason = should_promote(new_eval, old_eval, training.promotion_tolerance)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from trainer.acquisition import bald, entropy
+from trainer.acquisition import Posterior, bald, entropy, prior_precision
 from trainer.device import dtype_kwargs, pick_device, pick_dtype
 from trainer.fields import documented
 
@@ -52,6 +52,8 @@ DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 CHECKPOINT_FORMAT = "rlhf-reward-model"
 CHECKPOINT_FORMAT_VERSION = 1
 POOLINGS = ("mean", "response_mean")
+POSTERIOR_FILE = "posterior.safetensors"
+REMOVED_CONFIG_KEYS = ("finetune_backbone",)  # read from older checkpoints, then ignored
 
 # Fast tokenizers raise "Already borrowed" when two threads tokenize at once. Module-level (not
 # per model) so that models stay deep-copyable; tokenizing is a small part of a scoring call.
@@ -89,11 +91,9 @@ class RewardModelConfig:
     max_length: int = documented(256, "Tokens per (prompt, response) pair; longer pairs are cut.")
     batch_size: int = documented(32, "Pairs per backbone forward pass.")
     seed: int = documented(0, "Seed for the heads' and priors' initialisation.")
-    finetune_backbone: bool = documented(
-        False,
-        "Whether training may update the backbone. Checkpoints then carry the backbone weights; "
-        "otherwise they reference `backbone` and carry the heads only.",
-    )
+    # There is no ``finetune_backbone``: nothing trained the backbone, and the design rests on it
+    # being frozen (heads retrain in seconds on cached embeddings, a promotion re-scores the pool
+    # without the encoder, and trainer.embedding_store's vectors stay valid across versions).
 
     def __post_init__(self) -> None:
         if not self.backbone:
@@ -117,6 +117,7 @@ class RewardModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RewardModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in REMOVED_CONFIG_KEYS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown reward-model config keys {unknown}; known: {sorted(known)}")
@@ -275,9 +276,12 @@ class RewardModel(nn.Module):
         self.trained = trained
         self.version = version
         self.provenance = dict(provenance or {})
+        # The Laplace precision (H, H) of a linear reward on the labelled pairs, set by training;
+        # None: no labels yet, the prior (trainer.acquisition.Posterior).
+        self.posterior_precision: np.ndarray | None = None
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._use_token_types = "token_type_ids" in tokenizer.model_input_names
-        self.backbone.requires_grad_(config.finetune_backbone)
+        self.backbone.requires_grad_(False)  # frozen: only the heads train
 
     # --- construction -------------------------------------------------------------------------
 
@@ -321,6 +325,8 @@ class RewardModel(nn.Module):
             version=provenance.get("version"),
             provenance=provenance,
         )
+        if (path / POSTERIOR_FILE).is_file():
+            model.posterior_precision = load_file(path / POSTERIOR_FILE)["precision"].numpy()
         logger.info("loaded reward model %s from %s", model.version, path)
         return model.to(_device_of(backbone)).eval()
 
@@ -329,7 +335,7 @@ class RewardModel(nn.Module):
         path: str | Path,
         provenance: dict[str, Any] | None = None,
         *,
-        include_backbone: bool | None = None,
+        include_backbone: bool = False,
     ) -> Path:
         """Write a checkpoint that says how it was made; returns ``path``.
 
@@ -337,17 +343,21 @@ class RewardModel(nn.Module):
         knows itself: base backbone, creation time, trained flag and version. A ``version`` or
         ``trained`` key there also sets ``self.version``/``self.trained``; without a version,
         the version is a hash of the heads' weights. The backbone's weights are included when
-        ``include_backbone`` (default: ``config.finetune_backbone``). ``config.json`` is written
+        ``include_backbone`` (a backbone changed outside this code); otherwise the checkpoint
+        references ``config.backbone``. ``config.json`` is written
         last, so a directory that has one is complete.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        include = self.config.finetune_backbone if include_backbone is None else include_backbone
+        include = include_backbone
         heads_file = path / "heads.safetensors"
         state = {
             k: v.detach().float().cpu().contiguous() for k, v in self.heads.state_dict().items()
         }
         save_file(state, heads_file)
+        if self.posterior_precision is not None:
+            precision = torch.from_numpy(np.ascontiguousarray(self.posterior_precision))
+            save_file({"precision": precision.double()}, path / POSTERIOR_FILE)
         if include:
             self.backbone.save_pretrained(path / "backbone")
             self.tokenizer.save_pretrained(path / "backbone")
@@ -433,17 +443,34 @@ class RewardModel(nn.Module):
         """Per item, the per-head rewards of its responses, (n_i, K); one batched pass for all."""
         return self.score_and_embed(items)[0]
 
+    def posterior(self) -> Posterior:
+        """The Laplace posterior selection measures information against (the prior untrained)."""
+        if self.posterior_precision is not None:
+            return Posterior(self.posterior_precision)
+        precision = prior_precision(self.hidden_size, self.config.prior_scale)
+        return Posterior.prior(self.hidden_size, precision)
+
+    @property
+    def backbone_id(self) -> str:
+        """Names everything that decides an embedding: the key of cached vectors."""
+        c = self.config
+        return f"{c.backbone}|pooling={c.pooling}|max_length={c.max_length}"
+
     def score_and_embed(
-        self, items: Sequence[tuple[str, Sequence[str]]]
+        self, items: Sequence[tuple[str, Sequence[str]]], store: Any = None
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per item, the per-head rewards (n_i, K) and the embeddings (n_i, H) of its responses,
-        from one batched backbone pass (the embeddings tell near-duplicate pairs apart)."""
+        from one batched backbone pass (the embeddings tell near-duplicate pairs apart). With a
+        :class:`trainer.embedding_store.EmbeddingStore`, only texts it lacks are encoded."""
         if not items:
             return [], []
         prompts = [prompt for prompt, responses in items for _ in responses]
         responses = [response for _, rs in items for response in rs]
         with torch.no_grad():
-            emb = self.embed(prompts, responses)  # (N, H)
+            if store is None:
+                emb = self.embed(prompts, responses)  # (N, H)
+            else:
+                emb = store.embed(self, prompts, responses)
             rewards = self.head_rewards(emb)  # (N, K)
         bounds = np.cumsum([len(rs) for _, rs in items])[:-1]
         flat_rewards = rewards.cpu().numpy().astype(np.float64)

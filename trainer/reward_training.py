@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from trainer.acquisition import Posterior, pair_features, prior_precision
 from trainer.fields import documented
 
 logger = logging.getLogger(__name__)
@@ -189,6 +190,23 @@ def preference_probabilities(
     with torch.inference_mode():
         margin = head_fn(embeddings[chosen]) - head_fn(embeddings[rejected])
         return torch.sigmoid(margin).float().numpy()
+
+
+def laplace_posterior(
+    head_fn: HeadFn,
+    embeddings: torch.Tensor,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    prior_scale: float,
+) -> Posterior:
+    """The Laplace posterior of a linear reward on these labelled pairs, at the heads' mean
+    probabilities: what :func:`trainer.selection.rank` measures information against."""
+    emb = embeddings.float().numpy()
+    precision = prior_precision(emb.shape[1], prior_scale)
+    if len(chosen) == 0:
+        return Posterior.prior(emb.shape[1], precision)
+    p = preference_probabilities(head_fn, embeddings, chosen, rejected).mean(axis=1)
+    return Posterior.fit(pair_features(emb[chosen], emb[rejected]), p, precision)
 
 
 def expected_calibration_error(p_chosen: np.ndarray, bins: int = 10) -> float:

@@ -1,24 +1,50 @@
-"""Choosing which pairs humans label next, one batch at a time.
+"""Choosing which pairs humans label next: one function for the simulator, the pool order and
+``/predict``.
 
-Strategies score candidate pairs with an acquisition function (:mod:`trainer.acquisition`) and
-take the best. ``batch`` (the default) is the batch-aware one: greedy on the margin (how close
-the ensemble's mean prediction is to a coin flip), discounting a candidate by its similarity to
-pairs already picked in the same batch, so a batch never spends several labels on
-near-duplicates. With no labels yet (cold start) the heads' disagreement carries no
-information about the data, so every strategy but ``random`` picks a diverse batch instead
-(greedy farthest-point in pair-embedding space).
+:func:`rank` orders candidate pairs, best first, and says what each was worth at its place;
+:func:`select` takes the first ``k`` (the simulator's next batch) and :func:`pool_scores` turns
+the order into Label Studio scores (lowest first), for the pre-annotation job's pool order and
+for ``/predict``. There is no separate cold-start path: with no labels the posterior is the
+prior, and the same code picks a batch spread over the pool.
+
+Strategies:
+
+* ``eig``: greedy expected information gain under the Laplace posterior
+  (:class:`trainer.acquisition.Posterior`). After each pick the posterior is updated as if that
+  pair were labelled (a rank-one update of the covariance, weight ``p(1 - p)``), so the next pick
+  is what is still unknown *given the batch so far*: a greedy D-optimal batch design. A
+  near-duplicate of a picked pair, or a second pair in a region the batch already covers, loses
+  its value; a close pair the posterior is already sure is a coin flip has none.
+* ``batch``: greedy on the ensemble's margin, discounted by cosine similarity to pairs already
+  picked (the default until the world-family benchmark showed it spending labels on coin flips).
+* ``random``, ``entropy``, ``margin``, ``variance``, ``bald``: one value per pair
+  (:mod:`trainer.acquisition`), best first.
+* ``default``: ``adaptive`` (see :class:`AdaptiveMix`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
-from trainer.acquisition import BATCH_VALUE, STRATEGIES
+from trainer.acquisition import (
+    EPS,
+    STRATEGIES,
+    Posterior,
+    fit_logistic,
+    information_gain,
+    brier_loss,
+    margin,
+    pair_features,
+    prior_precision,
+)
 
-SELECTION_STRATEGIES = (*STRATEGIES, "batch")
-DEFAULT_SELECTION = "batch"
-# Label Studio's pool is ordered batch-aware for this many tasks (the greedy costs
-# O(limit · N · D)): far more than a team labels between two retrains, which re-score the pool.
+SELECTION_STRATEGIES = (*STRATEGIES, "batch", "eig", "adaptive")
+DEFAULT_SELECTION = "adaptive"
+BATCH_AWARE = ("batch", "eig", "adaptive")  # a pick's value depends on the picks before it
+# Label Studio's pool is ordered batch-aware for this many tasks (a greedy step costs O(N · D)):
+# far more than a team labels between two retrains, which re-score the pool.
 POOL_ORDER_LIMIT = 2000
 SCORE_STEP = 1e-6  # the resolution of a prediction's score (rounded to 6 decimals)
 
@@ -32,20 +58,118 @@ def resolve(name: str) -> str:
     return name
 
 
+@dataclass
+class Candidates:
+    """What selection sees of P candidate pairs (a, b).
+
+    ``p_heads`` (P, K): each head's P(a beats b); ``features`` (P, D): ``LN(e_a) - LN(e_b)``
+    (:func:`trainer.acquisition.pair_features`); ``posterior``: the reward model's Laplace
+    posterior over the weights of a linear reward on those features.
+    """
+
+    p_heads: np.ndarray
+    features: np.ndarray
+    posterior: Posterior
+
+    def __len__(self) -> int:
+        return len(self.p_heads)
+
+    def mean_logit(self) -> np.ndarray:
+        p = np.clip(self.p_heads, EPS, 1 - EPS)
+        return np.log(p / (1 - p)).mean(axis=1)
+
+    def subset(self, index: np.ndarray) -> Candidates:
+        return Candidates(self.p_heads[index], self.features[index], self.posterior)
+
+
+@dataclass
+class AdaptiveMix:
+    """How much of each batch ``adaptive`` spends on ``eig`` picks, the rest going to random.
+
+    After each batch, :meth:`update` is told the labels that arrived and compares what the
+    informative picks and the random picks each bought: both parts are scored by how much they
+    reduce the error, for a fit on the labels before them, on earlier random picks (random picks are the only unbiased sample of the pool a team has), in
+    squared error of a Laplace fit. When
+    informative labels buy less per label than random ones, the random share grows; when they
+    buy more, it shrinks, never below ``floor`` (the measurement needs random labels).
+    """
+
+    share: float = 0.5  # fraction of a batch picked at random
+    floor: float = 0.2
+    step: float = 0.15
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def split(self, k: int) -> int:
+        """Random picks in a batch of ``k``."""
+        return round(self.share * k)
+
+    def update(
+        self, features: np.ndarray, targets: np.ndarray, random_pick: np.ndarray, new: np.ndarray
+    ) -> float:
+        """Move the share after a batch; returns the new share.
+
+        ``features`` (N, D): every labelled pair's feature, oriented chosen minus rejected;
+        ``targets`` (N,): 1, or 0.5 for a tie; ``random_pick`` (N,): picked at random;
+        ``new`` (N,): arrived in the latest batch.
+        """
+        old = ~new
+        informative, random_new = new & ~random_pick, new & random_pick
+        yardstick = np.flatnonzero(random_pick & old)
+        if len(yardstick) < 2 or not informative.any() or not random_new.any():
+            return self.share
+        precision = prior_precision(features.shape[1], 4.0)
+        gains = {"informative": 0.0, "random": 0.0}
+        # Two folds of the earlier random labels: each half is the yardstick once, the model
+        # before the batch is fitted on everything else that came before.
+        for fold in (yardstick[0::2], yardstick[1::2]):
+            held = np.zeros(len(features), dtype=bool)
+            held[fold] = True
+            before = old & ~held
+            base = fit_logistic(features[before], targets[before], precision)
+            base_loss = brier_loss(base, features[held], targets[held])
+            for name, part in (("informative", informative), ("random", random_new)):
+                after = before | part
+                w = fit_logistic(features[after], targets[after], precision)
+                loss = brier_loss(w, features[held], targets[held])
+                gains[name] += (base_loss - loss) / part.sum() / 2.0
+        self.history.append({**gains, "share": self.share})
+        informative_total = sum(h["informative"] for h in self.history)
+        random_total = sum(h["random"] for h in self.history)
+        direction = 1.0 if informative_total < random_total else -1.0
+        self.share = float(np.clip(self.share + direction * self.step, self.floor, 1.0))
+        return self.share
+
+
+def information_greedy(candidates: Candidates, k: int) -> tuple[list[int], list[float]]:
+    """Greedy expected information gain with rank-one posterior updates: picks and gains.
+
+    The gains never increase (each update only narrows the posterior), so they can be turned
+    into scores that sort like the picks.
+    """
+    x = np.asarray(candidates.features, dtype=np.float64)  # (P, D)
+    mu = candidates.mean_logit()  # (P,)
+    cov = candidates.posterior.covariance()  # (D, D)
+    var = np.einsum("pd,pd->p", x @ cov, x)  # (P,)
+    fisher = np.clip(1.0 / (1.0 + np.exp(-mu)), EPS, 1 - EPS)
+    fisher = fisher * (1.0 - fisher)  # (P,) the weight a label on that pair would get
+    available = np.ones(len(x), dtype=bool)
+    picked: list[int] = []
+    gains: list[float] = []
+    for _ in range(min(k, len(x))):
+        gain = np.where(available, information_gain(mu, var), -np.inf)
+        best = int(np.argmax(gain))
+        picked.append(best)
+        gains.append(float(gain[best]))
+        available[best] = False
+        u = cov @ x[best]  # (D,)
+        denom = 1.0 / fisher[best] + float(x[best] @ u)
+        var = np.maximum(var - (x @ u) ** 2 / denom, 0.0)
+        cov = cov - np.outer(u, u) / denom
+    return picked, gains
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def farthest_points(features: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
-    """Greedy k-center on cosine distance: a diverse set of ``k`` rows."""
-    unit = _unit(features)
-    chosen = [int(rng.integers(len(unit)))]
-    closest = 1.0 - unit @ unit[chosen[0]]
-    while len(chosen) < min(k, len(unit)):
-        nxt = int(np.argmax(closest))
-        chosen.append(nxt)
-        closest = np.minimum(closest, 1.0 - unit @ unit[nxt])
-    return chosen
 
 
 def diverse_greedy(
@@ -71,50 +195,165 @@ def diverse_greedy(
     return picked, gains
 
 
-def pool_scores(
-    strategy: str, value: np.ndarray, features: np.ndarray, limit: int = POOL_ORDER_LIMIT
-) -> np.ndarray:
-    """Label Studio scores for a pool of tasks, lowest = label first: ``1 − value``.
+def rank(
+    strategy: str,
+    candidates: Candidates,
+    k: int,
+    rng: np.random.Generator,
+    mix: AdaptiveMix | None = None,
+) -> tuple[list[int], list[float]]:
+    """The first ``k`` candidates in the order ``strategy`` would have them labelled, and the
+    value (in [0, 1]) each was picked at. The one selection function: the simulator's batches,
+    the pool order after a promotion and ``/predict``'s scores all come from here.
 
-    ``value`` (N,): each task's acquisition value (that of its most informative pair, in [0, 1]);
-    ``features`` (N, D): that pair's feature vector. For ``batch`` (the default) the ascending
-    order of the scores is the batch-aware greedy order: the first ``limit`` picks score
-    ``1 − the discounted value they were picked at`` (a task's discounted value only shrinks as
-    picks accumulate, so these never decrease), and the rest score above the last pick.
-    The first pick is always the most informative task, so its score is exactly ``1 − value``.
+    For ``adaptive``, ``mix`` (default: a fresh :class:`AdaptiveMix`) says how many of the
+    ``k`` go to random picks; they are placed evenly among the informative ones, at the value
+    of the informative pick before them.
     """
-    scores = 1.0 - value
-    if resolve(strategy) != "batch" or len(value) < 2:
-        return scores
-    picked, gains = diverse_greedy(value, features, limit)
-    ordered = 1.0 - np.asarray(gains)
-    rest = np.ones(len(value), dtype=bool)
-    rest[picked] = False
-    scores[rest] = np.maximum(scores[rest], ordered[-1] + SCORE_STEP)
-    scores[picked] = ordered
-    return np.clip(scores, 0.0, 1.0)
+    strategy = resolve(strategy)
+    k = min(k, len(candidates))
+    if strategy == "random":
+        order = rng.permutation(len(candidates))[:k]
+        return [int(i) for i in order], [float(v) for v in rng.random(k)]
+    if strategy == "eig":
+        return information_greedy(candidates, k)
+    if strategy == "batch":
+        return diverse_greedy(margin(candidates.p_heads), candidates.features, k)
+    if strategy == "adaptive":
+        return _adaptive(candidates, k, rng, mix or AdaptiveMix())
+    value = STRATEGIES[strategy](candidates.p_heads, rng)
+    order = np.argsort(-value, kind="stable")[:k]
+    return [int(i) for i in order], [float(value[i]) for i in order]
+
+
+def random_slots(k: int, n_random: int) -> set[int]:
+    """The positions of a batch of ``k`` that ``adaptive`` fills at random, spread evenly."""
+    return {int((i + 0.5) * k / n_random) for i in range(n_random)} if n_random else set()
+
+
+def _adaptive(
+    candidates: Candidates, k: int, rng: np.random.Generator, mix: AdaptiveMix
+) -> tuple[list[int], list[float]]:
+    """``eig`` picks with ``mix.split(k)`` random picks spread evenly among them; a random pick
+    is valued at the informative pick before it, so the scores still sort like the order."""
+    n_random = mix.split(k)
+    picked, gains = information_greedy(candidates, k - n_random)
+    rest = np.setdiff1d(np.arange(len(candidates)), picked)
+    randoms = iter(rng.choice(rest, size=min(n_random, len(rest)), replace=False).tolist())
+    slots = random_slots(k, n_random)
+    informative = iter(zip(picked, gains))
+    order: list[int] = []
+    values: list[float] = []
+    value = gains[0] if gains else 1.0
+    for position in range(k):
+        item = None if position in slots else next(informative, None)
+        if item is None:
+            index = next(randoms, None)
+            if index is None:
+                break
+            order.append(int(index))
+        else:
+            order.append(item[0])
+            value = item[1]
+        values.append(value)
+    return order, values
 
 
 def select(
     strategy: str,
-    p_heads: np.ndarray,
-    features: np.ndarray,
+    candidates: Candidates,
     k: int,
     rng: np.random.Generator,
-    cold_start: bool,
+    mix: AdaptiveMix | None = None,
 ) -> list[int]:
-    """Indices of the ``k`` candidate pairs to label next.
+    """Indices of the ``k`` candidate pairs to label next."""
+    return rank(strategy, candidates, k, rng, mix)[0]
 
-    ``p_heads`` (P, K): per-head P(first response wins); ``features`` (P, D): one vector per
-    pair (e.g. the difference of the two responses' embeddings) for diversity.
+
+def pool_scores(
+    strategy: str,
+    candidates: Candidates,
+    rng: np.random.Generator | None = None,
+    limit: int = POOL_ORDER_LIMIT,
+    mix: AdaptiveMix | None = None,
+) -> np.ndarray:
+    """Label Studio scores for a pool of tasks (one candidate pair each), lowest = label first.
+
+    The first ``limit`` tasks of :func:`rank`'s order score ``1 − the value they were picked
+    at`` (never decreasing along the order), the rest score just above the last of them, so the
+    Data Manager's ascending sort shows the tasks in the order the strategy picks them.
     """
+    rng = rng or np.random.default_rng(0)
+    scores = np.ones(len(candidates))
+    if not len(candidates):
+        return scores
+    if resolve(strategy) not in BATCH_AWARE:  # one value per pair: its order is the value's
+        return 1.0 - np.clip(pair_values(strategy, candidates, rng), 0.0, 1.0)
+    picked, values = rank(strategy, candidates, limit, rng, mix)
+    ordered = np.maximum.accumulate(1.0 - np.clip(np.asarray(values), 0.0, 1.0))
+    # Strictly increasing (at the scores' resolution), so the sort cannot reorder equal scores.
+    steps = SCORE_STEP * np.arange(len(ordered))
+    ordered = np.minimum(steps + np.maximum.accumulate(ordered - steps), 1.0)
+    rest = np.ones(len(candidates), dtype=bool)
+    rest[picked] = False
+    scores[rest] = np.minimum(ordered[-1] + SCORE_STEP, 1.0)
+    scores[picked] = ordered
+    return scores
+
+
+def pair_values(
+    strategy: str, candidates: Candidates, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Each pair's value on its own (no batch), in [0, 1]: what picks a task's pair."""
     strategy = resolve(strategy)
-    if strategy == "random":
-        return [int(i) for i in rng.choice(len(p_heads), size=min(k, len(p_heads)), replace=False)]
-    if cold_start:
-        return farthest_points(features, k, rng)
+    if strategy in ("eig", "adaptive"):
+        variance = candidates.posterior.variance(candidates.features)
+        return information_gain(candidates.mean_logit(), variance)
     if strategy == "batch":
-        return diverse_greedy(STRATEGIES[BATCH_VALUE](p_heads), features, k)[0]
-    value = STRATEGIES[strategy](p_heads, rng)
-    order = np.argsort(-value, kind="stable")
-    return [int(i) for i in order[:k]]
+        return margin(candidates.p_heads)
+    return STRATEGIES[strategy](candidates.p_heads, rng or np.random.default_rng(0))
+
+
+def task_pairs(
+    strategy: str,
+    head_rewards: np.ndarray,
+    embeddings: np.ndarray,
+    posterior: Posterior,
+    rng: np.random.Generator | None = None,
+) -> tuple[list[tuple[int, int]], Candidates, np.ndarray]:
+    """One task's response pairs (i < j), as :class:`Candidates`, with each pair's value.
+
+    ``head_rewards`` (n, K): each head's reward per response; ``embeddings`` (n, H)."""
+    n = head_rewards.shape[0]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    left, right = [i for i, _ in pairs], [j for _, j in pairs]
+    p_heads = 1.0 / (1.0 + np.exp(-(head_rewards[left] - head_rewards[right])))  # (P, K)
+    candidates = Candidates(p_heads, pair_features(embeddings[left], embeddings[right]), posterior)
+    return pairs, candidates, pair_values(strategy, candidates, rng)
+
+
+def score_tasks(
+    strategy: str,
+    tasks: list[tuple[np.ndarray, np.ndarray]],
+    posterior: Posterior,
+    limit: int = POOL_ORDER_LIMIT,
+    mix: AdaptiveMix | None = None,
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Scores for a pool of tasks, lowest = label first: what ``/predict`` answers and the
+    order the pre-annotation job writes. ``tasks``: per task, its responses' per-head rewards
+    (n, K) and embeddings (n, H). Each task is represented by its most valuable pair (returned,
+    as indices into its responses); the pool is then ordered by :func:`rank`. Deterministic:
+    the same pool gets the same scores in ``/predict`` and in the pool order."""
+    rng = np.random.default_rng(0)
+    best_pairs: list[tuple[int, int]] = []
+    p_rows, f_rows = [], []
+    for head_rewards, embeddings in tasks:
+        pairs, candidates, value = task_pairs(strategy, head_rewards, embeddings, posterior, rng)
+        best = int(np.argmax(value))
+        best_pairs.append(pairs[best])
+        p_rows.append(candidates.p_heads[best])
+        f_rows.append(candidates.features[best])
+    if not tasks:
+        return [], np.zeros(0)
+    pool = Candidates(np.stack(p_rows), np.stack(f_rows), posterior)
+    return best_pairs, pool_scores(strategy, pool, rng, limit, mix)

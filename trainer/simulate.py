@@ -20,16 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.acquisition import pair_features
 from trainer.reward_model import EnsembleHeads
 from trainer.reward_training import (
     EmbeddingCache,
     Pair,
     RewardTrainingConfig,
     expected_calibration_error,
+    laplace_posterior,
     preference_probabilities,
     train_heads,
 )
-from trainer.selection import resolve, select
+from trainer.selection import AdaptiveMix, Candidates, random_slots, resolve, select
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +140,13 @@ def simulate(
     seed: int,
     training: RewardTrainingConfig | None = None,
     cache: EmbeddingCache | None = None,
+    also_evaluate: dict[str, list[tuple[PoolItem, int]]] | None = None,
 ) -> dict[str, Any]:
     """Run the loop; ``model`` is a RewardModel (its heads are reset from ``seed``).
 
     ``cache`` may be shared between runs over the same texts with the same backbone.
+    ``also_evaluate`` names more evaluation sets (e.g. the truth behind noisy labels): each
+    curve point gets ``eval_accuracy_NAME`` for each.
     """
     strategy_name = resolve(strategy)
     if budget > len(pool):
@@ -153,18 +158,26 @@ def simulate(
     model = copy.deepcopy(model)
     model.heads = fresh_heads(model, seed)
     training = training or RewardTrainingConfig(seed=seed, heldout_fraction=0.0)
+    extra = also_evaluate or {}
 
     cache = cache or EmbeddingCache(model.embed)
     as_first = [Pair(i.prompt, i.responses[0], i.responses[1]) for i in pool]
-    eval_pairs = [_as_pair(item, preferred) for item, preferred in evaluation]
-    cache.add(as_first + eval_pairs)  # the one backbone pass of the whole run
+    eval_sets = {"": evaluation, **{f"_{name}": rows for name, rows in extra.items()}}
+    eval_pairs = {name: [_as_pair(i, pref) for i, pref in rows] for name, rows in eval_sets.items()}
+    cache.add(as_first + [p for pairs in eval_pairs.values() for p in pairs])  # the one pass
     embeddings = cache.matrix()
     first, second, _ = cache.pair_indices(as_first)
-    features = (embeddings[first] - embeddings[second]).numpy()
-    eval_chosen, eval_rejected, _ = cache.pair_indices(eval_pairs)
+    emb = embeddings.numpy()
+    features = pair_features(emb[first], emb[second])  # (N, H)
+    eval_rows = {name: cache.pair_indices(pairs)[:2] for name, pairs in eval_pairs.items()}
 
     labeled: list[int] = []
+    random_pick: list[bool] = []
     available = np.ones(len(pool), dtype=bool)
+    mix = AdaptiveMix()
+    posterior = laplace_posterior(
+        model.head_rewards, embeddings, first[:0], second[:0], model.config.prior_scale
+    )
     curve = []
     while len(labeled) < budget:
         k = min(batch_size, budget - len(labeled))
@@ -172,12 +185,23 @@ def simulate(
         p_heads = preference_probabilities(
             model.head_rewards, embeddings, first[candidates], second[candidates]
         )
-        picked = select(strategy_name, p_heads, features[candidates], k, rng, not labeled)
-        for index in candidates[picked]:
+        pool_view = Candidates(p_heads, features[candidates], posterior)
+        slots = random_slots(k, mix.split(k)) if strategy_name == "adaptive" else set()
+        picked = select(strategy_name, pool_view, k, rng, mix)
+        for position, index in enumerate(candidates[picked]):
             labeled.append(int(index))
+            random_pick.append(strategy_name == "random" or position in slots)
             available[index] = False
         pairs = [_as_pair(pool[i], labels[pool[i].id]) for i in labeled]
         chosen, rejected, target = cache.pair_indices(pairs)
+        if strategy_name == "adaptive":
+            new = np.arange(len(labeled)) >= len(labeled) - len(picked)
+            mix.update(
+                pair_features(emb[chosen], emb[rejected]),
+                target.numpy().astype(np.float64),
+                np.array(random_pick),
+                new,
+            )
         train_heads(
             model.heads,
             model.head_rewards,
@@ -188,18 +212,22 @@ def simulate(
             model.config.num_heads,
             training,
         )
-        p_eval = preference_probabilities(
-            model.head_rewards, embeddings, eval_chosen, eval_rejected
-        ).mean(axis=1)
-        curve.append(
-            {
-                "labels": len(labeled),
-                "eval_accuracy": round(float((p_eval > 0.5).mean()), 6),
-                "eval_ece": round(expected_calibration_error(p_eval), 6),
-            }
+        posterior = laplace_posterior(
+            model.head_rewards, embeddings, chosen, rejected, model.config.prior_scale
         )
+        point: dict[str, Any] = {"labels": len(labeled)}
+        for name, (eval_chosen, eval_rejected) in eval_rows.items():
+            p_eval = preference_probabilities(
+                model.head_rewards, embeddings, eval_chosen, eval_rejected
+            ).mean(axis=1)
+            point[f"eval_accuracy{name}"] = round(float((p_eval > 0.5).mean()), 6)
+            if not name:
+                point["eval_ece"] = round(expected_calibration_error(p_eval), 6)
+        if strategy_name == "adaptive":
+            point["random_share"] = round(mix.share, 3)
+        curve.append(point)
         logger.info(
-            "%s: %d labels, eval accuracy %.3f", strategy, len(labeled), curve[-1]["eval_accuracy"]
+            "%s: %d labels, eval accuracy %.3f", strategy, len(labeled), point["eval_accuracy"]
         )
     return {"strategy": strategy, "seed": seed, "curve": curve}
 
