@@ -12,7 +12,7 @@ import pytest
 
 from ml_backend.label_schema import parse_label_config
 from ml_backend.preannotate import fill_candidates, preannotate_project
-from ml_backend.predict import prior_posterior
+from ml_backend.predict import predict_tasks, prior_posterior
 
 PAIRWISE = """<View><Text name="prompt" value="$prompt"/>
 <Pairwise name="comparison" toName="answer1,answer2"/>
@@ -202,9 +202,40 @@ def label_studio_order(ls):
 
 def test_the_pool_is_ordered_as_the_batch_selection_picks_it():
     ls = FakeLabelStudio(NEAR_DUPLICATES)
-    preannotate_project(1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=2)
-    assert label_studio_order(ls) == [1, 3, 2]  # the repeat waits behind a new question
-    assert ls.predictions[1][0]["score"] < 0.2  # the heads split: the model is unsure
+    schema = parse_label_config(PAIRWISE)
+    preannotate_project(1, schema, FakeModels(), ls, num_candidates=2, strategy="eig")
+    assert label_studio_order(ls)[-1] == 2  # the repeat waits behind a new question
+
+
+@pytest.mark.parametrize("strategy", ["default", "eig", "batch", "margin"])
+def test_predict_scores_a_pool_exactly_as_the_pool_order_does(strategy):
+    """/predict and the pool order written after a promotion are one selection function."""
+    tasks = pool_of(
+        ("the cat sat+", "the cat ran-"),
+        ("the cat sat+", "the cat ran-"),
+        ("a dog+", "a fish"),
+        ("blue sky", "grey sky-"),
+        ("one", "two+"),
+        ("three", "four"),
+    )
+    ls = FakeLabelStudio(tasks)
+    models = FakeModels()
+    schema = parse_label_config(PAIRWISE)
+    preannotate_project(1, schema, models, ls, num_candidates=2, strategy=strategy)
+    predicted = predict_tasks(
+        schema,
+        tasks,
+        lambda items: models.score_and_embed(1, items),
+        models.served_version(1),
+        strategy,
+        models.posterior(1),
+    )
+    assert [p[0]["score"] for p in predicted] == [
+        ls.predictions[t["id"]][0]["score"] for t in tasks
+    ]
+    assert [p[0]["result"] for p in predicted] == [
+        ls.predictions[t["id"]][0]["result"] for t in tasks
+    ]
 
 
 def test_a_single_pair_strategy_orders_by_uncertainty_alone():

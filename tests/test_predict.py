@@ -88,7 +88,7 @@ def test_score_is_low_when_heads_disagree_and_high_when_they_agree():
         {"data": {"prompt": "p", "answer1": "x", "answer2": "y"}},
         {"data": {"prompt": "p", "answer1": "u", "answer2": "v"}},
     ]
-    [[sure], [unsure]] = predict_tasks(parse_label_config(PAIRWISE), tasks, fn, "v")
+    [[sure], [unsure]] = predict_tasks(parse_label_config(PAIRWISE), tasks, fn, "v", "bald")
     assert sure["score"] > 0.99
     assert unsure["score"] < 0.2
 
@@ -179,7 +179,9 @@ def test_pair_probabilities_are_bradley_terry_per_head():
     np.testing.assert_allclose(p[1], [1 / (1 + np.exp(2.0)), 1 / (1 + np.exp(-1.0))])
 
 
-@pytest.mark.parametrize("strategy", ["random", "entropy", "margin", "variance", "bald", "default"])
+@pytest.mark.parametrize(
+    "strategy", ["random", "entropy", "margin", "variance", "bald", "batch", "eig", "default"]
+)
 def test_every_strategy_yields_scores_in_unit_interval(strategy):
     fn = fixed_rewards({"a": [0.3, -0.2, 1.0], "b": [0.1, 0.4, -2.0]})
     tasks = [{"data": {"prompt": "p", "answer1": "a", "answer2": "b"}}]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -113,6 +113,7 @@ class Posterior:
     """
 
     precision: np.ndarray  # (D, D)
+    _covariance: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def prior(cls, dim: int, precision: float) -> Posterior:
@@ -126,7 +127,10 @@ class Posterior:
         return cls(np.eye(x.shape[1]) * precision + (x * weight[:, None]).T @ x)
 
     def covariance(self) -> np.ndarray:
-        return np.linalg.inv(self.precision)
+        """``A^-1`` (D, D), computed once per posterior (callers must not modify it)."""
+        if self._covariance is None:
+            self._covariance = np.linalg.inv(self.precision)
+        return self._covariance
 
     def variance(self, features: np.ndarray) -> np.ndarray:
         """The posterior variance of each pair's logit, ``x^T A^-1 x``: (N,)."""
