@@ -2,7 +2,8 @@
 
 Texts come from one fixed bank built with :mod:`bench.synthetic_world` (a response is
 assembled from parts the hidden rule values: on topic, a concrete step, politeness, rudeness,
-filler); what differs between the families is how pairs are drawn and how annotators turn the utility into a label:
+filler); what differs between the families is how pairs are drawn and how annotators turn
+the utility into a label:
 
 * ``uniform``: every label disagrees with the utility order with the same probability (0.2):
   the world ``bench/synthetic_world.py`` has always built.

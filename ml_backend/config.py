@@ -183,8 +183,10 @@ class BackendConfig:
         "default",
         "RLHF_STRATEGY",
         "Acquisition strategy for scores and selection: random, entropy, margin, variance, "
-        "bald, batch (margin, near-duplicates spread out over the pool's order), or default "
-        "(batch).",
+        "bald, batch (margin, near-duplicates spread out), eig (expected information gain "
+        "under the reward model's Laplace posterior, greedy batch design), adaptive (eig mixed "
+        "with random picks, the share moved by what each batch's labels bought), or default "
+        "(adaptive).",
     )
     arena_share: float = _setting(
         0.1,

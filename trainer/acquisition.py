@@ -69,9 +69,9 @@ STRATEGIES: dict[str, Callable[..., np.ndarray]] = {
     "variance": variance,
     "bald": bald,
 }
-# ``batch`` (trainer.selection, the default) picks by margin, discounted for near-duplicates in
-# a batch; one pair on its own is worth its margin. As batch-aware selection's value, margin
-# needed fewer labels than BALD on 3 of 6 benchmark runs, as many on 2, more on 1 (BENCHMARKS.md).
+# ``batch`` (trainer.selection) picks by margin, discounted for near-duplicates in a batch; one
+# pair on its own is worth its margin. ``acquisition("default")`` is that single-pair value; the
+# selection default (``adaptive``, trainer.selection) measures against the Laplace posterior.
 BATCH_VALUE = "margin"
 
 

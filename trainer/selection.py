@@ -32,9 +32,9 @@ from trainer.acquisition import (
     EPS,
     STRATEGIES,
     Posterior,
+    brier_loss,
     fit_logistic,
     information_gain,
-    brier_loss,
     margin,
     pair_features,
     prior_precision,
@@ -87,11 +87,12 @@ class AdaptiveMix:
     """How much of each batch ``adaptive`` spends on ``eig`` picks, the rest going to random.
 
     After each batch, :meth:`update` is told the labels that arrived and compares what the
-    informative picks and the random picks each bought: both parts are scored by how much they
-    reduce the error, for a fit on the labels before them, on earlier random picks (random picks are the only unbiased sample of the pool a team has), in
-    squared error of a Laplace fit. When
-    informative labels buy less per label than random ones, the random share grows; when they
-    buy more, it shrinks, never below ``floor`` (the measurement needs random labels).
+    informative picks and the random picks each bought: how much each part, added to a Laplace
+    fit on the labels before the batch, reduces the squared error on earlier random picks (the
+    only unbiased sample of the pool a team has; two folds, each half the yardstick once). When
+    informative labels buy less per label than random ones, summed over the batches so far, the
+    random share grows by ``step``; otherwise it shrinks, never below ``floor`` (the
+    measurement needs random labels).
     """
 
     share: float = 0.5  # fraction of a batch picked at random
