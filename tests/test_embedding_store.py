@@ -44,10 +44,10 @@ def test_a_promotion_rescores_from_the_cache_without_the_encoder(model, tmp_path
     promoted.heads = fresh_heads(model, seed=7)
     with torch.no_grad():
         promoted.heads.w2.add_(0.5)
-    rescored, emb = promoted.score_and_embed(ITEMS, store)
+    rescored, _ = promoted.score_and_embed(ITEMS, store)
     assert len(counter.encoded) == 5  # nothing encoded again
     assert store.hits == 5 and store.misses == 5
-    uncached, emb_uncached = promoted.score_and_embed(ITEMS)  # re-encoding: the same answer
+    uncached, _ = promoted.score_and_embed(ITEMS)  # re-encoding: the same answer
     for a, b in zip(rescored, uncached):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert not np.allclose(first[0], rescored[0])  # the new heads were used
