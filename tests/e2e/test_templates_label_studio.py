@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from label_studio_sdk.client import LabelStudio
 from label_studio_sdk.label_interface import LabelInterface
@@ -26,7 +27,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from ml_backend.config import BackendConfig
 from ml_backend.conversion import Provenance, convert
 from ml_backend.label_schema import RLHFSchema, parse_label_config
-from ml_backend.predict import most_informative_pair, task_candidates
+from ml_backend.predict import task_candidates
 from ml_backend.store import JOB_DONE
 from trainer.jobs import registry_for
 from trainer.registry import PROMOTED, REWARD_MODEL
@@ -214,17 +215,18 @@ def data_manager_order(ls: LabelStudio, project_id: int, task_ids: list[int]) ->
     return [task_id for task_id in shown if task_id in task_ids]
 
 
-def least_sure(backend: Backend, project_id: int, schema: RLHFSchema, tasks: dict) -> int:
-    """Of ``tasks`` (id -> data), the one the served reward model is least sure about (its most
-    informative pair's prediction nearest a coin flip), computed here from the checkpoint."""
+def default_first_pick(backend: Backend, project_id: int, schema: RLHFSchema, tasks: dict) -> int:
+    """Of ``tasks`` (id -> data), the one the default selection labels first, computed here
+    from the served checkpoint (its heads, its Laplace posterior) with the selection function."""
     from trainer.reward_model import RewardModel
+    from trainer.selection import score_tasks
 
     registry = registry_for(BackendConfig(data_dir=backend.store.path.parent))
     model = RewardModel.load(registry.served(project_id, REWARD_MODEL).path)
     candidates = {task_id: task_candidates(data, schema) for task_id, data in tasks.items()}
-    rewards = model.score_heads([(c.prompt, c.texts) for c in candidates.values()])
-    values = {t: most_informative_pair(r, "margin")[2] for t, r in zip(candidates, rewards)}
-    return max(values, key=values.__getitem__)
+    rewards, embeddings = model.score_and_embed([(c.prompt, c.texts) for c in candidates.values()])
+    _, scores = score_tasks("default", list(zip(rewards, embeddings)), model.posterior())
+    return list(candidates)[int(np.argmin(scores))]
 
 
 def trainings_done(backend: Backend, project_id: int) -> int:
@@ -308,7 +310,7 @@ def test_template_in_label_studio_predict_preannotate_annotate_retrain(
     shown = data_manager_order(ls, project.id, unlabeled)
     assert sorted(shown) == sorted(unlabeled), shown
     unlabeled_data = {task_id: tasks[task_id] for task_id in unlabeled}
-    assert shown[0] == least_sure(backend, project.id, schema, unlabeled_data), shown
+    assert shown[0] == default_first_pick(backend, project.id, schema, unlabeled_data), shown
 
     # A changed mind and a deleted annotation reach the training data.
     first, second = annotations[0], annotations[1]
