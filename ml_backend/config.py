@@ -185,8 +185,8 @@ class BackendConfig:
         "Acquisition strategy for scores and selection: random, entropy, margin, variance, "
         "bald, batch (margin, near-duplicates spread out), eig (expected information gain "
         "under the reward model's Laplace posterior, greedy batch design), adaptive (eig mixed "
-        "with random picks, the share moved by what each batch's labels bought), or default "
-        "(adaptive).",
+        "with random picks, the share moved by what each batch's labels bought; simulate only "
+        "carries the share between batches), or default (eig).",
     )
     arena_share: float = _setting(
         0.1,

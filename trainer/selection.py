@@ -19,7 +19,9 @@ Strategies:
   picked (the default until the world-family benchmark showed it spending labels on coin flips).
 * ``random``, ``entropy``, ``margin``, ``variance``, ``bald``: one value per pair
   (:mod:`trainer.acquisition`), best first.
-* ``default``: ``adaptive`` (see :class:`AdaptiveMix`).
+* ``default``: ``eig``. ``adaptive`` (:class:`AdaptiveMix`) needs its share carried from batch to
+  batch, which the simulator does and the service does not yet (it would start every pool order
+  at the initial share); on the benchmark it did not beat ``eig`` either (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from trainer.acquisition import (
 )
 
 SELECTION_STRATEGIES = (*STRATEGIES, "batch", "eig", "adaptive")
-DEFAULT_SELECTION = "adaptive"
+DEFAULT_SELECTION = "eig"
 BATCH_AWARE = ("batch", "eig", "adaptive")  # a pick's value depends on the picks before it
 # Label Studio's pool is ordered batch-aware for this many tasks (a greedy step costs O(N · D)):
 # far more than a team labels between two retrains, which re-score the pool.
