@@ -357,7 +357,8 @@ def test_a_chunk_is_started_only_if_the_slowest_so_far_still_fits_the_budget(mon
 
     def ten_seconds_per_chunk(items):
         clock[0] += 10.0
-        return [np.zeros((len(texts), 4)) for _, texts in items]
+        rewards = [np.zeros((len(texts), 4)) for _, texts in items]
+        return rewards, [np.eye(len(texts), 8) for _, texts in items]  # (n, K), (n, H)
 
     task = captured_body("04_predict")["tasks"][0]
     timed = predict.predict_in_time(
