@@ -71,17 +71,8 @@ def _worker(config: BackendConfig, args: argparse.Namespace) -> int:
 
 def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) -> int:
     """Queue a job for the project's workers, or (default) run it here with a progress bar."""
-    from ml_backend.store import Store
-    from ml_backend.vault import Vault
-
-    seal = Vault.for_config(config).token_sealer(config)
-    store = Store(config.db_path, config.store_sync).initialize(seal=seal)
-    if store.project(args.project) is None:
-        print(
-            f"rlhf-backend: project {args.project} is unknown here: connect this backend to it "
-            "in Label Studio first (it then calls /setup)",
-            file=sys.stderr,
-        )
+    store = _known_project_store(config, args.project)
+    if store is None:
         return 2
     if args.queue:
         job = store.enqueue_job(args.project, kind, trigger="cli")
@@ -190,6 +181,82 @@ def _simulate(config: BackendConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _known_project_store(config: BackendConfig, project_id: int) -> Any:
+    """The store, or None (with the reason printed) when the project is not connected here."""
+    from ml_backend.store import Store
+    from ml_backend.vault import Vault
+
+    seal = Vault.for_config(config).token_sealer(config)
+    store = Store(config.db_path, config.store_sync).initialize(seal=seal)
+    if store.project(project_id) is None:
+        print(
+            f"rlhf-backend: project {project_id} is unknown here: connect this backend to it "
+            "in Label Studio first (it then calls /setup)",
+            file=sys.stderr,
+        )
+        return None
+    return store
+
+
+def _export(config: BackendConfig, args: argparse.Namespace) -> int:
+    from trainer.export import ExportError, export_dataset, export_version
+    from trainer.jobs import registry_for
+
+    store = _known_project_store(config, args.project)
+    if store is None:
+        return 2
+    registry = registry_for(config)
+    try:
+        if args.version:
+            if args.hf:
+                print("rlhf-backend export: --hf is for the data, not --version", file=sys.stderr)
+                return 2
+            result = export_version(config, registry, args.project, args.version, Path(args.out))
+        else:
+            export = export_dataset(store, registry, args.project, Path(args.out), hf=args.hf)
+            result = {**export.summary(), "disk_bytes": registry.disk_usage(args.project)}
+    except ExportError as exc:
+        print(f"rlhf-backend export: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _serve_version(config: BackendConfig, args: argparse.Namespace) -> int:
+    from trainer.jobs import registry_for
+    from trainer.versions import VersionError, pin, status, unpin
+
+    store = _known_project_store(config, args.project)
+    if store is None:
+        return 2
+    registry = registry_for(config)
+    try:
+        if args.unpin and args.version:
+            raise VersionError("give --version (to pin) or --unpin, not both")
+        if args.unpin:
+            result = unpin(config, store, registry, args.project)
+        elif args.version:
+            result = pin(config, store, registry, args.project, args.version, args.reason or "")
+        else:
+            result = status(registry, args.project)
+    except VersionError as exc:
+        print(f"rlhf-backend serve-version: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _forget(config: BackendConfig, args: argparse.Namespace) -> int:
+    from trainer.forget import forget_task
+    from trainer.jobs import registry_for
+
+    store = _known_project_store(config, args.project)
+    if store is None:
+        return 2
+    print(json.dumps(forget_task(store, registry_for(config), args.project, args.task), indent=2))
+    return 0
+
+
 def _print_config(config: BackendConfig, args: argparse.Namespace) -> int:
     print(markdown_table())
     return 0
@@ -201,6 +268,15 @@ COMMANDS = {
     "preannotate": (_preannotate, "Generate candidates and predictions for a project's tasks."),
     "train": (_train, "Retrain the reward model and policy of a project now."),
     "simulate": (_simulate, "Replay active learning against a hidden oracle (JSONL files)."),
+    "export": (
+        _export,
+        "Write a project's preference data (TRL formats, --hf), or a version's checkpoints.",
+    ),
+    "serve-version": (
+        _serve_version,
+        "Pin a version as the served one (with a reason), or --unpin; no flag: show the state.",
+    ),
+    "forget": (_forget, "Remove a task's annotations and records everywhere the backend has them."),
     "config": (_print_config, "Print the configuration variables as a Markdown table."),
 }
 
@@ -234,6 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--seed", type=int, default=0)
             sub.add_argument("--out", required=True, help="RESULT.json")
             sub.add_argument("--plot", help="CURVE.png (optional)")
+        if name in ("export", "serve-version", "forget"):
+            sub.add_argument("--project", type=int, required=True, help="Label Studio project id")
+            sub.add_argument("--data-dir", help="override RLHF_DATA_DIR")
+        if name == "export":
+            sub.add_argument("--out", required=True, help="directory to write")
+            sub.add_argument("--hf", action="store_true", help="also a `datasets` dataset (hf/)")
+            sub.add_argument(
+                "--version", help="a model version (rm-0002.policy-0001, or one part) to export"
+            )
+        if name == "serve-version":
+            sub.add_argument("--version", help="the version to serve, e.g. rm-0002.policy-0001")
+            sub.add_argument("--reason", help="why (recorded with the pin)")
+            sub.add_argument("--unpin", action="store_true", help="serve the last promoted again")
+        if name == "forget":
+            sub.add_argument("--task", type=int, required=True, help="Label Studio task id")
         if name in ("preannotate", "train"):
             sub.add_argument("--project", type=int, required=True, help="Label Studio project id")
             sub.add_argument("--queue", action="store_true", help="queue it for the workers")

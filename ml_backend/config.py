@@ -125,6 +125,12 @@ class BackendConfig:
         "The reward-model gate: a retrained version is promoted unless its held-out accuracy is "
         "below the serving version's by more than this (1: always promote).",
     )
+    keep_versions: int = _setting(
+        5,
+        "RLHF_KEEP_VERSIONS",
+        "After each promotion, delete the checkpoints of versions that are neither served, "
+        "pinned, nor among the newest N of their kind (registry rows are kept; 0: keep all).",
+    )
     store_sync: str = _setting(
         "normal",
         "RLHF_STORE_SYNC",
@@ -245,6 +251,8 @@ class BackendConfig:
             raise ConfigError(
                 f"RLHF_WEBHOOK_SECRET must be at least {MIN_SECRET_CHARS // 2} characters."
             )
+        if self.keep_versions < 0:
+            raise ConfigError("RLHF_KEEP_VERSIONS must be 0 (keep all) or a positive integer.")
         if not 0.0 <= self.promotion_tolerance <= 1.0:
             raise ConfigError("RLHF_PROMOTION_TOLERANCE must be in [0, 1].")
         if not 0.0 <= self.arena_share <= 1.0:

@@ -116,9 +116,24 @@ class StoreCollector(Collector):
             "The model version served for each project (value is always 1)",
             labels=["project", "model_version"],
         )
+        pinned = GaugeMetricFamily(
+            "rlhf_model_pinned_info",
+            "A version pinned by `rlhf-backend serve-version`, with its reason (value is 1)",
+            labels=["project", "kind", "model_version", "reason"],
+        )
+        disk = GaugeMetricFamily(
+            "rlhf_model_artifacts_bytes",
+            "Disk used by the project's model checkpoints (RLHF_KEEP_VERSIONS bounds it)",
+            labels=["project"],
+        )
         for project_id in self.store.project_ids():
             versions.add_metric([str(project_id), self.models.served_version(project_id)], 1)
+            for kind, pin in self.models.pins(project_id).items():
+                pinned.add_metric([str(project_id), kind, pin.version, pin.reason[:200]], 1)
+            disk.add_metric([str(project_id)], self.models.disk_usage(project_id))
         yield versions
+        yield pinned
+        yield disk
 
 
 PROGRESS_GAUGES = {

@@ -68,6 +68,45 @@ class TaskWriter(Protocol):
     def set_project_model_version(self, project_id: int, model_version: str) -> None: ...
 
 
+class ProvenanceStore(Protocol):
+    def note_task_models(
+        self,
+        project_id: int,
+        task_id: int,
+        generated_by: str | None = None,
+        scored_by: str | None = None,
+    ) -> None: ...
+
+
+class RecordingTasks:
+    """A :class:`TaskWriter` that also notes, per task, the model version that wrote its
+    responses and the one that scored it (exports carry both)."""
+
+    def __init__(
+        self, tasks: TaskWriter, store: ProvenanceStore, project_id: int, version: str
+    ) -> None:
+        self.tasks = tasks
+        self.store = store
+        self.project_id = project_id
+        self.version = version
+
+    def unlabeled_tasks(self, project_id: int) -> Iterator[dict[str, Any]]:
+        return self.tasks.unlabeled_tasks(project_id)
+
+    def update_task_data(self, task_id: int, data: dict[str, Any]) -> None:
+        self.tasks.update_task_data(task_id, data)
+        self.store.note_task_models(self.project_id, task_id, generated_by=self.version)
+
+    def create_prediction(self, task_id: int, prediction: dict[str, Any]) -> None:
+        self.tasks.create_prediction(task_id, prediction)
+        self.store.note_task_models(
+            self.project_id, task_id, scored_by=prediction.get("model_version")
+        )
+
+    def set_project_model_version(self, project_id: int, model_version: str) -> None:
+        self.tasks.set_project_model_version(project_id, model_version)
+
+
 @dataclass
 class PreannotateReport:
     model_version: str

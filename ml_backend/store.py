@@ -99,6 +99,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, project_id);
+-- Which model versions wrote a task's responses and scored it (pre-annotation), for exports.
+CREATE TABLE IF NOT EXISTS task_models (
+    project_id INTEGER NOT NULL,
+    task_id INTEGER NOT NULL,
+    generated_by TEXT,
+    scored_by TEXT,
+    PRIMARY KEY (project_id, task_id)
+);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -499,6 +507,69 @@ class Store:
             for kind in kinds.split(",") if kinds else ["none"]:
                 counts[kind] = counts.get(kind, 0) + n
         return counts
+
+    def forget_task(self, project_id: int, task_id: int) -> list[int]:
+        """Erase a task's annotations (text, result, annotator) and training records.
+
+        The annotation rows stay as tombstones, so a late webhook for them does not bring them
+        back. SQLite overwrites the freed pages (``secure_delete``) and the WAL is truncated
+        afterwards, so the text is gone from the files, not only from the tables. Returns the
+        annotation ids that held the task.
+        """
+        conn = self._connection()
+        conn.execute("PRAGMA secure_delete=ON")
+        try:
+            with self._write() as conn:
+                ids = [
+                    row[0]
+                    for row in conn.execute(
+                        """SELECT annotation_id FROM annotations
+                           WHERE project_id = ? AND task_id = ? ORDER BY annotation_id""",
+                        (project_id, task_id),
+                    )
+                ]
+                for annotation_id in ids:
+                    conn.execute(
+                        """UPDATE annotations SET deleted = 1, task_data = NULL, result = NULL,
+                               annotator = NULL, kinds = '', seq = ?, stored_at = ?
+                           WHERE annotation_id = ?""",
+                        (_next_seq(conn), time.time(), annotation_id),
+                    )
+                    _replace_records(conn, annotation_id, project_id, [])
+                conn.execute(
+                    "DELETE FROM task_models WHERE project_id = ? AND task_id = ?",
+                    (project_id, task_id),
+                )
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.execute("PRAGMA secure_delete=OFF")
+        return ids
+
+    def note_task_models(
+        self,
+        project_id: int,
+        task_id: int,
+        generated_by: str | None = None,
+        scored_by: str | None = None,
+    ) -> None:
+        """Remember which model version wrote a task's responses or scored it."""
+        with self._write() as conn:
+            conn.execute(
+                """INSERT INTO task_models(project_id, task_id, generated_by, scored_by)
+                   VALUES (?, ?, ?, ?)
+                   ON CONFLICT(project_id, task_id) DO UPDATE SET
+                     generated_by = COALESCE(excluded.generated_by, task_models.generated_by),
+                     scored_by = COALESCE(excluded.scored_by, task_models.scored_by)""",
+                (project_id, task_id, generated_by, scored_by),
+            )
+
+    def task_models(self, project_id: int) -> dict[int, tuple[str | None, str | None]]:
+        """``{task: (generated_by, scored_by)}`` for the project's pre-annotated tasks."""
+        rows = self._connection().execute(
+            "SELECT task_id, generated_by, scored_by FROM task_models WHERE project_id = ?",
+            (project_id,),
+        )
+        return {row[0]: (row[1], row[2]) for row in rows}
 
     # -- training jobs -----------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from trainer.reward_training import (
     split_pairs,
     train_heads,
 )
+from trainer.versions import apply_retention
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,9 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
         )
     if ranks.is_main and (result["promoted"] or result.get("policy", {}).get("promoted")):
         after_promotion(config, store, registry, job.project_id)
+        pruned = apply_retention(registry, job.project_id, config.keep_versions)
+        if pruned:
+            result["pruned"] = [p.version for p in pruned]
     return result
 
 
@@ -343,7 +347,7 @@ def after_promotion(
 
 def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
     from ml_backend.label_studio import LabelStudioTasks, client
-    from ml_backend.preannotate import preannotate_project
+    from ml_backend.preannotate import RecordingTasks, preannotate_project
     from ml_backend.trust import Credentials
     from ml_backend.vault import Vault
 
@@ -359,11 +363,13 @@ def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
             "(its /setup brings both), or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
         )
     models = ModelServer(config, registry_for(config))
+    tasks = LabelStudioTasks(client(connection))
+    version = models.served_version(job.project_id)
     report = preannotate_project(
         job.project_id,
         parse_label_config(project.label_config),
         models,
-        LabelStudioTasks(client(connection)),
+        RecordingTasks(tasks, store, job.project_id, version),
         num_candidates=config.num_candidates,
         strategy=config.strategy,
         progress=True,

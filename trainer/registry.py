@@ -9,11 +9,17 @@ exist implicitly from the start.
 The served ``model_version`` of a project is ``<reward model>.<policy>``, e.g.
 ``rm-0003.policy-0001``: it changes only when a new version is promoted, so Label Studio keeps
 the predictions it already has between retrains.
+
+A project's lead can pin a version of either kind (``rlhf-backend serve-version``): the pinned
+version is then the served one, whatever is promoted after it, until it is unpinned. The pin and
+its reason are rows of ``model_pins``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -41,6 +47,27 @@ CREATE TABLE IF NOT EXISTS model_versions (
     PRIMARY KEY (project_id, kind, number)
 )
 """
+
+PINS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS model_pins (
+    project_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    version TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    pinned_at REAL NOT NULL,
+    PRIMARY KEY (project_id, kind)
+)
+"""
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A version served in place of the last promoted one, and why."""
+
+    kind: str
+    version: str
+    reason: str
+    pinned_at: float
 
 
 @dataclass(frozen=True)
@@ -77,6 +104,7 @@ class Registry:
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute(SCHEMA)
+        conn.execute(PINS_SCHEMA)
         return conn
 
     def new_version_dir(self, project_id: int, kind: str) -> tuple[str, Path]:
@@ -88,7 +116,7 @@ class Registry:
             ).fetchone()
         number = (row[0] or 0) + 1
         version = f"{kind}-{number:04d}"
-        path = self.models_dir / f"project-{project_id}" / version
+        path = self.project_dir(project_id) / version
         return version, path
 
     def record(
@@ -146,7 +174,16 @@ class Registry:
         return _version(row) if row else None
 
     def served(self, project_id: int, kind: str) -> ModelVersion:
-        """The newest promoted version of ``kind``, or the base version."""
+        """The pinned version of ``kind``, else the newest promoted one, else the base version."""
+        pin = self.pins(project_id).get(kind)
+        if pin is not None:
+            pinned = self.get(project_id, kind, pin.version)
+            if pinned is not None:
+                return pinned
+        return self.last_promoted(project_id, kind)
+
+    def last_promoted(self, project_id: int, kind: str) -> ModelVersion:
+        """The newest promoted version of ``kind``, or the base version (pins aside)."""
         conn = self._connect()
         try:
             row = conn.execute(
@@ -188,6 +225,59 @@ class Registry:
             )
         finally:
             conn.close()
+
+    def project_dir(self, project_id: int) -> Path:
+        return self.models_dir / f"project-{project_id}"
+
+    def disk_usage(self, project_id: int) -> int:
+        """Bytes of the project's checkpoints on disk."""
+        return directory_bytes(self.project_dir(project_id))
+
+    def pin(self, project_id: int, kind: str, version: str, reason: str) -> Pin:
+        """Serve ``version`` of ``kind`` from now on, whatever is promoted later."""
+        conn = self._connect()
+        try:
+            conn.execute(
+                """INSERT OR REPLACE INTO model_pins(project_id, kind, version, reason, pinned_at)
+                   VALUES (?, ?, ?, ?, ?)""",
+                (project_id, kind, version, reason, time.time()),
+            )
+        finally:
+            conn.close()
+        return self.pins(project_id)[kind]
+
+    def unpin(self, project_id: int) -> list[Pin]:
+        """Drop the project's pins (the last promoted versions serve again); returns them."""
+        removed = list(self.pins(project_id).values())
+        conn = self._connect()
+        try:
+            conn.execute("DELETE FROM model_pins WHERE project_id = ?", (project_id,))
+        finally:
+            conn.close()
+        return removed
+
+    def pins(self, project_id: int) -> dict[str, Pin]:
+        conn = self._connect()
+        try:
+            rows = conn.execute(
+                "SELECT * FROM model_pins WHERE project_id = ? ORDER BY kind", (project_id,)
+            ).fetchall()
+        finally:
+            conn.close()
+        return {
+            row["kind"]: Pin(row["kind"], row["version"], row["reason"], row["pinned_at"])
+            for row in rows
+        }
+
+
+def directory_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # deleted by retention meanwhile
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 def _base(project_id: int, kind: str) -> ModelVersion:

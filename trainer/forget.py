@@ -1,0 +1,74 @@
+"""Forget a task everywhere the backend keeps it (a data-protection request).
+
+The store holds the task's text in its annotations (task data and result) and in the training
+records derived from them; :meth:`ml_backend.store.Store.forget_task` erases both, with SQLite
+overwriting the freed pages. What the backend cannot erase by itself is reported instead:
+
+* exported files (``rlhf-backend export``) that still contain the task: delete or re-export them;
+* model versions whose training data included it: their weights may still reflect it; the
+  next training no longer sees it;
+* Label Studio itself, which holds the task: delete it there too, or new annotations of it will
+  arrive again through the webhook.
+
+The embeddings the reward-model trainer computes live only for the length of a training job,
+so no cached embedding outlives the records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ml_backend.store import Store
+from trainer.export import HF_DIR, exports_log
+from trainer.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+def forget_task(store: Store, registry: Registry, project_id: int, task_id: int) -> dict[str, Any]:
+    annotations = store.forget_task(project_id, task_id)
+    logger.info(
+        "project %s: forgot task %s (%d annotations)", project_id, task_id, len(annotations)
+    )
+    trained_on = sorted(
+        v.version
+        for v in registry.versions(project_id)
+        if set(v.data_snapshot.get("annotations") or []) & set(annotations)
+    )
+    return {
+        "project": project_id,
+        "task": task_id,
+        "annotations": annotations,
+        "exported_files_still_holding_it": exported_files_with_task(registry, project_id, task_id),
+        "versions_trained_on_it": trained_on,
+        "label_studio": "the task itself is still in Label Studio: delete it there too",
+    }
+
+
+def exported_files_with_task(registry: Registry, project_id: int, task_id: int) -> list[str]:
+    """Files of earlier exports that exist and still contain a row of ``task_id``."""
+    log = exports_log(registry, project_id)
+    if not log.exists():
+        return []
+    files: dict[str, list[int]] = {}  # path -> tasks the export put there (the latest wins)
+    for line in log.read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        for name in entry["files"]:
+            files[name] = entry["tasks"]
+    holding = []
+    for name, tasks in sorted(files.items()):
+        path = Path(name)
+        if path.name == HF_DIR and path.is_dir():
+            if task_id in tasks:  # arrow files: trust the log rather than parse them
+                holding.append(name)
+        elif path.suffix == ".jsonl" and path.is_file() and _jsonl_has_task(path, task_id):
+            holding.append(name)
+    return holding
+
+
+def _jsonl_has_task(path: Path, task_id: int) -> bool:
+    with open(path, encoding="utf-8") as f:
+        return any(json.loads(line).get("task") == task_id for line in f if line.strip())
