@@ -253,3 +253,26 @@ def test_predictions_reach_label_studio_most_informative_first():
     ls.create_prediction = lambda task_id, p: (uploads.append(task_id), create(task_id, p))
     preannotate_project(1, parse_label_config(PAIRWISE), FakeModels(), ls, num_candidates=2)
     assert uploads == label_studio_order(ls)
+
+
+def test_the_store_learns_which_versions_wrote_and_scored_each_task(tmp_path):
+    from ml_backend.preannotate import RecordingTasks
+    from ml_backend.store import Store
+
+    store = Store(tmp_path / "store.sqlite3").initialize()
+    tasks = [*prompt_tasks(2), {"id": 9, "data": {"prompt": "p", "answer1": "a", "answer2": "b"}}]
+    ls = FakeLabelStudio(tasks)
+    models = FakeModels("rm-0002.policy-0001")
+    recording = RecordingTasks(ls, store, 1, models.served_version(1))
+    preannotate_project(1, parse_label_config(PAIRWISE), models, recording, num_candidates=2)
+    assert store.task_models(1) == {
+        1: ("rm-0002.policy-0001", "rm-0002.policy-0001"),
+        2: ("rm-0002.policy-0001", "rm-0002.policy-0001"),
+        9: (None, "rm-0002.policy-0001"),  # its responses came with the task
+    }
+    assert ls.project_versions == {1: "rm-0002.policy-0001"}
+    models.version = "rm-0003.policy-0001"  # re-scored later: the new scorer, the same writer
+    preannotate_project(
+        1, parse_label_config(PAIRWISE), models, RecordingTasks(ls, store, 1, models.version), 2
+    )
+    assert store.task_models(1)[1] == ("rm-0002.policy-0001", "rm-0003.policy-0001")

@@ -120,7 +120,7 @@ def preference_rows(
     fraction = RewardTrainingConfig().heldout_fraction
     rows = []
     for r in sorted(records, key=lambda r: r["annotation"]):  # stable: record order kept
-        generated_by, scored_by = models.get(r.get("task"), (None, None))
+        generated_by, scored_by = models.get(r.get("task") or -1, (None, None))
         rows.append(
             {
                 "prompt": r["prompt"],
@@ -155,8 +155,8 @@ def _margin(record: dict[str, Any], annotation: StoredAnnotation | None) -> floa
         if isinstance(item, dict)
     }
     names = str(record.get("control", "")).split(",")
-    values = [ratings.get(name) for name in names]
-    if len(values) != 2 or not all(isinstance(v, int | float) for v in values):
+    values = [v for name in names if isinstance(v := ratings.get(name), int | float)]
+    if len(names) != 2 or len(values) != 2:
         return None
     return float(abs(values[0] - values[1]))
 
@@ -432,9 +432,12 @@ def _export_policy(config: BackendConfig, version: ModelVersion, out: Path) -> s
     from trainer.policy import Policy
     from trainer.policy_training import save_policy
 
+    # On the CPU, whatever the machine has: export needs no accelerator, and must not take a
+    # GPU that serving or training uses.
     policy = Policy.load(
         policy_config(config, str(version.path) if version.path else None),
         config.data_dir / "cache",
+        device="cpu",
     )
     save_policy(policy, out)
     return str(out)
@@ -445,9 +448,9 @@ def _export_reward_model(config: BackendConfig, version: ModelVersion, out: Path
     from trainer.reward_model import RewardModel
 
     model = (
-        RewardModel.load(version.path)
+        RewardModel.load(version.path, device="cpu")
         if version.path
-        else RewardModel.create(reward_model_config(config))
+        else RewardModel.create(reward_model_config(config), device="cpu")
     )
     target = out / "reward_model"
     if target.exists():
