@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -198,63 +199,65 @@ def _known_project_store(config: BackendConfig, project_id: int) -> Any:
     return store
 
 
-def _export(config: BackendConfig, args: argparse.Namespace) -> int:
-    from trainer.export import ExportError, export_dataset, export_version
+def _on_project(
+    config: BackendConfig,
+    project_id: int,
+    command: str,
+    errors: type[Exception],
+    action: Callable[[Any, Any], dict[str, Any]],
+) -> int:
+    """``action(store, registry)`` on a connected project; its result printed as JSON, or its
+    error (exit status 2)."""
     from trainer.jobs import registry_for
 
-    store = _known_project_store(config, args.project)
+    store = _known_project_store(config, project_id)
     if store is None:
         return 2
-    registry = registry_for(config)
     try:
-        if args.version:
-            if args.hf:
-                print("rlhf-backend export: --hf is for the data, not --version", file=sys.stderr)
-                return 2
-            result = export_version(config, registry, args.project, args.version, Path(args.out))
-        else:
-            export = export_dataset(store, registry, args.project, Path(args.out), hf=args.hf)
-            result = {**export.summary(), "disk_bytes": registry.disk_usage(args.project)}
-    except ExportError as exc:
-        print(f"rlhf-backend export: {exc}", file=sys.stderr)
+        result = action(store, registry_for(config))
+    except errors as exc:
+        print(f"rlhf-backend {command}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _export(config: BackendConfig, args: argparse.Namespace) -> int:
+    from trainer.export import ExportError, export_dataset, export_version
+
+    def export(store: Any, registry: Any) -> dict[str, Any]:
+        if args.version:
+            if args.hf:
+                raise ExportError("--hf is for the data, not for --version")
+            return export_version(config, registry, args.project, args.version, Path(args.out))
+        written = export_dataset(store, registry, args.project, Path(args.out), hf=args.hf)
+        return {**written.summary(), "disk_bytes": registry.disk_usage(args.project)}
+
+    return _on_project(config, args.project, "export", ExportError, export)
 
 
 def _serve_version(config: BackendConfig, args: argparse.Namespace) -> int:
-    from trainer.jobs import registry_for
     from trainer.versions import VersionError, pin, status, unpin
 
-    store = _known_project_store(config, args.project)
-    if store is None:
-        return 2
-    registry = registry_for(config)
-    try:
+    def serve_version(store: Any, registry: Any) -> dict[str, Any]:
         if args.unpin and args.version:
             raise VersionError("give --version (to pin) or --unpin, not both")
         if args.unpin:
-            result = unpin(config, store, registry, args.project)
-        elif args.version:
-            result = pin(config, store, registry, args.project, args.version, args.reason or "")
-        else:
-            result = status(registry, args.project)
-    except VersionError as exc:
-        print(f"rlhf-backend serve-version: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
-    return 0
+            return unpin(config, store, registry, args.project)
+        if args.version:
+            return pin(config, store, registry, args.project, args.version, args.reason or "")
+        return status(registry, args.project)
+
+    return _on_project(config, args.project, "serve-version", VersionError, serve_version)
 
 
 def _forget(config: BackendConfig, args: argparse.Namespace) -> int:
     from trainer.forget import forget_task
-    from trainer.jobs import registry_for
 
-    store = _known_project_store(config, args.project)
-    if store is None:
-        return 2
-    print(json.dumps(forget_task(store, registry_for(config), args.project, args.task), indent=2))
-    return 0
+    def forget(store: Any, registry: Any) -> dict[str, Any]:
+        return forget_task(store, registry, args.project, args.task)
+
+    return _on_project(config, args.project, "forget", LookupError, forget)
 
 
 def _print_config(config: BackendConfig, args: argparse.Namespace) -> int:
