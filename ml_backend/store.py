@@ -536,10 +536,11 @@ class Store:
                         (_next_seq(conn), time.time(), annotation_id),
                     )
                     _replace_records(conn, annotation_id, project_id, [])
-                conn.execute(
-                    "DELETE FROM task_models WHERE project_id = ? AND task_id = ?",
-                    (project_id, task_id),
-                )
+                for table in ("task_models", "arena_responses"):
+                    conn.execute(
+                        f"DELETE FROM {table} WHERE project_id = ? AND task_id = ?",
+                        (project_id, task_id),
+                    )
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             conn.execute("PRAGMA secure_delete=OFF")

@@ -254,16 +254,35 @@ def test_inter_annotator_agreement_in_the_card(populated, tmp_path):
 
 
 def test_pairs_carry_the_versions_that_wrote_and_scored_the_task(populated, tmp_path):
+    from ml_backend.arena import text_hash
+
     _, store, config = populated
     store.note_task_models(1, 11, generated_by="rm-0001.policy-0001")
     store.note_task_models(1, 11, scored_by="rm-0002.policy-0001")
     export(config, 1, tmp_path / "out")
     first, second = read_jsonl(tmp_path / "out" / "preferences.jsonl")
-    assert (first["generated_by"], first["scored_by"]) == (
+    versions = ("generated_by", "scored_by", "chosen_by", "rejected_by")
+    assert [first[k] for k in versions] == [
         "rm-0001.policy-0001",
         "rm-0002.policy-0001",
+        "policy-0001",
+        "policy-0001",
+    ]
+    assert [second[k] for k in versions] == [None, None, None, None]
+
+    # An arena task: each response's author is recorded.
+    arena = [
+        {"text_hash": text_hash("Paris"), "policy_version": "policy-base", "chars": 5},
+        {"text_hash": text_hash("Lyon"), "policy_version": "policy-0001", "chars": 4},
+    ]
+    store.replace_arena_responses(1, 11, arena)
+    export(config, 1, tmp_path / "arena")
+    first = read_jsonl(tmp_path / "arena" / "preferences.jsonl")[0]
+    assert (first["chosen"], first["chosen_by"], first["rejected_by"]) == (
+        "Paris",
+        "policy-base",
+        "policy-0001",
     )
-    assert (second["generated_by"], second["scored_by"]) == (None, None)
 
 
 def test_unknown_project_is_refused(tmp_path, capsys):

@@ -78,6 +78,9 @@ def test_forget_removes_the_task_everywhere_and_training_no_longer_sees_it(
     assert cli(app_config, "export", "--out", str(tmp_path / "export")) == 0
     assert cli(app_config, "export", "--out", str(tmp_path / "with-hf"), "--hf") == 0
     (tmp_path / "with-hf" / "feedback.jsonl").unlink()  # a file the team already deleted
+    arena = {"text_hash": "0" * 24, "policy_version": "policy-base", "chars": 6}
+    for task_id in (3, 4):
+        client_store.replace_arena_responses(1, task_id, [arena])
     capsys.readouterr()
 
     assert cli(app_config, "forget", "--task", "3") == 0
@@ -94,6 +97,7 @@ def test_forget_removes_the_task_everywhere_and_training_no_longer_sees_it(
     store = client_store
     assert all(r["task"] != 3 for r in store.records(1))
     assert [a.task_id for a in store.annotations(1)] == [1, 2, 4, 5, 6, 7, 8]
+    assert [row["task_id"] for row in store.arena_responses(1)] == [4]
     # Not only out of the tables: out of the database files (secure_delete, WAL truncated).
     store.close()
     for path in app_config.data_dir.glob("store.sqlite3*"):

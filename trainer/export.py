@@ -7,11 +7,14 @@ so deleted and forgotten annotations are not in it):
 
     {"prompt": "hi", "chosen": "hello", "rejected": "go away", "tie": false, "margin": null,
      "source": "pairwise", "control": "comparison", "split": "train", "project": 1, "task": 1,
-     "annotation": 7, "annotator": 3, "generated_by": null, "scored_by": "rm-0001.policy-base"}
+     "annotation": 7, "annotator": 3, "generated_by": "rm-0001.policy-base",
+     "scored_by": "rm-0001.policy-base", "chosen_by": "policy-base", "rejected_by": "policy-base"}
 
   ``margin`` is the rating difference for rating-derived pairs (None where the template gives
   no strength); ``split`` is the trainer's stable held-out split; ``generated_by``/``scored_by``
-  are the model versions that wrote the task's responses and scored it, where pre-annotation did;
+  are the model versions that wrote the task's responses and scored it, where pre-annotation did,
+  and ``chosen_by``/``rejected_by`` the policy version that wrote each response (the arena's
+  record where the task was one of its, else the policy of ``generated_by``);
 * ``feedback.jsonl``: prompt, response, feedback text, annotator (and provenance);
 * ``kto.jsonl``: TRL's unpaired format (``prompt``, ``completion``, ``label``): each decisive pair
   gives its chosen response as desirable and its rejected one as undesirable, as TRL's own
@@ -89,9 +92,15 @@ def export_dataset(
         raise ExportError(f"project {project_id} is unknown here")
     annotations = {a.annotation_id: a for a in store.annotations(project_id)}
     models = store.task_models(project_id)
+    authors = {
+        (r["task_id"], r["text_hash"]): r["policy_version"]
+        for r in store.arena_responses(project_id)
+    }
     export = DatasetExport(
         out=Path(out),
-        preferences=preference_rows(store.records(project_id, "preference"), annotations, models),
+        preferences=preference_rows(
+            store.records(project_id, "preference"), annotations, models, authors
+        ),
         feedback=feedback_rows(store.records(project_id, "feedback")),
         kto=[],
     )
@@ -114,8 +123,19 @@ def preference_rows(
     records: list[dict[str, Any]],
     annotations: dict[int, StoredAnnotation],
     models: dict[int, tuple[str | None, str | None]],
+    authors: dict[tuple[int, str], str] | None = None,
 ) -> list[dict[str, Any]]:
+    """Export rows of preference records; ``models``: the versions that pre-annotated each task,
+    ``authors``: the policy version that wrote a (task, response hash), from the arena."""
+    from ml_backend.arena import text_hash
     from trainer.reward_training import RewardTrainingConfig, is_heldout
+
+    authors = authors or {}
+
+    def written_by(task: Any, text: str, generated_by: str | None) -> str | None:
+        # The arena knows each response's author; otherwise the policy that filled the task.
+        found = authors.get((task, text_hash(text)))
+        return found or (generated_by.rsplit(".", 1)[-1] if generated_by else None)
 
     fraction = RewardTrainingConfig().heldout_fraction
     rows = []
@@ -140,6 +160,8 @@ def preference_rows(
                 "annotator": r.get("annotator"),
                 "generated_by": generated_by,
                 "scored_by": scored_by,
+                "chosen_by": written_by(r.get("task"), r["chosen"], generated_by),
+                "rejected_by": written_by(r.get("task"), r["rejected"], generated_by),
             }
         )
     return rows
@@ -218,7 +240,7 @@ def _save_hf(path: Path, export: DatasetExport) -> Path:
             flags=("tie",),
             floats=("margin",),
             ids=("project", "task", "annotation", "annotator"),
-            versions=("generated_by", "scored_by"),
+            versions=("generated_by", "scored_by", "chosen_by", "rejected_by"),
         ),
         "feedback": _features(
             datasets,
