@@ -33,6 +33,11 @@ def project_summary(store: Store, registry: Registry, project_id: int) -> dict[s
     return {
         "project": project_id,
         "served": registry.served_version(project_id),
+        "pinned": {
+            kind: {"version": pin.version, "reason": pin.reason}
+            for kind, pin in registry.pins(project_id).items()
+        },
+        "disk_bytes": registry.disk_usage(project_id),
         "versions": versions(registry, project_id),
         "jobs": jobs(store, project_id),
         "annotators": annotators(store, preferences, reward_model),

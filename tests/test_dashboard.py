@@ -257,6 +257,8 @@ def test_a_new_project_has_an_empty_dashboard_not_an_error(client):
     assert client.get("/api/projects/3/summary").get_json() == {
         "project": 3,
         "served": "rm-untrained.policy-base",
+        "pinned": {},
+        "disk_bytes": 0,
         "versions": [],
         "jobs": [],
         "annotators": [],

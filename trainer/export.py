@@ -38,9 +38,8 @@ import json
 import logging
 import shutil
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -353,26 +352,17 @@ def data_card(
     return "\n".join(lines) + "\n"
 
 
-def inter_annotator_agreement(prefs: list[dict[str, Any]]) -> tuple[float | None, int]:
-    """Share of annotator pairs that gave the same verdict on the same two responses of a task
-    (a tie is a verdict), and how many such comparisons there were."""
-    verdicts: dict[tuple[Any, frozenset[str]], dict[Any, str]] = defaultdict(dict)
-    for r in prefs:
-        key = (r["task"], frozenset((r["chosen"], r["rejected"])))
-        verdicts[key][r["annotation"]] = "tie" if r["tie"] else r["chosen"]
-    agree = total = 0
-    for by_annotation in verdicts.values():
-        for a, b in combinations(by_annotation.values(), 2):
-            total += 1
-            agree += a == b
-    return (agree / total if total else None), total
-
-
 def _agreement_text(prefs: list[dict[str, Any]]) -> str:
-    rate, n = inter_annotator_agreement(prefs)
-    if rate is None:
-        return "Between annotators: not known (no two annotations compared the same responses)."
-    return f"Between annotators: {rate:.3f} over {n} pairs of annotations of the same comparison."
+    """Between annotators: the share of verdicts (a tie is one) that another annotator also gave
+    on the same two responses of a task (the dashboard's measure, pooled over annotators)."""
+    from ml_backend.summary import inter_annotator_agreement
+
+    per_annotator = inter_annotator_agreement(prefs).values()
+    n = sum(count for _, count in per_annotator)
+    if not n:
+        return "Between annotators: not known (no two annotators compared the same responses)."
+    rate = sum(share * count for share, count in per_annotator) / n
+    return f"Between annotators: {rate:.3f} over {n // 2} pairs of verdicts on the same comparison."
 
 
 def _model_agreement_text(registry: Registry, project_id: int) -> str:
