@@ -87,6 +87,10 @@ def test_pin_serves_an_earlier_version_and_unpin_returns(config, capsys):
         'rlhf_model_pinned_info{kind="rm",model_version="rm-0001",project="1",'
         'reason="rm-0002 misranks"} 1.0' in metrics
     )
+    disk = registry_for(config).disk_usage(1)
+    [line] = [x for x in metrics.splitlines() if x.startswith("rlhf_model_artifacts_bytes{")]
+    assert line.startswith('rlhf_model_artifacts_bytes{project="1"}')
+    assert disk > 0 and float(line.split()[-1]) == disk
 
     # A promotion while pinned is recorded, but the pin still serves.
     run_queued_preannotation(store)
