@@ -541,7 +541,13 @@ class Store:
                         f"DELETE FROM {table} WHERE project_id = ? AND task_id = ?",
                         (project_id, task_id),
                     )
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if busy:  # another connection is reading: the WAL is reused, not yet emptied
+                logger.warning(
+                    "forgot task %s, but the WAL could not be truncated now (another process "
+                    "is reading); its old pages are overwritten as the WAL is reused",
+                    task_id,
+                )
         finally:
             conn.execute("PRAGMA secure_delete=OFF")
         return ids

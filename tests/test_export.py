@@ -227,6 +227,8 @@ def test_hf_dataset_round_trips(populated, tmp_path):
     assert loaded["preferences"]["chosen"] == [r["chosen"] for r in store.records(1, "preference")]
     assert loaded["feedback"]["feedback"] == ["wrong sum"]
     assert loaded["kto"]["label"] == [True, False]
+    export(config, 1, tmp_path / "out")  # without --hf: no stale dataset stays behind
+    assert not (tmp_path / "out" / "hf").exists()
 
 
 def test_deleted_annotations_are_not_exported(populated, tmp_path, captured):

@@ -111,6 +111,8 @@ def export_dataset(
     export.files.append(_write_jsonl(out / KTO, export.kto))
     if hf:
         export.files.append(_save_hf(out / HF_DIR, export))
+    elif (out / HF_DIR / "dataset_dict.json").exists():  # an earlier export's: now stale
+        shutil.rmtree(out / HF_DIR)
     card = data_card(project_id, export, annotations, registry)
     (out / CARD).write_text(card)
     export.files.append(out / CARD)
