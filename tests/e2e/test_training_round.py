@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from label_studio_sdk.client import LabelStudio
 
+from ml_backend.cli import main
 from ml_backend.config import BackendConfig
 from trainer.jobs import registry_for
 from trainer.registry import PROMOTED, REWARD_MODEL
@@ -99,3 +100,41 @@ def test_annotations_retrain_promote_and_label_studio_follows(
     second = registry.get(project.id, REWARD_MODEL, "rm-0002")
     assert second.data_snapshot["records"] == 6 and second.reason
     assert any(j.trigger == "start_training" for j in backend.store.jobs(project.id))
+
+    # The lead pins the other reward model (serve-version): Label Studio follows through the
+    # promotion path, project model_version and fresh predictions; --unpin returns.
+    wait_for(
+        lambda: all(
+            j.status == "done" for j in backend.store.jobs(project.id) if j.kind == "train"
+        ),
+        "the second training job to finish",
+    )
+    before = served_version(backend, project.id)
+    other = "rm-0001" if before.startswith("rm-0002.") else "rm-0002"
+    data_dir = str(backend.store.path.parent)
+    pin = ["serve-version", "--project", str(project.id), "--data-dir", data_dir]
+
+    def label_studio_follows(version: str) -> None:
+        wait_for(
+            lambda: ls.projects.get(id=project.id).model_version == version,
+            f"Label Studio's project model_version to become {version}",
+        )
+        wait_for(
+            lambda: (
+                set(unlabeled)
+                <= {
+                    p.task
+                    for p in ls.predictions.list(project=project.id)
+                    if p.model_version == version
+                }
+            ),
+            f"predictions of {version} on every unlabeled task",
+        )
+
+    assert main([*pin, "--version", other, "--reason", "e2e rollback"]) == 0
+    pinned = served_version(backend, project.id)
+    assert pinned == f"{other}.{before.split('.', 1)[1]}"
+    label_studio_follows(pinned)
+    assert main([*pin, "--unpin"]) == 0
+    assert served_version(backend, project.id) == before
+    label_studio_follows(before)
