@@ -495,6 +495,7 @@ def _model_card(
             'model = AutoModelForCausalLM.from_pretrained("THIS_DIR")',
             'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")',
             "```",
+            "",
         ]
     if REWARD_MODEL in found:
         usage += [
@@ -552,12 +553,20 @@ def _reward_card(version: ModelVersion) -> str:
             f"{model.get('num_heads', '?')} Bradley-Terry heads in `heads.safetensors`",
             f"- Status: {version.status} ({version.reason})",
             f"- Training data: {_snapshot_text(version)}",
-            f"- Gate evidence: held-out accuracy {heldout.get('accuracy')} "
-            f"(ECE {heldout.get('ece')}) on {heldout.get('n_pairs', 0)} pairs, vs the model it "
-            f"replaced: {serving.get('accuracy')}",
+            f"- Gate evidence: {_heldout_text(heldout, serving)}",
             f"- Metrics: `{json.dumps(version.metrics, sort_keys=True)}`",
             "",
         ]
+    )
+
+
+def _heldout_text(heldout: dict[str, Any], serving: dict[str, Any]) -> str:
+    if heldout.get("accuracy") is None:
+        return "no decisive held-out pairs yet (promoted on its training data)"
+    return (
+        f"held-out accuracy {heldout['accuracy']:.3f} (ECE {heldout.get('ece') or 0:.3f}) on "
+        f"{heldout.get('n_pairs', 0)} pairs; the model it was gated against: "
+        f"{serving.get('accuracy')}"
     )
 
 
