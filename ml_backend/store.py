@@ -532,8 +532,8 @@ class Store:
                     conn.execute(
                         """UPDATE annotations SET deleted = 1, task_data = NULL, result = NULL,
                                annotator = NULL, kinds = '', seq = ?, stored_at = ?
-                           WHERE annotation_id = ?""",
-                        (_next_seq(conn), time.time(), annotation_id),
+                           WHERE project_id = ? AND annotation_id = ?""",
+                        (_next_seq(conn), time.time(), project_id, annotation_id),
                     )
                     _replace_records(conn, annotation_id, project_id, [])
                 for table in ("task_models", "arena_responses"):

@@ -121,6 +121,8 @@ def test_a_rejected_version_can_be_pinned(config, monkeypatch):
     assert serve_version(config, "--version", "rm-0002", "--reason", "override the gate") == 0
     assert registry.served_version(1) == "rm-0002.policy-base"
     assert registry.get(1, REWARD_MODEL, "rm-0002").status == REJECTED  # its history is kept
+    assert serve_version(config, "--version", "rm-untrained", "--reason", "back to zero") == 0
+    assert registry.served_version(1) == "rm-untrained.policy-base"
 
 
 @pytest.mark.parametrize(

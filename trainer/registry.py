@@ -175,25 +175,19 @@ class Registry:
 
     def served(self, project_id: int, kind: str) -> ModelVersion:
         """The pinned version of ``kind``, else the newest promoted one, else the base version."""
-        pin = self.pins(project_id).get(kind)
-        if pin is not None:
-            pinned = self.get(project_id, kind, pin.version)
-            if pinned is not None:
-                return pinned
-        return self.last_promoted(project_id, kind)
+        conn = self._connect()
+        try:
+            return _pinned(conn, project_id, kind) or _last_promoted(conn, project_id, kind)
+        finally:
+            conn.close()
 
     def last_promoted(self, project_id: int, kind: str) -> ModelVersion:
         """The newest promoted version of ``kind``, or the base version (pins aside)."""
         conn = self._connect()
         try:
-            row = conn.execute(
-                """SELECT * FROM model_versions WHERE project_id = ? AND kind = ? AND status = ?
-                   ORDER BY promoted_at DESC, number DESC LIMIT 1""",
-                (project_id, kind, PROMOTED),
-            ).fetchone()
+            return _last_promoted(conn, project_id, kind)
         finally:
             conn.close()
-        return _version(row) if row else _base(project_id, kind)
 
     def served_version(self, project_id: int) -> str:
         return served_version_string(
@@ -268,6 +262,30 @@ class Registry:
             row["kind"]: Pin(row["kind"], row["version"], row["reason"], row["pinned_at"])
             for row in rows
         }
+
+
+def _last_promoted(conn: sqlite3.Connection, project_id: int, kind: str) -> ModelVersion:
+    row = conn.execute(
+        """SELECT * FROM model_versions WHERE project_id = ? AND kind = ? AND status = ?
+           ORDER BY promoted_at DESC, number DESC LIMIT 1""",
+        (project_id, kind, PROMOTED),
+    ).fetchone()
+    return _version(row) if row else _base(project_id, kind)
+
+
+def _pinned(conn: sqlite3.Connection, project_id: int, kind: str) -> ModelVersion | None:
+    pin = conn.execute(
+        "SELECT version FROM model_pins WHERE project_id = ? AND kind = ?", (project_id, kind)
+    ).fetchone()
+    if pin is None:
+        return None
+    if pin[0] == BASE_VERSIONS[kind]:
+        return _base(project_id, kind)
+    row = conn.execute(
+        "SELECT * FROM model_versions WHERE project_id = ? AND kind = ? AND version = ?",
+        (project_id, kind, pin[0]),
+    ).fetchone()
+    return _version(row) if row else None
 
 
 def directory_bytes(path: Path) -> int:
