@@ -10,7 +10,7 @@ import pytest
 from ml_backend.cli import main
 from ml_backend.config import BackendConfig
 from ml_backend.store import JOB_TRAIN
-from tests.conftest import annotation_event
+from tests.conftest import TEST_WEBHOOK_SECRET, annotation_event
 from tests.test_export import xml
 from trainer.jobs import registry_for, train_job
 from trainer.registry import REWARD_MODEL
@@ -32,6 +32,7 @@ def app_config(tmp_path, tiny_backbone):
         reward_heads=4,
         policy_training="off",
         train_every=0,
+        webhook_secret=TEST_WEBHOOK_SECRET,
     )
 
 
