@@ -24,7 +24,7 @@ version, and tasks that already have responses are only predicted, never regener
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -68,25 +68,16 @@ class TaskWriter(Protocol):
     def set_project_model_version(self, project_id: int, model_version: str) -> None: ...
 
 
-class ProvenanceStore(Protocol):
-    def note_task_models(
-        self,
-        project_id: int,
-        task_id: int,
-        generated_by: str | None = None,
-        scored_by: str | None = None,
-    ) -> None: ...
-
-
 class RecordingTasks:
     """A :class:`TaskWriter` that also notes, per task, the model version that wrote its
     responses and the one that scored it (exports carry both)."""
 
     def __init__(
-        self, tasks: TaskWriter, store: ProvenanceStore, project_id: int, version: str
+        self, tasks: TaskWriter, note: Callable[..., None], project_id: int, version: str
     ) -> None:
+        """``note``: ``Store.note_task_models(project, task, generated_by=, scored_by=)``."""
         self.tasks = tasks
-        self.store = store
+        self.note = note
         self.project_id = project_id
         self.version = version
 
@@ -95,13 +86,11 @@ class RecordingTasks:
 
     def update_task_data(self, task_id: int, data: dict[str, Any]) -> None:
         self.tasks.update_task_data(task_id, data)
-        self.store.note_task_models(self.project_id, task_id, generated_by=self.version)
+        self.note(self.project_id, task_id, generated_by=self.version)
 
     def create_prediction(self, task_id: int, prediction: dict[str, Any]) -> None:
         self.tasks.create_prediction(task_id, prediction)
-        self.store.note_task_models(
-            self.project_id, task_id, scored_by=prediction.get("model_version")
-        )
+        self.note(self.project_id, task_id, scored_by=prediction.get("model_version"))
 
     def set_project_model_version(self, project_id: int, model_version: str) -> None:
         self.tasks.set_project_model_version(project_id, model_version)

@@ -229,6 +229,14 @@ def server(server_factory: ServerFactory) -> BackendServer:
     return server_factory()
 
 
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random BERT encoder (trainer/tiny.py) as the reward-model backbone, built once."""
+    from trainer.tiny import ensure_tiny_encoder
+
+    return str(ensure_tiny_encoder(tmp_path_factory.mktemp("tiny-models")))
+
+
 @pytest.fixture
 def app_config(tmp_path: Path) -> BackendConfig:
     return BackendConfig(data_dir=tmp_path, webhook_secret=TEST_WEBHOOK_SECRET)

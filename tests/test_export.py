@@ -17,7 +17,7 @@ from ml_backend.store import Store
 from tests.conftest import annotation_event
 from trainer.jobs import registry_for, train_reward_model
 from trainer.registry import POLICY, PROMOTED
-from trainer.tiny import build_tiny_causal_lm, ensure_tiny_encoder
+from trainer.tiny import build_tiny_causal_lm
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "label_configs"
 
@@ -296,11 +296,6 @@ def test_unknown_project_is_refused(tmp_path, capsys):
 
 
 # -- a version as Hugging Face checkpoints ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory):
-    return str(ensure_tiny_encoder(tmp_path_factory.mktemp("models")))
 
 
 def test_exported_version_loads_with_transformers_alone(tmp_path, tiny_backbone):

@@ -14,14 +14,8 @@ from tests.conftest import TEST_WEBHOOK_SECRET, annotation_event
 from tests.test_export import xml
 from trainer.jobs import registry_for, train_job
 from trainer.registry import REWARD_MODEL
-from trainer.tiny import ensure_tiny_encoder
 
 SECRET = "my passport number is X1234567"
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory):
-    return str(ensure_tiny_encoder(tmp_path_factory.mktemp("models")))
 
 
 @pytest.fixture

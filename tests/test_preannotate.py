@@ -263,7 +263,7 @@ def test_the_store_learns_which_versions_wrote_and_scored_each_task(tmp_path):
     tasks = [*prompt_tasks(2), {"id": 9, "data": {"prompt": "p", "answer1": "a", "answer2": "b"}}]
     ls = FakeLabelStudio(tasks)
     models = FakeModels("rm-0002.policy-0001")
-    recording = RecordingTasks(ls, store, 1, models.served_version(1))
+    recording = RecordingTasks(ls, store.note_task_models, 1, models.served_version(1))
     preannotate_project(1, parse_label_config(PAIRWISE), models, recording, num_candidates=2)
     assert store.task_models(1) == {
         1: ("rm-0002.policy-0001", "rm-0002.policy-0001"),
@@ -273,6 +273,10 @@ def test_the_store_learns_which_versions_wrote_and_scored_each_task(tmp_path):
     assert ls.project_versions == {1: "rm-0002.policy-0001"}
     models.version = "rm-0003.policy-0001"  # re-scored later: the new scorer, the same writer
     preannotate_project(
-        1, parse_label_config(PAIRWISE), models, RecordingTasks(ls, store, 1, models.version), 2
+        1,
+        parse_label_config(PAIRWISE),
+        models,
+        RecordingTasks(ls, store.note_task_models, 1, models.version),
+        2,
     )
     assert store.task_models(1)[1] == ("rm-0002.policy-0001", "rm-0003.policy-0001")

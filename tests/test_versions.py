@@ -13,13 +13,7 @@ from ml_backend.store import JOB_DONE, JOB_PREANNOTATE, JOB_QUEUED, JOB_TRAIN, S
 from tests.test_training_job import CONFIG, seed_annotations
 from trainer.jobs import registry_for, train_job
 from trainer.registry import POLICY, PROMOTED, REJECTED, REWARD_MODEL
-from trainer.tiny import ensure_tiny_encoder
 from trainer.versions import apply_retention
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory):
-    return str(ensure_tiny_encoder(tmp_path_factory.mktemp("models")))
 
 
 @pytest.fixture

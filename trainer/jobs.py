@@ -369,7 +369,7 @@ def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
         job.project_id,
         parse_label_config(project.label_config),
         models,
-        RecordingTasks(tasks, store, job.project_id, version),
+        RecordingTasks(tasks, store.note_task_models, job.project_id, version),
         num_candidates=config.num_candidates,
         strategy=config.strategy,
         progress=True,
