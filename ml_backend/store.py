@@ -508,6 +508,23 @@ class Store:
                 counts[kind] = counts.get(kind, 0) + n
         return counts
 
+    def task_texts(self, project_id: int, task_id: int) -> set[str]:
+        """The prompts and responses of a task's training records, as the reward model reads
+        them (what a cache of embeddings is keyed by)."""
+        rows = self._connection().execute(
+            """SELECT r.payload FROM records r JOIN annotations a
+               ON a.project_id = r.project_id AND a.annotation_id = r.annotation_id
+               WHERE a.project_id = ? AND a.task_id = ?""",
+            (project_id, task_id),
+        )
+        texts: set[str] = set()
+        for (payload,) in rows:
+            record = json.loads(payload)
+            for key in ("prompt", "chosen", "rejected", "response"):
+                if isinstance(record.get(key), str):
+                    texts.add(record[key])
+        return texts
+
     def forget_task(self, project_id: int, task_id: int) -> list[int]:
         """Erase a task's annotations (text, result, annotator) and training records.
 

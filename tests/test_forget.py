@@ -82,6 +82,7 @@ def test_forget_removes_the_task_everywhere_and_training_no_longer_sees_it(
     report = json.loads(capsys.readouterr().out)
 
     assert report["annotations"] == [3]
+    assert report["texts_erased"] == 3  # the prompt and both responses (what embeddings key on)
     assert report["exported_files_still_holding_it"] == [
         str((tmp_path / "export" / name).resolve())
         for name in ("feedback.jsonl", "kto.jsonl", "preferences.jsonl")

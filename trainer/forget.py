@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 def forget_task(store: Store, registry: Registry, project_id: int, task_id: int) -> dict[str, Any]:
+    texts = store.task_texts(project_id, task_id)  # read before they are erased
     annotations = store.forget_task(project_id, task_id)
     logger.info(
         "project %s: forgot task %s (%d annotations)", project_id, task_id, len(annotations)
@@ -42,6 +43,7 @@ def forget_task(store: Store, registry: Registry, project_id: int, task_id: int)
         "project": project_id,
         "task": task_id,
         "annotations": annotations,
+        "texts_erased": len(texts),
         "exported_files_still_holding_it": exported_files_with_task(registry, project_id, task_id),
         "versions_trained_on_it": trained_on,
         "label_studio": "the task itself is still in Label Studio: delete it there too",
