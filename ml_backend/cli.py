@@ -230,7 +230,9 @@ def _export(config: BackendConfig, args: argparse.Namespace) -> int:
             if args.hf:
                 raise ExportError("--hf is for the data, not for --version")
             return export_version(config, registry, args.project, args.version, Path(args.out))
-        written = export_dataset(store, registry, args.project, Path(args.out), hf=args.hf)
+        written = export_dataset(
+            store, registry, args.project, Path(args.out), args.hf, config.max_ranking_pairs
+        )
         return {**written.summary(), "disk_bytes": registry.disk_usage(args.project)}
 
     return _on_project(config, args.project, "export", ExportError, export)

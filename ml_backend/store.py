@@ -523,6 +523,8 @@ class Store:
             for key in ("prompt", "chosen", "rejected", "response"):
                 if isinstance(record.get(key), str):
                     texts.add(record[key])
+            for group in record.get("ranking") or []:  # a ranking record's responses
+                texts.update(text for text in group if isinstance(text, str))
         return texts
 
     def forget_task(self, project_id: int, task_id: int) -> list[int]:

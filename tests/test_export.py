@@ -13,6 +13,7 @@ import torch
 
 from ml_backend.cli import main
 from ml_backend.config import BackendConfig
+from ml_backend.conversion import preference_pairs
 from ml_backend.store import Store
 from tests.conftest import annotation_event
 from trainer.jobs import registry_for, train_reward_model
@@ -139,7 +140,10 @@ def test_one_trl_preference_line_per_stored_pair(populated, tmp_path, project):
     export(config, project, out)
 
     lines = read_jsonl(out / "preferences.jsonl")
-    stored = store.records(project, "preference")
+    # What a training job reads: the stored pairs and the pairs each stored ranking implies.
+    stored = preference_pairs(
+        store.records(project, "preference"), store.records(project, "ranking")
+    )
     assert len(lines) == len(stored) > 0
     for line, record in zip(lines, stored):
         assert (line["prompt"], line["chosen"], line["rejected"], line["tie"]) == (

@@ -85,8 +85,17 @@ class DatasetExport:
 
 
 def export_dataset(
-    store: Store, registry: Registry, project_id: int, out: Path, hf: bool = False
+    store: Store,
+    registry: Registry,
+    project_id: int,
+    out: Path,
+    hf: bool = False,
+    max_ranking_pairs: int = BackendConfig.max_ranking_pairs,
 ) -> DatasetExport:
+    """The project's data in ``out``: the pairs a training job would learn from now (a ranking
+    as the pairs it implies, at most ``max_ranking_pairs`` each, as RLHF_MAX_RANKING_PAIRS)."""
+    from ml_backend.conversion import preference_pairs
+
     if store.project(project_id) is None:
         raise ExportError(f"project {project_id} is unknown here")
     annotations = {a.annotation_id: a for a in store.annotations(project_id)}
@@ -98,7 +107,14 @@ def export_dataset(
     export = DatasetExport(
         out=Path(out),
         preferences=preference_rows(
-            store.records(project_id, "preference"), annotations, models, authors
+            preference_pairs(
+                store.records(project_id, "preference"),
+                store.records(project_id, "ranking"),
+                max_ranking_pairs,
+            ),
+            annotations,
+            models,
+            authors,
         ),
         feedback=feedback_rows(store.records(project_id, "feedback")),
         kto=[],
