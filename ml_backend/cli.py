@@ -257,7 +257,7 @@ def _forget(config: BackendConfig, args: argparse.Namespace) -> int:
     from trainer.forget import forget_task
 
     def forget(store: Any, registry: Any) -> dict[str, Any]:
-        return forget_task(store, registry, args.project, args.task)
+        return forget_task(config, store, registry, args.project, args.task)
 
     return _on_project(config, args.project, "forget", LookupError, forget)
 

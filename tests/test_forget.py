@@ -3,15 +3,19 @@ does not see it, and the command names the exported files that still hold it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 
 import pytest
 
 from ml_backend.cli import main
 from ml_backend.config import BackendConfig
+from ml_backend.serving import embedding_store_path
 from ml_backend.store import JOB_TRAIN
 from tests.conftest import TEST_WEBHOOK_SECRET, annotation_event
 from tests.test_export import xml
+from trainer.embedding_store import text_hash
 from trainer.jobs import registry_for, train_job
 from trainer.registry import REWARD_MODEL
 
@@ -125,6 +129,16 @@ def test_forget_names_the_versions_that_trained_on_the_task(
     report = json.loads(capsys.readouterr().out)
     assert report["versions_trained_on_it"] == ["rm-0001"]
     assert report["exported_files_still_holding_it"] == []
+    # The training cached the embeddings of every (prompt, response); the task's are gone.
+    assert report["embeddings_dropped"] == 2
+    with contextlib.closing(sqlite3.connect(embedding_store_path(app_config))) as cache:
+        cached = [
+            cache.execute(
+                "SELECT COUNT(*) FROM embeddings WHERE prompt_hash = ?", (text_hash(q),)
+            ).fetchone()[0]
+            for q in ("q1", "q2", "q3", "q4")
+        ]
+    assert cached == [2, 0, 2, 2]
 
 
 def test_forgetting_an_unknown_project_is_refused(app_config, capsys):

@@ -10,17 +10,21 @@ overwriting the freed pages. What the backend cannot erase by itself is reported
 * Label Studio itself, which holds the task: delete it there too, or new annotations of it will
   arrive again through the webhook.
 
-The embeddings the reward-model trainer computes live only for the length of a training job,
-so no cached embedding outlives the records.
+The embedding cache (:mod:`trainer.embedding_store`) drops every vector of the task's prompt
+and responses, read from its records before they are erased.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+from ml_backend.config import BackendConfig
+from ml_backend.serving import embedding_store_path
 from ml_backend.store import Store
 from trainer.export import HF_DIR, exports_log
 from trainer.registry import Registry
@@ -28,9 +32,12 @@ from trainer.registry import Registry
 logger = logging.getLogger(__name__)
 
 
-def forget_task(store: Store, registry: Registry, project_id: int, task_id: int) -> dict[str, Any]:
+def forget_task(
+    config: BackendConfig, store: Store, registry: Registry, project_id: int, task_id: int
+) -> dict[str, Any]:
     texts = store.task_texts(project_id, task_id)  # read before they are erased
     annotations = store.forget_task(project_id, task_id)
+    embeddings = forget_embeddings(embedding_store_path(config), texts)
     logger.info(
         "project %s: forgot task %s (%d annotations)", project_id, task_id, len(annotations)
     )
@@ -44,10 +51,27 @@ def forget_task(store: Store, registry: Registry, project_id: int, task_id: int)
         "task": task_id,
         "annotations": annotations,
         "texts_erased": len(texts),
+        "embeddings_dropped": embeddings,
         "exported_files_still_holding_it": exported_files_with_task(registry, project_id, task_id),
         "versions_trained_on_it": trained_on,
         "label_studio": "the task itself is still in Label Studio: delete it there too",
     }
+
+
+def forget_embeddings(path: Path, texts: set[str]) -> int:
+    """Drop the cached embeddings of ``texts``; the cache file's WAL is emptied after."""
+    if not path.exists() or not texts:
+        return 0
+    from trainer.embedding_store import EmbeddingStore
+
+    cache = EmbeddingStore(path)
+    try:
+        dropped = cache.forget(texts)
+    finally:
+        cache.close()
+    with contextlib.closing(sqlite3.connect(path, timeout=30.0)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return dropped
 
 
 def exported_files_with_task(registry: Registry, project_id: int, task_id: int) -> list[str]:
