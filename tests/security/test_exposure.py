@@ -44,6 +44,9 @@ def test_serve_logs_the_warning_before_it_listens(tmp_path, monkeypatch, caplog)
 
     monkeypatch.setattr(ml_backend.server, "run_gunicorn", lambda config: 0)  # do not listen
     monkeypatch.setenv("RLHF_EMBEDDED_WORKER", "0")
+    # serve sets PROMETHEUS_MULTIPROC_DIR in this process; monkeypatch restores it afterwards,
+    # so later in-process apps keep their own (single-process) metrics.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
     with caplog.at_level(logging.WARNING):
         assert cli.main(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]) == 0
     assert any("BASIC_AUTH_USER" in r.getMessage() for r in caplog.records)
