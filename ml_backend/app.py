@@ -22,7 +22,7 @@ from ml_backend.label_studio import WebhookSync
 from ml_backend.metrics import CONTENT_TYPE, Metrics, action_label, method_label
 from ml_backend.predict import PREDICT_CHUNK, predict_in_time
 from ml_backend.serving import ModelServer, release_memory
-from ml_backend.store import JOB_PREANNOTATE, Store
+from ml_backend.store import JOB_PREANNOTATE, JOB_RECONCILE, Store
 from ml_backend.trust import WEBHOOK_SECRET_HEADER, Credentials
 from ml_backend.vault import Vault
 from trainer.dispatch import notify_workers
@@ -175,6 +175,8 @@ def _register_routes(app: Flask, services: Services) -> None:
             credentials.webhook_headers(project),
             backend_url=request.url_root,
         )
+        if credentials.connection(project) is not None:  # else the job could not reach it
+            _reconcile_after_setup(services, project_id)
         return jsonify(model_version=services.model_version(project_id))
 
     @app.post("/predict")
@@ -273,6 +275,22 @@ def _register_routes(app: Flask, services: Services) -> None:
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(services.metrics.exposition(), content_type=CONTENT_TYPE)
+
+
+RECONCILE_AFTER_SETUP_GAP_S = 300.0
+
+
+def _reconcile_after_setup(services: Services, project_id: int) -> None:
+    """Annotations made before this connection (or while it was down) come in by a job.
+
+    Label Studio calls /setup before every batch of predictions, so a project gets at most one
+    such job per ``RECONCILE_AFTER_SETUP_GAP_S``."""
+    config = services.config
+    since = services.store.seconds_since_job(project_id, JOB_RECONCILE)
+    if since is not None and since < RECONCILE_AFTER_SETUP_GAP_S:
+        return
+    job = services.store.enqueue_job(project_id, JOB_RECONCILE, trigger="setup")
+    notify_workers(config, job.job_id if job else None, "setup")
 
 
 def _optional_str(body: dict[str, Any], key: str) -> str | None:

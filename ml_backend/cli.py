@@ -57,14 +57,14 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
 
 
 def _worker(config: BackendConfig, args: argparse.Namespace) -> int:
-    from trainer.worker import Worker, default_handlers
+    from trainer.worker import Worker, default_chores, default_handlers
 
     if config.redis_url:  # jobs arrive through RQ (trainer/dispatch.py)
         from trainer.dispatch import run_rq_worker
 
         run_rq_worker(config, burst=args.once)
         return 0
-    worker = Worker(config, default_handlers(config))
+    worker = Worker(config, default_handlers(config), default_chores(config))
     worker.install_signal_handlers()
     worker.run(once=args.once)
     return 0
@@ -262,6 +262,65 @@ def _forget(config: BackendConfig, args: argparse.Namespace) -> int:
     return _on_project(config, args.project, "forget", LookupError, forget)
 
 
+def _reconcile(config: BackendConfig, args: argparse.Namespace) -> int:
+    """Read the project's annotations from Label Studio and store what is missing or changed.
+
+    Runs here, whether or not the service runs (the store takes concurrent writers)."""
+    from ml_backend.reconcile import reconcile_project
+    from trainer.label_studio_sync import project_tasks
+
+    store = _known_project_store(config, args.project)
+    if store is None:
+        return 2
+    try:
+        tasks = project_tasks(config, store, args.project)
+        report = reconcile_project(store, args.project, tasks, config.train_every)
+    except LookupError as exc:
+        print(f"rlhf-backend reconcile: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.as_dict()))
+    return 0
+
+
+def _status(config: BackendConfig, args: argparse.Namespace) -> int:
+    """What is served, what Label Studio shows, and the syncs still pending (JSON)."""
+    from trainer.jobs import registry_for
+    from trainer.label_studio_sync import project_tasks
+    from trainer.registry import POLICY, REWARD_MODEL
+
+    store = _known_project_store(config, args.project)
+    if store is None:
+        return 2
+    registry = registry_for(config)
+    status: dict[str, Any] = {
+        "project": args.project,
+        "served": registry.served_version(args.project),
+    }
+    try:
+        status["label_studio"] = project_tasks(config, store, args.project).project_model_version(
+            args.project
+        )
+    except Exception as exc:  # Label Studio down or unreachable: say so, show the rest
+        status["label_studio"] = None
+        status["label_studio_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    status["in_sync"] = status["label_studio"] == status["served"]
+    status["pending_syncs"] = [s.as_dict() for s in registry.pending_syncs(args.project)]
+    status["decisions"] = {
+        kind: [
+            {
+                "version": v.version,
+                "status": v.status,
+                "reason": v.reason,
+                "evidence": v.metrics.get("gate"),
+            }
+            for v in registry.versions(args.project, kind)[-3:]
+        ]
+        for kind in (REWARD_MODEL, POLICY)
+    }
+    print(json.dumps(status, indent=2))
+    return 0
+
+
 def _print_config(config: BackendConfig, args: argparse.Namespace) -> int:
     print(markdown_table())
     return 0
@@ -282,6 +341,11 @@ COMMANDS = {
         "Pin a version as the served one (with a reason), or --unpin; no flag: show the state.",
     ),
     "forget": (_forget, "Remove a task's annotations and records everywhere the backend has them."),
+    "reconcile": (
+        _reconcile,
+        "Store a project's annotations that Label Studio has and the store lacks (JSON counts).",
+    ),
+    "status": (_status, "What a project serves, what Label Studio shows, and pending syncs."),
     "config": (_print_config, "Print the configuration variables as a Markdown table."),
 }
 
@@ -330,10 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--unpin", action="store_true", help="serve the last promoted again")
         if name == "forget":
             sub.add_argument("--task", type=int, required=True, help="Label Studio task id")
-        if name in ("preannotate", "train"):
+        if name in ("preannotate", "train", "reconcile", "status"):
             sub.add_argument("--project", type=int, required=True, help="Label Studio project id")
-            sub.add_argument("--queue", action="store_true", help="queue it for the workers")
             sub.add_argument("--data-dir", help="override RLHF_DATA_DIR")
+        if name in ("preannotate", "train"):
+            sub.add_argument("--queue", action="store_true", help="queue it for the workers")
     return parser
 
 

@@ -131,6 +131,18 @@ class BackendConfig:
         "After each promotion, delete the checkpoints of versions that are neither served, "
         "pinned, nor among the newest N of their kind (registry rows are kept; 0: keep all).",
     )
+    min_heldout_pairs: int = _setting(
+        30,
+        "RLHF_MIN_HELDOUT_PAIRS",
+        "Decisive held-out pairs a project needs before the reward-model gate compares on them; "
+        "below that it compares on every labelled pair (in-sample) and its reason says so.",
+    )
+    reconcile_every_s: float = _setting(
+        3600.0,
+        "RLHF_RECONCILE_EVERY_S",
+        "Workers read every connected project's annotations from Label Studio this often "
+        "(`rlhf-backend reconcile`), storing what webhooks missed (0: only after /setup).",
+    )
     store_sync: str = _setting(
         "normal",
         "RLHF_STORE_SYNC",
@@ -253,6 +265,10 @@ class BackendConfig:
             )
         if self.keep_versions < 0:
             raise ConfigError("RLHF_KEEP_VERSIONS must be 0 (keep all) or a positive integer.")
+        if self.min_heldout_pairs < 1:
+            raise ConfigError("RLHF_MIN_HELDOUT_PAIRS must be a positive integer.")
+        if self.reconcile_every_s < 0:
+            raise ConfigError("RLHF_RECONCILE_EVERY_S must be 0 (off) or a number of seconds.")
         if not 0.0 <= self.promotion_tolerance <= 1.0:
             raise ConfigError("RLHF_PROMOTION_TOLERANCE must be in [0, 1].")
         if not 0.0 <= self.arena_share <= 1.0:

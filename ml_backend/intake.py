@@ -152,7 +152,7 @@ def _store_annotation(
     was_cancelled = annotation.get("was_cancelled")
     if was_cancelled is not None and not isinstance(was_cancelled, bool):
         raise BadRequest("annotation.was_cancelled must be true or false")
-    ls_updated_at = _ls_timestamp(annotation)
+    ls_updated_at = ls_timestamp(annotation)
     task = payload.get("task")
     if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
         raise BadRequest(f"{action} needs a 'task' object with a 'data' object")
@@ -215,7 +215,7 @@ def _delete_annotations(store: Store, action: str, payload: dict[str, Any]) -> I
     return IntakeResult(action, "deleted", {"annotations": ids})
 
 
-def _ls_timestamp(annotation: dict[str, Any]) -> str:
+def ls_timestamp(annotation: dict[str, Any]) -> str:
     """The annotation's Label Studio ``updated_at`` (else ``created_at``), as comparable text.
 
     Label Studio leaves out zero microseconds and may use a UTC offset other than ``Z``, so the

@@ -256,6 +256,25 @@ class LabelStudioTasks:
     def set_project_model_version(self, project_id: int, model_version: str) -> None:
         self.ls.projects.update(id=project_id, model_version=model_version)
 
+    def project_model_version(self, project_id: int) -> str | None:
+        """The ``model_version`` Label Studio shows for the project, read back from it."""
+        return self.ls.projects.get(id=project_id).model_version or None
+
+    def annotated_tasks(self, project_id: int) -> Iterator[dict[str, Any]]:
+        """Every task of the project that has annotations, with them (both paged by the API).
+
+        Annotations are JSON-shaped like a webhook's (ISO timestamps as strings)."""
+        listed: Any = self.ls.tasks.list(project=project_id, page_size=self.page_size)
+        for task in listed:
+            if not (task.total_annotations or 0) + (task.cancelled_annotations or 0):
+                continue
+            annotations = self.ls.annotations.list(id=task.id)
+            yield {
+                "id": task.id,
+                "data": dict(task.data or {}),
+                "annotations": [a.model_dump(mode="json") for a in annotations],
+            }
+
 
 def _as_dict(obj: Any) -> dict[str, Any]:
     if isinstance(obj, dict):

@@ -18,7 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from ml_backend.store import Store
-from trainer.registry import Registry
+from trainer.registry import POLICY, REJECTED, REWARD_MODEL, Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -134,6 +134,45 @@ class StoreCollector(Collector):
         yield versions
         yield pinned
         yield disk
+        pending = GaugeMetricFamily(
+            "rlhf_label_studio_syncs_pending",
+            "Promotions whose Label Studio sync (model_version, predictions) is not confirmed yet",
+            labels=["project"],
+        )
+        for project_id in self.store.project_ids():
+            pending.add_metric([str(project_id)], len(self.models.pending_syncs(project_id)))
+        yield pending
+        yield from _gate_evidence(self.store, self.models)
+
+
+GATE_GAUGES = {
+    "promoted": ("rlhf_gate_passed", "1 if the newest version of the kind passed its gate"),
+    "n": ("rlhf_gate_n", "Items the newest gate decision rested on (pairs or prompts x samples)"),
+    "ci_low": ("rlhf_gate_ci_low", "Lower end of the gate's interval (see the rule label)"),
+    "ci_high": ("rlhf_gate_ci_high", "Upper end of the gate's interval (see the rule label)"),
+}
+
+
+def _gate_evidence(store: Store, models: Registry) -> Iterator[Metric]:
+    """The evidence of each project's newest gate decision per kind (the registry has all)."""
+    families = {
+        key: GaugeMetricFamily(name, help, labels=["project", "kind", "version", "rule"])
+        for key, (name, help) in GATE_GAUGES.items()
+    }
+    for project_id in store.project_ids():
+        for kind in (REWARD_MODEL, POLICY):
+            recorded = models.versions(project_id, kind)
+            if not recorded:
+                continue
+            newest = recorded[-1]
+            evidence = newest.metrics.get("gate") or {}
+            labels = [str(project_id), kind, newest.version, str(evidence.get("rule", ""))]
+            values = {**evidence, "promoted": float(newest.status != REJECTED)}
+            for key, family in families.items():
+                value = values.get(key)
+                if isinstance(value, int | float) and value == value:
+                    family.add_metric(labels, float(value))
+    yield from families.values()
 
 
 PROGRESS_GAUGES = {

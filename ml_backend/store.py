@@ -127,7 +127,7 @@ CREATE TABLE IF NOT EXISTS arena_responses (
 """
 
 JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED = "queued", "running", "done", "failed"
-JOB_TRAIN, JOB_PREANNOTATE = "train", "preannotate"
+JOB_TRAIN, JOB_PREANNOTATE, JOB_RECONCILE = "train", "preannotate", "reconcile"
 
 
 @dataclass(frozen=True)
@@ -627,7 +627,7 @@ class Store:
         return self.job(job_id)
 
     def claim_job(
-        self, worker: str, kinds: tuple[str, ...] = (JOB_TRAIN, JOB_PREANNOTATE)
+        self, worker: str, kinds: tuple[str, ...] = (JOB_TRAIN, JOB_PREANNOTATE, JOB_RECONCILE)
     ) -> Job | None:
         """Take the oldest queued job whose project has no job of the same kind running."""
         marks = ",".join("?" * len(kinds))
@@ -728,6 +728,18 @@ class Store:
         if project_id is not None:
             query, params = query + " WHERE project_id = ?", (project_id,)
         return [_job(row) for row in self._connection().execute(query + " ORDER BY job_id", params)]
+
+    def seconds_since_job(self, project_id: int, kind: str) -> float | None:
+        """Seconds since the project's newest job of ``kind`` was queued (None: never)."""
+        row = (
+            self._connection()
+            .execute(
+                "SELECT MAX(created_at) FROM jobs WHERE project_id = ? AND kind = ?",
+                (project_id, kind),
+            )
+            .fetchone()
+        )
+        return None if row[0] is None else time.time() - row[0]
 
     def queue_depth(self) -> int:
         row = (

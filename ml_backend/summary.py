@@ -105,6 +105,8 @@ def _version_row(version: ModelVersion, served: str) -> dict[str, Any]:
         )
     if "evidence" in metrics:  # the gate's own evidence, where the trainer records it
         row["evidence"] = metrics["evidence"]
+    elif "rule" in (metrics.get("gate") or {}):  # trainer.jobs: rule, n, interval
+        row["evidence"] = metrics["gate"]
     return row
 
 

@@ -79,11 +79,23 @@ def test_setup_requires_schema_and_project(http):
     assert http.post("/setup", json={"schema": "<View/>"}).status_code == 400
 
 
-def test_predict_answers_a_valid_request_without_error(http):
+def test_predict_answers_each_task_with_a_pairwise_choice_of_the_served_version(http):
     http.post("/setup", json=capture("01_setup.json"))
-    response = http.post("/predict", json=capture("04_predict.json"))
+    body = capture("04_predict.json")
+    response = http.post("/predict", json=body)
     assert response.status_code == 200
-    assert isinstance(response.get_json()["results"], list)
+    results = response.get_json()["results"]
+    assert len(results) == len(body["tasks"]) == 2
+    for [prediction] in results:  # one prediction per task, as Label Studio 1.23 reads them
+        assert prediction["model_version"] == "rm-untrained.policy-base"
+        [choice] = prediction["result"]
+        assert (choice["from_name"], choice["to_name"], choice["type"]) == (
+            "comparison",
+            "answer1",
+            "pairwise",
+        )
+        assert choice["value"]["selected"] in ("left", "right")
+        assert 0.0 <= prediction["score"] <= 1.0
 
 
 def test_predict_rejects_tasks_that_are_not_a_list(http):

@@ -176,7 +176,7 @@ def test_the_job_pits_the_served_policy_against_a_real_earlier_one(tmp_path):
     import dataclasses
 
     from ml_backend.serving import policy_config
-    from trainer.jobs import _arena
+    from trainer.label_studio_sync import _arena
     from trainer.policy import Policy
     from trainer.policy_training import save_policy
 

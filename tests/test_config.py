@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,20 +15,51 @@ def test_readme_configuration_table_matches_the_dataclass():
     assert readme[start:end].strip() == markdown_table()
 
 
-def test_from_env_reads_every_variable_with_types():
-    config = BackendConfig.from_env(
-        {
-            "RLHF_DATA_DIR": "/tmp/x",
-            "RLHF_PORT": "9999",
-            "BASIC_AUTH_USER": "u",
-            "BASIC_AUTH_PASS": "p",
-            "RLHF_TRAIN_EVERY": "0",
-        }
-    )
-    assert config.data_dir == Path("/tmp/x")
-    assert config.port == 9999
-    assert config.auth_enabled
-    assert config.train_every == 0
+# Every variable, with a valid value that is not its default, and the value it must become.
+EVERY_VARIABLE = {
+    "RLHF_DATA_DIR": ("/tmp/x", Path("/tmp/x")),
+    "RLHF_HOST": ("127.0.0.1", "127.0.0.1"),
+    "RLHF_PORT": ("9999", 9999),
+    "RLHF_WORKERS": ("3", 3),
+    "RLHF_THREADS": ("8", 8),
+    "BASIC_AUTH_USER": ("u", "u"),
+    "BASIC_AUTH_PASS": ("p", "p"),
+    "RLHF_MAX_BODY_BYTES": ("1024", 1024),
+    "RLHF_PUBLIC_URL": ("http://backend:9090", "http://backend:9090"),
+    "LABEL_STUDIO_URL": ("http://ls:8080", "http://ls:8080"),
+    "LABEL_STUDIO_API_KEY": ("key", "key"),
+    "RLHF_TRAIN_EVERY": ("0", 0),
+    "RLHF_PROMOTION_TOLERANCE": ("0.1", 0.1),
+    "RLHF_MIN_HELDOUT_PAIRS": ("50", 50),
+    "RLHF_RECONCILE_EVERY_S": ("60", 60.0),
+    "RLHF_STORE_SYNC": ("full", "full"),
+    "RLHF_REDIS_URL": ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    "RLHF_JOB_MAX_ATTEMPTS": ("5", 5),
+    "RLHF_JOB_STALE_AFTER_S": ("12.5", 12.5),
+    "RLHF_EMBEDDED_WORKER": ("0", 0),
+    "RLHF_REWARD_BACKBONE": ("/models/enc", "/models/enc"),
+    "RLHF_REWARD_HEADS": ("3", 3),
+    "RLHF_POLICY_MODEL": ("/models/lm", "/models/lm"),
+    "RLHF_NUM_CANDIDATES": ("6", 6),
+    "RLHF_MAX_NEW_TOKENS": ("32", 32),
+    "RLHF_TEMPERATURE": ("0.7", 0.7),
+    "RLHF_TOP_P": ("0.5", 0.5),
+    "RLHF_POLICY_TRAINING": ("grpo", "grpo"),
+    "RLHF_UNCERTAINTY_PENALTY": ("2.5", 2.5),
+    "RLHF_STRATEGY": ("bald", "bald"),
+    "RLHF_ARENA_SHARE": ("0.5", 0.5),
+    "LOG_LEVEL": ("DEBUG", "DEBUG"),
+}
+
+
+def test_from_env_reads_every_variable_with_its_type():
+    fields = {f.metadata["env"]: f for f in dataclasses.fields(BackendConfig)}
+    assert set(EVERY_VARIABLE) == set(fields), "give each new variable a value here"
+    config = BackendConfig.from_env({env: raw for env, (raw, _) in EVERY_VARIABLE.items()})
+    for env, (_, expected) in EVERY_VARIABLE.items():
+        value = getattr(config, fields[env].name)
+        assert value == expected and type(value) is type(expected), env
+        assert value != fields[env].default, f"{env}: pick a value that is not the default"
 
 
 @pytest.mark.parametrize(
@@ -37,6 +69,8 @@ def test_from_env_reads_every_variable_with_types():
         ({"RLHF_WORKERS": "0"}, "RLHF_WORKERS"),
         ({"BASIC_AUTH_USER": "only-user"}, "BASIC_AUTH_PASS"),
         ({"RLHF_TRAIN_EVERY": "-1"}, "RLHF_TRAIN_EVERY"),
+        ({"RLHF_MIN_HELDOUT_PAIRS": "0"}, "RLHF_MIN_HELDOUT_PAIRS"),
+        ({"RLHF_RECONCILE_EVERY_S": "-1"}, "RLHF_RECONCILE_EVERY_S"),
     ],
 )
 def test_bad_values_are_rejected_with_the_variable_named(env, message):

@@ -196,8 +196,9 @@ def test_summary_lists_jobs_with_progress_and_failure_reasons(http):
         120,
         42,
     )
-    # Re-scoring after the promotion, and training after the arena's 25th label.
-    assert sorted(j["kind"] for j in by_status["queued"]) == ["preannotate", "train"]
+    # Training after the arena's 25th label (re-scoring after a promotion is a Label Studio
+    # sync from the outbox, not a job).
+    assert sorted(j["kind"] for j in by_status["queued"]) == ["train"]
 
 
 def test_summary_lists_annotators_with_labels_and_agreement(http):

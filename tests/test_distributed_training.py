@@ -13,7 +13,7 @@ import pytest
 from test_training_job import seed_annotations
 
 from ml_backend.config import BackendConfig
-from ml_backend.store import JOB_DONE, JOB_PREANNOTATE, JOB_TRAIN, Store
+from ml_backend.store import JOB_DONE, JOB_TRAIN, Store
 from trainer.jobs import registry_for
 from trainer.registry import POLICY, REWARD_MODEL
 from trainer.tiny import ensure_tiny_encoder
@@ -54,11 +54,12 @@ def test_accelerate_launch_trains_the_policy_data_parallel_and_records_once(tmp_
     assert outcome["status"] == JOB_DONE, outcome
     [train] = [j for j in store.jobs(1) if j.kind == JOB_TRAIN]
     assert train.status == JOB_DONE and train.job_id == outcome["job"]
-    # The promotion re-scores the pool once, from rank 0, not once per rank.
-    assert [j.kind for j in store.jobs(1) if j.kind != JOB_TRAIN] == [JOB_PREANNOTATE]
+    # Rank 0 alone promoted, so one Label Studio sync (re-scoring) is queued, not one per rank.
+    registry = registry_for(config)
+    [sync] = registry.pending_syncs(1)
+    assert sync.model_version == registry.served_version(1)
 
     # Rank 0 alone recorded: one reward model, one policy, and the policy trained on 2 ranks.
-    registry = registry_for(config)
     assert [v.version for v in registry.versions(1, REWARD_MODEL)] == ["rm-0001"]
     [policy] = registry.versions(1, POLICY)
     metrics = policy.metrics

@@ -11,17 +11,18 @@ from test_training_job import seed_annotations
 
 from ml_backend.config import BackendConfig
 from ml_backend.store import Store
-from trainer.jobs import registry_for, train_job
+from trainer.jobs import registry_for, train_job, train_policy_version
 from trainer.policy import Policy, PolicyConfig
 from trainer.policy_training import (
     FeedbackExample,
     PolicyTrainingConfig,
+    grpo_gate,
     ilf_refinements,
     penalized_reward,
     policy_gate,
     train_policy,
 )
-from trainer.registry import POLICY, PROMOTED, REJECTED, REWARD_MODEL
+from trainer.registry import POLICY, REJECTED, REWARD_MODEL
 from trainer.reward_training import Pair
 from trainer.tiny import ensure_tiny_encoder
 
@@ -184,11 +185,13 @@ def test_gate_promotes_only_a_policy_the_reward_model_prefers(policy):
     assert "not above" in indifferent.reason
     same = policy_gate(judge_by("thank"), policy, policy, prompts, config)
     assert same.win_rate == 0.5 and not same.promote  # same seed, same answers: no win
-    ours = [t[0] for t in trained.generate(prompts, 1, seed=config.seed)]
-    theirs = [t[0] for t in policy.generate(prompts, 1, seed=config.seed)]
+    k = config.gate_samples
+    ours = [a for t in trained.generate(prompts, k, seed=config.seed) for a in t]
+    theirs = [b for t in policy.generate(prompts, k, seed=config.seed) for b in t]
     word = next(w for a in ours for w in a.split() if all(w not in b for b in theirs))
     better = policy_gate(judge_by(word), trained, policy, prompts, config)
     assert better.win_rate > 0.5 and better.promote
+    assert better.evidence["n"] == len(prompts) * k and better.evidence["ci_low"] >= 0.5
 
 
 def test_grpo_reward_is_the_heads_mean_less_the_penalty_times_their_spread():
@@ -244,14 +247,85 @@ def test_train_job_records_a_policy_version_with_its_gate(config):
     policy = result["policy"]
     registry = registry_for(config)
     version = registry.get(1, POLICY, policy["version"])
-    assert version.status in (PROMOTED, REJECTED) and "win rate" in version.reason
-    assert version.metrics["dpo_pairs"] > 0 and 0 <= version.metrics["gate"]["win_rate"] <= 1
-    assert version.metrics["judge"] == registry.served(1, REWARD_MODEL).version
+    gate = version.metrics["gate"]
+    assert "win rate" in version.reason and gate["n"] == gate["prompts"] * gate["samples"]
+    assert gate["samples"] == PolicyTrainingConfig().gate_samples and gate["prompts"] > 0
+    assert gate["ci_low"] <= gate["win_rate"] <= gate["ci_high"]
+    assert version.metrics["dpo_pairs"] > 0
+    assert version.metrics["judge"] == registry.served(1, REWARD_MODEL).version == "rm-0001"
     assert (version.path / "config.json").is_file()
     Policy.load(PolicyConfig(model=str(version.path)), config.data_dir / "cache")  # loads back
-    expected = policy["version"] if policy["promoted"] else "policy-base"
-    assert registry.served(1, POLICY).version == expected
-    assert store.project(1).model_version == registry.served_version(1)
+
+
+def test_a_policy_that_did_not_change_is_rejected_and_not_served(config):
+    """With a zero learning rate the candidate answers exactly as the serving policy does: the
+    win rate is 0.5 on every prompt, so the gate must reject it."""
+    store = Store(config.db_path).initialize()
+    seed_annotations(store, 24)
+    records = store.records(1, "preference")
+    registry = registry_for(config)
+    training = PolicyTrainingConfig(**{**FAST, "learning_rate": 0.0})
+    result = train_policy_version(config, registry, 1, records, [], training=training)
+    version = registry.get(1, POLICY, result["version"])
+    assert not result["passed"] and version.status == REJECTED
+    assert version.metrics["gate"]["win_rate"] == 0.5 and "not above" in version.reason
+    assert registry.served(1, POLICY).version == "policy-base"
+
+
+def test_ilf_inside_a_training_job_keeps_what_the_reward_backbone_finds_most_similar(
+    config, monkeypatch
+):
+    """The job's ILF similarity is the production one: cosine similarity of the reward model's
+    backbone embeddings of each refinement and its feedback."""
+    import trainer.policy_training as policy_training
+    from trainer.reward_model import RewardModel
+
+    store = Store(config.db_path).initialize()
+    seed_annotations(store, 24)
+    feedback = (
+        "feedback",
+        {
+            "project": 1,
+            "task": 1,
+            "annotation": 1,
+            "annotator": 7,
+            "prompt": "question 1",
+            "response": "go away 1, no",
+            "feedback": "be polite and say thank you",
+            "control": "fb",
+        },
+    )
+    stored = store.annotations(1)[0]
+    from test_training_job import CONFIG
+
+    from ml_backend.store import IncomingAnnotation
+
+    incoming = IncomingAnnotation(1, 1, 1, 7, stored.task_data, stored.result, False, "t2", CONFIG)
+    store.upsert_annotation(incoming, [("preference", store.records(1)[0]), feedback])
+    calls = []
+    real = policy_training.ilf_refinements
+
+    def spy(policy, examples, n, similarity):
+        def recorded(texts, feedbacks):
+            scores = similarity(texts, feedbacks)
+            calls.append((list(texts), list(feedbacks), np.asarray(scores)))
+            return scores
+
+        kept = real(policy, examples, n, recorded)
+        calls.append(kept)
+        return kept
+
+    monkeypatch.setattr(policy_training, "ilf_refinements", spy)
+    store.enqueue_training(1, "test")
+    result = train_job(config, store.claim_job("test"))
+    (texts, feedbacks, scores), kept = calls
+    judge = RewardModel.load(registry_for(config).get(1, REWARD_MODEL, "rm-0001").path)
+    a = judge.embed([""] * len(texts), texts)
+    b = judge.embed([""] * len(feedbacks), feedbacks)
+    expected = torch.nn.functional.cosine_similarity(a, b, dim=-1).numpy()
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
+    assert kept[0]["completion"] == texts[int(np.argmax(expected))]
+    assert result["policy"]["metrics"]["ilf_examples"] == 1
 
 
 def test_a_crash_in_policy_training_leaves_the_served_policy(config, monkeypatch):
@@ -282,5 +356,20 @@ def test_train_job_with_grpo_trains_against_the_served_reward_model(config):
     version = registry.get(1, POLICY, result["policy"]["version"])
     assert version.metrics["grpo_prompts"] > 0 and version.metrics["dpo_pairs"] == 0
     assert version.metrics["grpo"]["steps"] > 0
-    assert version.metrics["judge"] == registry.served(1, REWARD_MODEL).version
-    assert "win rate" in version.reason
+    assert version.metrics["judge"] == "rm-0001"  # what the job serves, not what it replaced
+    gate = version.metrics["gate"]
+    assert (
+        gate["rule"] == "held-out human pairs (GRPO)" and "held-out human pairs" in version.reason
+    )
+    assert "disagreement_candidate" in gate or gate["n"] == 0
+
+
+def test_grpo_gate_judges_on_held_out_human_pairs(policy):
+    config = PolicyTrainingConfig(**FAST)
+    heldout = [Pair(f"Question {i}:", CHOSEN, REJECTED_TEXT, group=f"1:{i}") for i in range(12)]
+    calm = lambda items: [np.ones((len(r), 2)) for _, r in items]  # noqa: E731 - heads agree
+    same = grpo_gate(calm, policy, policy, heldout, config)
+    assert same.promote and same.evidence["rule"] == "held-out human pairs (GRPO)"
+    assert same.evidence["n"] == 12 and same.evidence["ci_low"] == same.evidence["ci_high"] == 0
+    assert not same.evidence["over_optimisation_alarm"]
+    assert grpo_gate(calm, policy, policy, [], config).promote is False  # nothing to judge on

@@ -8,12 +8,12 @@ import torch
 
 from trainer.reward_training import (
     EmbeddingCache,
-    Evaluation,
     Pair,
     RewardTrainingConfig,
     evaluate,
     expected_calibration_error,
     is_heldout,
+    paired_bootstrap_interval,
     preference_probabilities,
     should_promote,
     split_pairs,
@@ -61,14 +61,23 @@ def test_heads_learn_a_known_preference_and_parameters_change():
     assert accuracy > 0.85
 
 
-def test_bootstrap_makes_heads_disagree_more_on_unseen_than_seen_pairs():
-    emb, chosen, rejected, _ = synthetic(n_pairs=60)
+def test_bootstrap_heads_disagree_more_on_unseen_than_on_seen_pairs():
+    """Labelled items vary only in half of the embedding space; pairs of new items that also
+    vary in the other half are where the ensemble should be unsure."""
+    emb, chosen, rejected, _ = synthetic(n_items=200, n_pairs=400, seed=1)
+    seen = torch.zeros(200, dtype=torch.bool)
+    seen[torch.cat([chosen[:100], rejected[:100]])] = True
+    emb = emb.clone()
+    emb[seen, H // 2 :] = 0.0
+    unseen = [i for i in range(100, 400) if not seen[chosen[i]] and not seen[rejected[i]]]
+    assert len(unseen) > 30
+    torch.manual_seed(0)
     heads = Heads()
-    train_heads(
-        heads, heads, emb, chosen, rejected, torch.ones(60), K, RewardTrainingConfig(epochs=30)
-    )
-    p = preference_probabilities(heads, emb, chosen, rejected)
-    assert p.std(axis=1).mean() > 0.0  # heads differ: there is an epistemic signal at all
+    config = RewardTrainingConfig(epochs=30)
+    train_heads(heads, heads, emb, chosen[:100], rejected[:100], torch.ones(100), K, config)
+    on_seen = preference_probabilities(heads, emb, chosen[:100], rejected[:100]).std(axis=1)
+    on_unseen = preference_probabilities(heads, emb, chosen[unseen], rejected[unseen]).std(axis=1)
+    assert on_unseen.mean() > 1.2 * on_seen.mean(), (on_unseen.mean(), on_seen.mean())
 
 
 def test_ties_train_towards_one_half():
@@ -135,9 +144,41 @@ def test_ece_is_zero_when_confidence_matches_accuracy_and_large_when_overconfide
     assert expected_calibration_error(overconfident) > 0.4
 
 
-def test_promotion_gate_rejects_a_worse_model_with_the_reason():
-    serving = Evaluation(100, 0.80, 0.05, 0.1, {})
-    ok, _ = should_promote(Evaluation(100, 0.79, 0.05, 0.1, {}), serving, 0.02)
-    worse, reason = should_promote(Evaluation(100, 0.70, 0.05, 0.1, {}), serving, 0.02)
-    assert ok and not worse
-    assert "0.700" in reason and "0.800" in reason
+def test_promotion_gate_rejects_a_worse_model_with_its_interval():
+    rng = np.random.default_rng(0)
+    serving = (rng.random(600) < 0.80).astype(float)
+    worse = serving.copy()
+    worse[np.flatnonzero(serving)[:48]] = 0.0  # 8 points of accuracy lost on 600 pairs
+    decision = should_promote(worse, serving, tolerance=0.02, min_pairs=30)
+    assert not decision.promote
+    evidence = decision.evidence
+    assert evidence["n"] == 600 and evidence["rule"] == "held-out non-inferiority"
+    assert evidence["ci_low"] <= evidence["difference"] == pytest.approx(-0.08)
+    assert evidence["ci_high"] < -0.02 and "lower end below -0.02" in decision.reason
+
+
+def test_promotion_gate_passes_an_equal_model_and_a_slightly_worse_one_within_tolerance():
+    rng = np.random.default_rng(1)
+    serving = (rng.random(2000) < 0.8).astype(float)
+    assert should_promote(serving.copy(), serving, 0.02, 30).promote
+    slightly = serving.copy()
+    slightly[np.flatnonzero(serving)[:6]] = 0.0  # -0.003
+    assert should_promote(slightly, serving, 0.02, 30).promote
+
+
+def test_few_pairs_give_a_wide_interval_that_does_not_pass_a_worse_model():
+    serving = np.ones(6)
+    worse = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    decision = should_promote(worse, serving, 0.02, 30, in_sample=True)
+    assert not decision.promote and decision.evidence["ci_low"] < -0.1
+    assert "in-sample" in decision.reason and "count from 30 on" in decision.reason
+
+
+def test_paired_bootstrap_interval_covers_the_mean_and_narrows_with_n():
+    rng = np.random.default_rng(2)
+    small = rng.choice([-1.0, 0.0, 1.0], size=20)
+    large = rng.choice([-1.0, 0.0, 1.0], size=2000)
+    low_s, high_s = paired_bootstrap_interval(small)
+    low_l, high_l = paired_bootstrap_interval(large)
+    assert low_s <= small.mean() <= high_s and low_l <= large.mean() <= high_l
+    assert high_l - low_l < (high_s - low_s) / 5

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+from collections.abc import Callable
 
 import pytest
 
 from ml_backend.app import create_app
 from ml_backend.config import BackendConfig
-from ml_backend.store import JOB_DONE, JOB_PREANNOTATE, JOB_QUEUED, IncomingAnnotation, Store
+from ml_backend.store import JOB_DONE, IncomingAnnotation, Store
 from trainer.jobs import registry_for, train_job
 from trainer.registry import PROMOTED, REJECTED, REWARD_MODEL
+from trainer.reward_training import RewardTrainingConfig, is_heldout
 from trainer.tiny import ensure_tiny_encoder
 from trainer.worker import Worker
 
@@ -33,6 +36,18 @@ def config(tmp_path, tiny_backbone):
     )
 
 
+def polite_task(i: int, rng: random.Random) -> tuple[dict[str, str], str]:
+    """Task data with a polite and a rude answer, and the side the polite one is on."""
+    polite, rude = f"thank you, here is step {i}", f"go away {i}, no"
+    left = rng.random() < 0.5
+    data = {
+        "prompt": f"question {i}",
+        "answer1": polite if left else rude,
+        "answer2": rude if left else polite,
+    }
+    return data, "left" if left else "right"
+
+
 def seed_annotations(store: Store, n: int, seed: int = 0) -> None:
     """Annotators prefer the polite answer (a rule the model can pick up)."""
     rng = random.Random(seed)
@@ -42,19 +57,13 @@ def seed_annotations(store: Store, n: int, seed: int = 0) -> None:
 
     schema = parse_label_config(CONFIG)
     for i in range(n):
-        polite, rude = f"thank you, here is step {i}", f"go away {i}, no"
-        left_polite = rng.random() < 0.5
-        data = {
-            "prompt": f"question {i}",
-            "answer1": polite if left_polite else rude,
-            "answer2": rude if left_polite else polite,
-        }
+        data, side = polite_task(i, rng)
         result = [
             {
                 "from_name": "comparison",
                 "to_name": "answer1",
                 "type": "pairwise",
-                "value": {"selected": "left" if left_polite else "right"},
+                "value": {"selected": side},
             }
         ]
         incoming = IncomingAnnotation(i + 1, 1, i + 1, 7, data, result, False, "t", CONFIG)
@@ -63,25 +72,34 @@ def seed_annotations(store: Store, n: int, seed: int = 0) -> None:
         )
 
 
-def test_train_job_promotes_a_trained_version_and_queues_rescoring(config):
+def test_train_job_promotes_a_trained_version_with_its_evidence_and_queues_its_sync(config):
     store = Store(config.db_path).initialize()
     seed_annotations(store, 60)
-    job = store.enqueue_training(1, "test")
+    store.enqueue_training(1, "test")
     result = train_job(config, store.claim_job("test"))
     assert result["trained"] and result["promoted"], result
     registry = registry_for(config)
     served = registry.served(1, REWARD_MODEL)
     assert served.version == "rm-0001" and served.status == PROMOTED
     assert served.metrics["train_pairs"] > 0
+    gate = served.metrics["gate"]
+    assert gate["rule"].startswith("in-sample") and gate["n"] == 60  # 60 pairs, few held out
+    assert gate["ci_low"] <= gate["difference"] <= gate["ci_high"]
+    assert "held-out pairs count from 30 on" in served.reason
     assert (served.path / "config.json").is_file()
     saved = json.loads((served.path / "config.json").read_text())
     assert saved["provenance"]["trained"] is True
     assert saved["provenance"]["version"] == "rm-0001"
     assert registry.served_version(1) == "rm-0001.policy-base"
-    assert store.project(1).model_version == "rm-0001.policy-base"
-    assert [(j.kind, j.status) for j in store.jobs(1) if j.job_id != job.job_id] == [
-        (JOB_PREANNOTATE, JOB_QUEUED)
-    ]
+    # The project was never connected to a Label Studio: the sync waits in the outbox.
+    [sync] = registry.pending_syncs(1)
+    assert sync.model_version == "rm-0001.policy-base" and "URL/token" in sync.error
+    metrics = create_app(config).test_client().get("/metrics").get_data(as_text=True)
+    labels = 'kind="rm",project="1",rule="in-sample (held-out below minimum)",version="rm-0001"'
+    assert f"rlhf_gate_n{{{labels}}} 60.0" in metrics
+    assert f"rlhf_gate_passed{{{labels}}} 1.0" in metrics
+    assert f"rlhf_gate_ci_low{{{labels}}}" in metrics
+    assert 'rlhf_label_studio_syncs_pending{project="1"} 1.0' in metrics
 
 
 def test_served_predictions_carry_the_promoted_version(config):
@@ -102,38 +120,79 @@ def test_served_predictions_carry_the_promoted_version(config):
     }
 
 
-def test_a_worse_candidate_is_rejected_with_its_reason(config, monkeypatch):
+def relabel(store: Store, flip: Callable[[str], bool], stamp: str = "u") -> None:
+    """Annotators change their minds on the tasks where ``flip(group)``: the rude answer wins."""
+    from ml_backend.conversion import Provenance, convert
+    from ml_backend.label_schema import parse_label_config
+
+    schema = parse_label_config(CONFIG)
+    for stored in store.annotations(1):
+        if not flip(f"1:{stored.task_id}"):
+            continue
+        side = stored.result[0]["value"]["selected"]
+        result = [dict(stored.result[0], value={"selected": "right" if side == "left" else "left"})]
+        incoming = IncomingAnnotation(
+            stored.annotation_id,
+            1,
+            stored.task_id,
+            7,
+            stored.task_data,
+            result,
+            False,
+            stamp,
+            CONFIG,
+        )
+        provenance = Provenance(1, stored.task_id, stored.annotation_id, 7)
+        store.upsert_annotation(incoming, convert(result, stored.task_data, schema, provenance))
+
+
+def train_once(config: BackendConfig, store: Store) -> dict:
+    """One training job, run as a worker runs it (finished, so the next one can be claimed)."""
+    store.enqueue_training(1, "test")
+    job = store.claim_job("test")
+    result = train_job(config, job)
+    store.finish_job(job.job_id, JOB_DONE, result=result)
+    return result
+
+
+def test_the_real_gate_rejects_a_genuinely_worse_reward_model(config):
+    """Training labels are reversed (a confused annotator; held-out ones stay true): the model
+    learns the wrong rule, is worse on held-out pairs than what is served, and the unmodified
+    gate says so with its interval."""
+    config = dataclasses.replace(config, min_heldout_pairs=12)
     store = Store(config.db_path).initialize()
-    seed_annotations(store, 60)
-    store.enqueue_training(1, "test")
-    train_job(config, store.claim_job("test"))
-    import trainer.jobs as jobs
-
-    monkeypatch.setattr(jobs, "should_promote", lambda new, old, tol: (False, "worse: test"))
-    store.enqueue_training(1, "test")
-    result = train_job(config, store.claim_job("test"))
-    assert result["promoted"] is False
+    seed_annotations(store, 160)
+    relabel(store, lambda group: not is_heldout(group, RewardTrainingConfig().heldout_fraction))
+    result = train_once(config, store)
+    assert result["promoted"] is False, result["reason"]
     registry = registry_for(config)
-    assert registry.served(1, REWARD_MODEL).version == "rm-0001"
-    rejected = registry.get(1, REWARD_MODEL, "rm-0002")
-    assert (rejected.status, rejected.reason) == (REJECTED, "worse: test")
+    assert registry.served_version(1) == "rm-untrained.policy-base"
+    rejected = registry.get(1, REWARD_MODEL, "rm-0001")
+    gate = rejected.metrics["gate"]
+    assert rejected.status == REJECTED and gate["rule"] == "held-out non-inferiority"
+    assert gate["n"] >= 12 and gate["ci_high"] < 0, gate
+    assert "held-out non-inferiority" in rejected.reason
+    assert registry.pending_syncs(1) == []  # nothing promoted, nothing to tell Label Studio
 
 
-def test_the_configured_promotion_tolerance_is_the_gates(config, monkeypatch):
-    import dataclasses
+def test_the_same_labels_pass_the_held_out_gate(config):
+    config = dataclasses.replace(config, min_heldout_pairs=12)
+    store = Store(config.db_path).initialize()
+    seed_annotations(store, 160)
+    for _ in range(2):
+        result = train_once(config, store)
+    assert result["promoted"], result["reason"]
+    gate = registry_for(config).get(1, REWARD_MODEL, "rm-0002").metrics["gate"]
+    assert gate["rule"] == "held-out non-inferiority" and gate["n"] >= 12
 
-    import trainer.jobs as jobs
 
-    tolerances = []
-    real = jobs.should_promote
-    monkeypatch.setattr(
-        jobs, "should_promote", lambda new, old, tol: tolerances.append(tol) or real(new, old, tol)
-    )
+def test_the_configured_promotion_tolerance_is_the_gates(config):
     store = Store(config.db_path).initialize()
     seed_annotations(store, 20)
     store.enqueue_training(1, "test")
     train_job(dataclasses.replace(config, promotion_tolerance=0.25), store.claim_job("test"))
-    assert tolerances == [0.25]
+    version = registry_for(config).get(1, REWARD_MODEL, "rm-0001")
+    assert version.metrics["gate"]["tolerance"] == 0.25 and "-0.25" in version.reason
 
 
 def test_a_crashing_job_changes_nothing_and_is_retried_then_failed(config, monkeypatch):

@@ -88,10 +88,10 @@ def notify_workers(config: BackendConfig, job_id: int | None, why: str) -> None:
 def drain(job_id: int | None = None) -> int:
     """The RQ task: run every job the store has ready (``job_id``, the one that woke us, among
     them), with this machine's configuration."""
-    from trainer.worker import Worker, default_handlers
+    from trainer.worker import Worker, default_chores, default_handlers
 
     config = BackendConfig.from_env()
-    return Worker(config, default_handlers(config)).run(once=True)
+    return Worker(config, default_handlers(config), default_chores(config)).run(once=True)
 
 
 def run_rq_worker(config: BackendConfig, burst: bool = False) -> None:

@@ -1,9 +1,12 @@
-"""The jobs a worker runs: retrain a project's models, and pre-annotate its tasks.
+"""The jobs a worker runs: retrain a project's models, pre-annotate and reconcile its tasks.
 
-A training job never changes what is served until its very last step: the candidate is written
-to a fresh directory (atomically renamed into place) and recorded in the registry; only a
-candidate that passes the promotion gate becomes the served version. A crash anywhere before
-that leaves the served models, the store and the registry as they were.
+A training job never changes what is served until its very last step: each candidate is written
+to a fresh directory (atomically renamed into place) and recorded in the registry as a
+candidate (or rejected, with the gate's evidence); then the candidates that passed their gates
+are promoted together in one transaction that also queues their Label Studio sync (the outbox,
+:mod:`trainer.label_studio_sync`). A crash before that transaction leaves the served models and
+Label Studio as they were (the retry trains again); a crash after it leaves a pending sync that
+a worker retries until Label Studio shows the served version.
 """
 
 from __future__ import annotations
@@ -17,34 +20,44 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ml_backend.arena import Arena
+import numpy as np
+
 from ml_backend.config import BackendConfig
 from ml_backend.conversion import preference_pairs
-from ml_backend.label_schema import parse_label_config
 from ml_backend.serving import (
-    ModelServer,
     embedding_store_path,
     policy_config,
     reward_model_config,
 )
-from ml_backend.store import JOB_PREANNOTATE, Job, Store
-from trainer.dispatch import notify_workers
+from ml_backend.store import Job, Store
 from trainer.distributed import ONE_PROCESS, Ranks
 from trainer.embedding_store import EmbeddingStore
+from trainer.label_studio_sync import drain_syncs, preannotate, project_tasks
 from trainer.policy_training import (
     FeedbackExample,
     PolicyTrainingConfig,
+    grpo_gate,
     policy_gate,
     save_policy,
     train_policy,
 )
-from trainer.registry import POLICY, PROMOTED, REJECTED, REWARD_MODEL, Registry
+from trainer.registry import (
+    CANDIDATE,
+    POLICY,
+    PROMOTED,
+    REJECTED,
+    REWARD_MODEL,
+    ModelVersion,
+    Registry,
+)
 from trainer.reward_training import (
     EmbeddingCache,
     Evaluation,
+    GateDecision,
     Pair,
     Progress,
     RewardTrainingConfig,
+    correct_choices,
     evaluate,
     laplace_posterior,
     preference_probabilities,
@@ -86,11 +99,26 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
     if len(records) < MIN_PAIRS:
         return {"trained": False, "reason": f"{len(records)} preference pairs; need {MIN_PAIRS}"}
     result: dict[str, Any] = {}
+    earlier = {v.kind: v for v in registry.recorded_by_job(job.project_id, job.job_id)}
+    if any(v.status == PROMOTED for v in earlier.values()):  # crashed after its promotion
+        after_promotion(config, registry, job.project_id)
+        served = registry.served_version(job.project_id)
+        return {"trained": False, "reason": f"an earlier attempt promoted {served}"}
     if ranks.is_main:
-        result = train_reward_model(
-            config, registry, job.project_id, records, job_progress(store, job, "reward model")
+        result = _earlier_reward_model(earlier.get(REWARD_MODEL), records) or train_reward_model(
+            config,
+            registry,
+            job.project_id,
+            records,
+            job_progress(store, job, "reward model"),
+            job_id=job.job_id,
         )
-    ranks.wait()  # for the judge the policy is trained and gated with
+        reached("reward model recorded")
+    judge = ranks.share(
+        registry.get(job.project_id, REWARD_MODEL, result["version"])
+        if ranks.is_main and result["passed"]
+        else None
+    )  # the policy is trained and gated with the reward model this job will serve
     if config.policy_training != "off":
         result["policy"] = train_policy_version(
             config,
@@ -100,13 +128,58 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
             feedback,
             job_progress(store, job, "policy") if ranks.is_main else None,
             ranks=ranks,
+            judge_version=judge,
+            job_id=job.job_id,
         )
-    if ranks.is_main and (result["promoted"] or result.get("policy", {}).get("promoted")):
-        after_promotion(config, store, registry, job.project_id)
-        pruned = apply_retention(registry, job.project_id, config.keep_versions)
-        if pruned:
-            result["pruned"] = [p.version for p in pruned]
+        reached("policy recorded")
+    if ranks.is_main:
+        promote_passed(config, registry, job.project_id, result)
+        if result["promoted"] or result.get("policy", {}).get("promoted"):
+            pruned = apply_retention(registry, job.project_id, config.keep_versions)
+            if pruned:
+                result["pruned"] = [p.version for p in pruned]
     return result
+
+
+def _earlier_reward_model(
+    earlier: ModelVersion | None, records: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The reward model an earlier attempt of this job recorded, if trained on the same data."""
+    if earlier is None:
+        return None
+    if earlier.data_snapshot.get("annotations") != sorted({r["annotation"] for r in records}):
+        return None
+    return {
+        "trained": True,
+        "version": earlier.version,
+        "passed": earlier.status == CANDIDATE,
+        "reason": earlier.reason,
+        "metrics": earlier.metrics,
+        "resumed": True,
+    }
+
+
+def reached(phase: str) -> None:
+    """A phase boundary of a training job (the crash tests inject their faults here)."""
+    logger.debug("training job: %s", phase)
+
+
+def promote_passed(
+    config: BackendConfig, registry: Registry, project_id: int, result: dict[str, Any]
+) -> None:
+    """Promote every candidate of this job that passed its gate, together, then try the sync."""
+    passed = {REWARD_MODEL: result["version"]} if result["passed"] else {}
+    policy = result.get("policy", {})
+    if policy.get("passed"):
+        passed[POLICY] = policy["version"]
+    result["promoted"] = REWARD_MODEL in passed
+    if policy:
+        policy["promoted"] = POLICY in passed
+    if not passed:
+        return
+    result["model_version"] = registry.promote(project_id, passed)
+    reached("promoted")
+    after_promotion(config, registry, project_id)
 
 
 def job_progress(store: Store, job: Job, phase: str, every_s: float = 1.0) -> Progress:
@@ -128,10 +201,14 @@ def train_reward_model(
     records: list[dict[str, Any]],
     progress: Progress | None = None,
     training: RewardTrainingConfig | None = None,
+    job_id: int | None = None,
 ) -> dict[str, Any]:
     from trainer.reward_model import RewardModel
 
-    training = training or RewardTrainingConfig(promotion_tolerance=config.promotion_tolerance)
+    training = training or RewardTrainingConfig(
+        promotion_tolerance=config.promotion_tolerance,
+        min_heldout_pairs=config.min_heldout_pairs,
+    )
     pairs = [Pair.from_record(r) for r in records]
     train, heldout = split_pairs(pairs, training.heldout_fraction)
     if not train:
@@ -146,7 +223,7 @@ def train_reward_model(
 
     store = EmbeddingStore(embedding_store_path(config))
     cache = EmbeddingCache(lambda prompts, responses: store.embed(candidate, prompts, responses))
-    cache.add(train + heldout)
+    cache.add(pairs)
     embeddings = cache.matrix()
     started = time.monotonic()
     chosen, rejected, target = cache.pair_indices(train)
@@ -166,13 +243,13 @@ def train_reward_model(
         candidate.head_rewards, embeddings, chosen, rejected, candidate.config.prior_scale
     )
     candidate.posterior_precision = posterior.precision
+    reached("reward model trained")
 
     new_eval, old_eval = (_evaluate(model, cache, heldout) for model in (candidate, serving_model))
-    promote, reason = should_promote(new_eval, old_eval, training.promotion_tolerance)
-    if served.path is None and new_eval.accuracy is None:
-        promote, reason = True, "first trained version (no held-out pairs yet)"
+    gate = _reward_gate(candidate, serving_model, cache, train, heldout, training)
     version, path = registry.new_version_dir(project_id, REWARD_MODEL)
     metrics = {
+        "gate": gate.evidence,
         "heldout": new_eval.as_dict(),
         "serving_heldout": old_eval.as_dict(),
         "train_pairs": len(train),
@@ -185,6 +262,7 @@ def train_reward_model(
         "records": len(records),
         "annotations": sorted({r["annotation"] for r in records}),
         "warm_start": served.version,
+        "job": job_id,
     }
     provenance = {
         "version": version,
@@ -202,17 +280,21 @@ def train_reward_model(
         config={"model": candidate.config.__dict__, "training": training.__dict__},
         data_snapshot=snapshot,
         metrics=metrics,
-        status=PROMOTED if promote else REJECTED,
-        reason=reason,
+        status=CANDIDATE if gate.promote else REJECTED,
+        reason=gate.reason,
     )
     logger.info(
-        "project %s: %s %s (%s)", project_id, version, "promoted" if promote else "rejected", reason
+        "project %s: %s %s (%s)",
+        project_id,
+        version,
+        "passed its gate" if gate.promote else "rejected",
+        gate.reason,
     )
     return {
         "trained": True,
         "version": version,
-        "promoted": promote,
-        "reason": reason,
+        "passed": gate.promote,
+        "reason": gate.reason,
         "metrics": metrics,
     }
 
@@ -226,11 +308,15 @@ def train_policy_version(
     progress: Progress | None = None,
     training: PolicyTrainingConfig | None = None,
     ranks: Ranks = ONE_PROCESS,
+    judge_version: ModelVersion | None = None,
+    job_id: int | None = None,
 ) -> dict[str, Any]:
-    """DPO (and ILF) from the serving policy; the serving reward model judges the candidate.
+    """DPO or GRPO (and ILF) from the serving policy, gated against the serving policy.
 
-    Pairs of held-out tasks are not trained on: their prompts are the gate's test set. Every
-    rank trains; rank 0 alone gates, saves and records (the others return the training stats).
+    ``judge_version`` is the reward model the job is about to serve (default: the served one);
+    it rewards GRPO and judges a DPO candidate. Pairs of held-out tasks are not trained on:
+    their prompts are the gate's test set. Every rank trains; rank 0 alone gates, saves and
+    records (the others return the training stats).
     """
     from trainer.policy import Policy
     from trainer.reward_model import RewardModel
@@ -251,7 +337,7 @@ def train_policy_version(
         for r in feedback_records
         if r.get("response") and r.get("feedback")
     ]
-    served_rm = registry.served(project_id, REWARD_MODEL)
+    served_rm = judge_version or registry.served(project_id, REWARD_MODEL)
     judge = (
         RewardModel.load(served_rm.path)
         if served_rm.path
@@ -272,15 +358,20 @@ def train_policy_version(
         ranks=ranks,
         judge=judge.score_heads,
     )
+    reached("policy trained")
     if not ranks.is_main:
-        return {"rank": ranks.index, "promoted": False, "metrics": stats}
-    gate = policy_gate(judge.score_heads, candidate, serving, gate_prompts, training)
+        return {"rank": ranks.index, "passed": False, "metrics": stats}
+    if training.method == "grpo":  # optimised against the judge: humans' held-out pairs decide
+        gate = grpo_gate(judge.score_heads, candidate, serving, heldout, training)
+    else:
+        gate = policy_gate(judge.score_heads, candidate, serving, gate_prompts, training)
     version, path = registry.new_version_dir(project_id, POLICY)
     metrics = {"gate": gate.as_dict(), "judge": served_rm.version, **stats}
     snapshot = {
         "records": len(records) + len(feedback_records),
         "annotations": sorted({r["annotation"] for r in records + feedback_records}),
         "warm_start": served.version,
+        "job": job_id,
     }
     _save_atomically(path, lambda tmp: save_policy(candidate, tmp))
     registry.record(
@@ -291,17 +382,17 @@ def train_policy_version(
         config={"training": training.__dict__, "base": serving.version},
         data_snapshot=snapshot,
         metrics=metrics,
-        status=PROMOTED if gate.promote else REJECTED,
+        status=CANDIDATE if gate.promote else REJECTED,
         reason=gate.reason,
     )
     logger.info(
         "project %s: %s %s (%s)",
         project_id,
         version,
-        "promoted" if gate.promote else "rejected",
+        "passed its gate" if gate.promote else "rejected",
         gate.reason,
     )
-    return {"version": version, "promoted": gate.promote, "reason": gate.reason, "metrics": metrics}
+    return {"version": version, "passed": gate.promote, "reason": gate.reason, "metrics": metrics}
 
 
 def _embedding_similarity(model: Any) -> Any:
@@ -315,6 +406,37 @@ def _embedding_similarity(model: Any) -> Any:
         return torch.nn.functional.cosine_similarity(a, b, dim=-1).cpu().numpy()
 
     return similarity
+
+
+def _reward_gate(
+    candidate: Any,
+    serving: Any,
+    cache: EmbeddingCache,
+    train: list[Pair],
+    heldout: list[Pair],
+    training: RewardTrainingConfig,
+) -> GateDecision:
+    """Held-out pairs decide once there are enough of them (and the candidate did not train on
+    them); until then every labelled pair does, and the decision says it was in-sample."""
+    decisive_heldout = sum(not p.tie for p in heldout)
+    in_sample = decisive_heldout < training.min_heldout_pairs or train is heldout
+    pairs = list(dict.fromkeys(train + heldout)) if in_sample else heldout
+    chosen, rejected, _ = cache.pair_indices(pairs) if pairs else (None, None, None)
+    correct = [
+        correct_choices(
+            pairs, preference_probabilities(m.head_rewards, cache.matrix(), chosen, rejected)
+        )
+        if pairs
+        else np.zeros(0)
+        for m in (candidate, serving)
+    ]
+    return should_promote(
+        correct[0],
+        correct[1],
+        training.promotion_tolerance,
+        training.min_heldout_pairs,
+        in_sample=in_sample,
+    )
 
 
 def _evaluate(model: Any, cache: EmbeddingCache, pairs: list[Pair]) -> Evaluation:
@@ -335,59 +457,24 @@ def _save_atomically(path: Path, save: Callable[[Path], None]) -> None:
     tmp.rename(path)
 
 
-def after_promotion(
-    config: BackendConfig, store: Store, registry: Registry, project_id: int
-) -> None:
-    """Label Studio follows the new version: project model_version, and a re-scored pool."""
-    version = registry.served_version(project_id)
-    store.set_project_model_version(project_id, version)
-    job = store.enqueue_job(project_id, JOB_PREANNOTATE, trigger=f"promoted {version}")
-    notify_workers(config, job.job_id if job else None, "promotion")
+def after_promotion(config: BackendConfig, registry: Registry, project_id: int) -> None:
+    """Label Studio follows the served version (a promotion, or a pin): its sync is queued
+    unless one is pending, and tried now; a worker retries a failure."""
+    served = registry.served_version(project_id)
+    if all(s.model_version != served for s in registry.pending_syncs(project_id)):
+        registry.queue_sync(project_id)
+    drain_syncs(config, registry, project_id)
 
 
 def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
-    from ml_backend.label_studio import LabelStudioTasks, client
-    from ml_backend.preannotate import RecordingTasks, preannotate_project
-    from ml_backend.trust import Credentials
-    from ml_backend.vault import Vault
+    store = Store(config.db_path, config.store_sync)
+    return preannotate(config, store, registry_for(config), job.project_id, progress=True)
+
+
+def reconcile_job(config: BackendConfig, job: Job) -> dict[str, Any]:
+    """Bring the store level with the project's annotations in Label Studio."""
+    from ml_backend.reconcile import reconcile_project
 
     store = Store(config.db_path, config.store_sync)
-    project = store.project(job.project_id)
-    if project is None:
-        raise LookupError(f"project {job.project_id} is not connected")
-    # The token goes only to the host it came with, or to LABEL_STUDIO_URL (ml_backend/trust.py).
-    connection = Credentials(config, store, Vault.for_config(config)).connection(project)
-    if connection is None:
-        raise LookupError(
-            "no Label Studio URL/token for this project: reconnect the model in Label Studio "
-            "(its /setup brings both), or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
-        )
-    models = ModelServer(config, registry_for(config))
-    tasks = LabelStudioTasks(client(connection))
-    version = models.served_version(job.project_id)
-    report = preannotate_project(
-        job.project_id,
-        parse_label_config(project.label_config),
-        models,
-        RecordingTasks(tasks, store.note_task_models, job.project_id, version),
-        num_candidates=config.num_candidates,
-        strategy=config.strategy,
-        progress=True,
-        arena=_arena(config, store, models, job.project_id),
-    )
-    return report.as_dict()
-
-
-def _arena(config: BackendConfig, store: Store, models: ModelServer, project_id: int) -> Arena:
-    registry = models.registry
-    return Arena(
-        project_id=project_id,
-        share=config.arena_share,
-        current=registry.served(project_id, POLICY).version,
-        opponents=models.arena_opponents(project_id),
-        reward_model=registry.served(project_id, REWARD_MODEL).version,
-        generate_with=lambda version, prompts, n: models.generate_with(
-            project_id, version, prompts, n
-        ),
-        record=store.replace_arena_responses,
-    )
+    tasks = project_tasks(config, store, job.project_id)
+    return reconcile_project(store, job.project_id, tasks, config.train_every).as_dict()

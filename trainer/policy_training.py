@@ -9,10 +9,18 @@
   prompt, response and feedback; the refinement most similar to the feedback (cosine similarity of
   the reward model's backbone embeddings) is kept, and the policy is fine-tuned on
   (prompt → refinement) with TRL's ``SFTTrainer``. It runs before DPO, on the same candidate.
-- **The gate**: the candidate and the serving policy answer the same held-out prompts with the
-  same sampling seed; the serving reward model judges each pair (Bradley–Terry probability,
-  mean of the heads). The candidate is promoted only if its win rate exceeds
+- **The gate** (DPO): the candidate and the serving policy answer the same held-out prompts,
+  ``gate_samples`` answers each, with the same sampling seed; the reward model the job serves
+  judges each pair (Bradley–Terry probability, mean of the heads). The win rate is averaged per
+  prompt and a bootstrap over prompts gives its interval; the candidate is promoted only if the
+  interval's lower end is at least ``min_win_rate - gate_margin`` and its mean above
   ``min_win_rate``.
+- **The gate under GRPO** cannot be that reward model: GRPO was optimised against it, so reward
+  hacking would pass. It is judged on held-out *human* pairs instead: per pair, does the policy
+  give the chosen answer a higher mean token log-probability than the rejected one, candidate vs
+  serving (paired bootstrap, non-inferiority by ``gate_margin``). And an over-optimisation
+  alarm: if the reward ensemble's disagreement (std over heads) on the candidate's answers is
+  credibly higher than on the serving policy's, the candidate is rejected.
 
 - **GRPO** (``method="grpo"``, TRL's ``GRPOTrainer``): on-policy RL instead of DPO. For each
   training prompt the policy samples ``grpo_generations`` answers; each is rewarded by the reward
@@ -24,6 +32,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import tempfile
@@ -70,6 +79,10 @@ class PolicyTrainingConfig:
     min_win_rate: float = documented(
         0.5, "Promote only if the reward model prefers the candidate on more than this share."
     )
+    gate_samples: int = documented(4, "Answers per gate prompt from each policy (paired).")
+    gate_margin: float = documented(
+        0.05, "The gate's non-inferiority margin on its interval's lower end."
+    )
     seed: int = documented(0, "Seed for data order, sampling and the gate's generations.")
     grpo_generations: int = documented(4, "GRPO: answers sampled per prompt (one group).")
     max_new_tokens: int = documented(64, "GRPO: longest sampled answer, in tokens.")
@@ -85,7 +98,14 @@ class PolicyTrainingConfig:
             raise ValueError(f"method={self.method!r}: choose one of {', '.join(METHODS)}.")
         if self.lora not in ("auto", "on", "off"):
             raise ValueError(f"lora={self.lora!r}: choose 'auto', 'on' or 'off'.")
-        for name in ("epochs", "batch_size", "max_length", "lora_rank", "gate_prompts"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "max_length",
+            "lora_rank",
+            "gate_prompts",
+            "gate_samples",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
         if self.ilf_refinements < 0:
@@ -339,9 +359,16 @@ class GateResult:
     prompts: int
     promote: bool
     reason: str
+    evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        return {k: v for k, v in self.__dict__.items() if k != "evidence"} | self.evidence
+
+
+def _bootstrap(values: np.ndarray, seed: int, confidence: float = 0.95) -> tuple[float, float]:
+    from trainer.reward_training import paired_bootstrap_interval
+
+    return paired_bootstrap_interval(values, confidence, seed=seed)
 
 
 def policy_gate(
@@ -354,23 +381,120 @@ def policy_gate(
     """Does the reward model prefer the candidate's answers to the serving policy's?
 
     ``judge`` is ``RewardModel.score_heads``: per item, the per-head rewards (2, K). Both policies
-    sample with the same seed, so the comparison is paired. The win rate is the mean
-    Bradley–Terry probability that the candidate's answer is better.
+    sample ``gate_samples`` answers per prompt with the same seed, so the comparison is paired.
+    The win rate is the mean Bradley–Terry probability that the candidate's answer is better;
+    its interval comes from a bootstrap over prompts (samples of a prompt are not independent).
     """
     prompts = list(prompts)[: config.gate_prompts]
+    k = config.gate_samples
+    evidence: dict[str, Any] = {"rule": "reward-model win rate", "prompts": len(prompts)}
     if not prompts:
-        return GateResult(math.nan, 0, False, "no prompts to compare the policies on")
-    ours = [texts[0] for texts in candidate.generate(prompts, 1, seed=config.seed)]
-    theirs = [texts[0] for texts in serving.generate(prompts, 1, seed=config.seed)]
-    rewards = judge([(p, [a, b]) for p, a, b in zip(prompts, ours, theirs, strict=True)])
+        return GateResult(math.nan, 0, False, "no prompts to compare the policies on", evidence)
+    ours = candidate.generate(prompts, k, seed=config.seed)
+    theirs = serving.generate(prompts, k, seed=config.seed)
+    items = [(p, [a, b]) for p, a_s, b_s in zip(prompts, ours, theirs) for a, b in zip(a_s, b_s)]
+    rewards = judge(items)
     margins = np.array([r[0].mean() - r[1].mean() for r in rewards])  # mean over heads
-    win_rate = float(np.mean(1.0 / (1.0 + np.exp(-margins))))
-    promote = win_rate > config.min_win_rate
-    verdict = "above" if promote else "not above"
-    reason = f"reward-model win rate {win_rate:.3f} on {len(prompts)} prompts is {verdict} " + (
-        f"{config.min_win_rate}"
+    per_prompt = (1.0 / (1.0 + np.exp(-margins))).reshape(len(prompts), k).mean(axis=1)  # (P,)
+    win_rate = float(per_prompt.mean())
+    low, high = _bootstrap(per_prompt, config.seed)
+    floor = config.min_win_rate - config.gate_margin
+    promote = win_rate > config.min_win_rate and low >= floor
+    evidence.update(n=len(items), samples=k, ci_low=low, ci_high=high, floor=floor)
+    reason = (
+        f"reward-model win rate {win_rate:.3f} on {len(prompts)} prompts x {k} samples "
+        f"(95% interval {low:.3f}..{high:.3f}): "
+        + ("above" if promote else "not above")
+        + f" {config.min_win_rate} with the lower end at least {floor:.2f}"
     )
-    return GateResult(round(win_rate, 4), len(prompts), promote, reason)
+    return GateResult(round(win_rate, 4), len(prompts), promote, reason, evidence)
+
+
+def mean_logprob(policy: Policy, prompt: str, response: str) -> float:
+    """Mean token log p(response | prompt) under the policy (teacher forcing, its template)."""
+    prompt_ids = policy._prompt_ids(prompt)
+    response_ids = policy.tokenizer(response, add_special_tokens=False)["input_ids"] or [
+        policy.tokenizer.eos_token_id
+    ]
+    ids = torch.tensor([prompt_ids + response_ids], device=policy.device)  # (1, T)
+    with torch.inference_mode():
+        logits = policy.model(ids).logits[0, :-1].float()  # (T-1, V)
+    logps = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]  # (T-1,)
+    return float(logps[len(prompt_ids) - 1 :].mean())
+
+
+def grpo_gate(
+    judge: Callable[[list[tuple[str, list[str]]]], list[np.ndarray]],
+    candidate: Policy,
+    serving: Policy,
+    heldout: Sequence[Any],
+    config: PolicyTrainingConfig,
+) -> GateResult:
+    """A GRPO candidate judged by what it was not optimised against: held-out human pairs.
+
+    Per decisive held-out pair (``Pair``), each policy is right when it gives the chosen answer
+    the higher mean token log-probability; promotion needs the paired-bootstrap interval of the
+    accuracy difference to stay above ``-gate_margin``. The reward ensemble still looks at the
+    policies' answers, only for the over-optimisation alarm: its heads disagreeing credibly
+    more on the candidate's answers than on the serving policy's rejects the candidate.
+    """
+    pairs = [p for p in heldout if not p.tie]
+    evidence: dict[str, Any] = {"rule": "held-out human pairs (GRPO)", "n": len(pairs)}
+    if not pairs:
+        reason = "GRPO: no held-out human pairs to judge on yet; not promoted"
+        return GateResult(math.nan, 0, False, reason, evidence)
+    correct = np.array(
+        [
+            [
+                mean_logprob(policy, p.prompt, p.chosen)
+                > mean_logprob(policy, p.prompt, p.rejected)
+                for policy in (candidate, serving)
+            ]
+            for p in pairs
+        ],
+        dtype=float,
+    )  # (n, 2)
+    low, high = _bootstrap(correct[:, 0] - correct[:, 1], config.seed)
+    alarm = _disagreement_alarm(judge, candidate, serving, pairs, config, evidence)
+    promote = low >= -config.gate_margin and not alarm
+    evidence.update(
+        candidate_accuracy=float(correct[:, 0].mean()),
+        serving_accuracy=float(correct[:, 1].mean()),
+        ci_low=low,
+        ci_high=high,
+        over_optimisation_alarm=alarm,
+    )
+    reason = (
+        f"GRPO judged on {len(pairs)} held-out human pairs: accuracy "
+        f"{correct[:, 0].mean():.3f} vs serving {correct[:, 1].mean():.3f} (difference 95% "
+        f"interval {low:+.3f}..{high:+.3f}, margin {config.gate_margin})"
+        + ("; over-optimisation alarm: ensemble disagreement rose" if alarm else "")
+    )
+    return GateResult(float(correct[:, 0].mean()), len(pairs), promote, reason, evidence)
+
+
+def _disagreement_alarm(
+    judge: Callable[[list[tuple[str, list[str]]]], list[np.ndarray]],
+    candidate: Policy,
+    serving: Policy,
+    pairs: Sequence[Any],
+    config: PolicyTrainingConfig,
+    evidence: dict[str, Any],
+) -> bool:
+    """True when the heads' std on the candidate's answers is credibly above the serving's."""
+    prompts = list(dict.fromkeys(p.prompt for p in pairs))[: config.gate_prompts]
+    k = config.gate_samples
+    ours = candidate.generate(prompts, k, seed=config.seed)
+    theirs = serving.generate(prompts, k, seed=config.seed)
+    heads = judge([(p, a + b) for p, a, b in zip(prompts, ours, theirs)])  # each (2k, K)
+    spread = np.array([[h[:k].std(axis=1).mean(), h[k:].std(axis=1).mean()] for h in heads])
+    low, _ = _bootstrap(spread[:, 0] - spread[:, 1], config.seed)
+    evidence.update(
+        disagreement_candidate=float(spread[:, 0].mean()),
+        disagreement_serving=float(spread[:, 1].mean()),
+        disagreement_rise_ci_low=low,
+    )
+    return bool(low > 0)
 
 
 def save_policy(policy: Policy, path: Path) -> None:

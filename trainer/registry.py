@@ -13,6 +13,12 @@ the predictions it already has between retrains.
 A project's lead can pin a version of either kind (``rlhf-backend serve-version``): the pinned
 version is then the served one, whatever is promoted after it, until it is unpinned. The pin and
 its reason are rows of ``model_pins``.
+
+A training job records its versions as candidates and promotes what passed its gates in one
+transaction (:meth:`Registry.promote`), which also writes a row to the Label Studio outbox
+(``label_studio_syncs``): the sync of the project's ``model_version`` and re-scored predictions
+that a worker retries until Label Studio confirms it (:mod:`trainer.label_studio_sync`). A crash
+at any point therefore leaves either nothing promoted or the promotion plus its pending sync.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ REWARD_MODEL, POLICY = "rm", "policy"
 BASE_VERSIONS = {REWARD_MODEL: "rm-untrained", POLICY: "policy-base"}
 CANDIDATE, PROMOTED, REJECTED = "candidate", "promoted", "rejected"
 
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS model_versions (
     project_id INTEGER NOT NULL,
     kind TEXT NOT NULL,
@@ -45,8 +52,25 @@ CREATE TABLE IF NOT EXISTS model_versions (
     created_at REAL NOT NULL,
     promoted_at REAL,
     PRIMARY KEY (project_id, kind, number)
+)""",
+    # The outbox: one row per promotion, done once Label Studio shows its model_version.
+    """
+CREATE TABLE IF NOT EXISTS label_studio_syncs (
+    sync_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id INTEGER NOT NULL,
+    model_version TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    done_at REAL
+)""",
+    "CREATE INDEX IF NOT EXISTS label_studio_syncs_status"
+    " ON label_studio_syncs(status, project_id)",
 )
-"""
+SYNC_PENDING, SYNC_DONE, SYNC_SUPERSEDED = "pending", "done", "superseded"
+SYNC_RETRY_DELAYS_S = (5.0, 15.0, 60.0, 300.0, 900.0)  # then every 15 minutes, for ever
 
 PINS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS model_pins (
@@ -103,7 +127,8 @@ class Registry:
         conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout=30000")
-        conn.execute(SCHEMA)
+        for statement in SCHEMA:
+            conn.execute(statement)
         conn.execute(PINS_SCHEMA)
         return conn
 
@@ -177,7 +202,7 @@ class Registry:
         """The pinned version of ``kind``, else the newest promoted one, else the base version."""
         conn = self._connect()
         try:
-            return _pinned(conn, project_id, kind) or _last_promoted(conn, project_id, kind)
+            return _served(conn, project_id, kind)
         finally:
             conn.close()
 
@@ -190,9 +215,97 @@ class Registry:
             conn.close()
 
     def served_version(self, project_id: int) -> str:
-        return served_version_string(
-            self.served(project_id, REWARD_MODEL).version, self.served(project_id, POLICY).version
-        )
+        conn = self._connect()
+        try:  # one read transaction: never half of a promotion
+            conn.execute("BEGIN")
+            version = _served_version(conn, project_id)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return version
+
+    def promote(self, project_id: int, versions: dict[str, str]) -> str:
+        """Make recorded candidates (``kind -> version``) served, all at once, and queue the
+        Label Studio sync of the new served version in the same transaction; returns it.
+
+        Older pending syncs of the project are superseded: Label Studio need only show the
+        newest served version.
+        """
+        now = time.time()
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for kind, version in versions.items():
+                    updated = conn.execute(
+                        """UPDATE model_versions SET status = ?, promoted_at = ?
+                           WHERE project_id = ? AND kind = ? AND version = ?""",
+                        (PROMOTED, now, project_id, kind, version),
+                    ).rowcount
+                    if updated != 1:
+                        raise LookupError(f"project {project_id}: no recorded {version} to promote")
+                served = _served_version(conn, project_id)
+                _queue_sync(conn, project_id, served, now)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return served
+
+    def queue_sync(self, project_id: int) -> str:
+        """Queue a Label Studio sync of the served version (e.g. a project connected anew)."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            served = _served_version(conn, project_id)
+            _queue_sync(conn, project_id, served, time.time())
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return served
+
+    def pending_syncs(self, project_id: int | None = None, due: bool = False) -> list[Sync]:
+        """Syncs not yet confirmed by Label Studio (with ``due``: only those to try now)."""
+        query, params = "SELECT * FROM label_studio_syncs WHERE status = ?", [SYNC_PENDING]
+        if project_id is not None:
+            query, params = query + " AND project_id = ?", [*params, project_id]
+        if due:
+            query, params = query + " AND next_attempt_at <= ?", [*params, time.time()]
+        conn = self._connect()
+        try:
+            rows = conn.execute(query + " ORDER BY sync_id", params).fetchall()
+        finally:
+            conn.close()
+        return [_sync(row) for row in rows]
+
+    def sync_failed(self, sync_id: int, error: str) -> None:
+        """Record a failed attempt; the next one waits longer (SYNC_RETRY_DELAYS_S)."""
+        conn = self._connect()
+        try:
+            attempts = conn.execute(
+                "SELECT attempts FROM label_studio_syncs WHERE sync_id = ?", (sync_id,)
+            ).fetchone()[0]
+            delay = SYNC_RETRY_DELAYS_S[min(attempts, len(SYNC_RETRY_DELAYS_S) - 1)]
+            conn.execute(
+                """UPDATE label_studio_syncs SET attempts = attempts + 1, error = ?,
+                       next_attempt_at = ? WHERE sync_id = ?""",
+                (error, time.time() + delay, sync_id),
+            )
+        finally:
+            conn.close()
+
+    def sync_confirmed(self, sync_id: int) -> None:
+        conn = self._connect()
+        try:
+            conn.execute(
+                """UPDATE label_studio_syncs SET status = ?, attempts = attempts + 1,
+                       error = NULL, done_at = ? WHERE sync_id = ? AND status = ?""",
+                (SYNC_DONE, time.time(), sync_id, SYNC_PENDING),
+            )
+        finally:
+            conn.close()
 
     def versions(self, project_id: int, kind: str | None = None) -> list[ModelVersion]:
         query = "SELECT * FROM model_versions WHERE project_id = ?"
@@ -202,6 +315,19 @@ class Registry:
         conn = self._connect()
         try:
             rows = conn.execute(query + " ORDER BY kind, number", params).fetchall()
+        finally:
+            conn.close()
+        return [_version(row) for row in rows]
+
+    def recorded_by_job(self, project_id: int, job_id: int) -> list[ModelVersion]:
+        """Versions an earlier attempt of training job ``job_id`` recorded (its retry resumes)."""
+        conn = self._connect()
+        try:
+            rows = conn.execute(
+                """SELECT * FROM model_versions WHERE project_id = ?
+                   AND json_extract(data_snapshot, '$.job') = ? ORDER BY kind, number""",
+                (project_id, job_id),
+            ).fetchall()
         finally:
             conn.close()
         return [_version(row) for row in rows]
@@ -296,6 +422,57 @@ def directory_bytes(path: Path) -> int:
             with contextlib.suppress(FileNotFoundError):  # deleted by retention meanwhile
                 total += os.lstat(os.path.join(root, name)).st_size
     return total
+
+
+@dataclass(frozen=True)
+class Sync:
+    """A promotion's pending (or finished) sync to Label Studio: the outbox row."""
+
+    sync_id: int
+    project_id: int
+    model_version: str
+    status: str
+    attempts: int
+    error: str | None
+    next_attempt_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _served(conn: sqlite3.Connection, project_id: int, kind: str) -> ModelVersion:
+    """The pinned version of ``kind``, else the newest promoted one, else the base version."""
+    return _pinned(conn, project_id, kind) or _last_promoted(conn, project_id, kind)
+
+
+def _served_version(conn: sqlite3.Connection, project_id: int) -> str:
+    return served_version_string(
+        _served(conn, project_id, REWARD_MODEL).version, _served(conn, project_id, POLICY).version
+    )
+
+
+def _queue_sync(conn: sqlite3.Connection, project_id: int, version: str, now: float) -> None:
+    conn.execute(
+        "UPDATE label_studio_syncs SET status = ? WHERE project_id = ? AND status = ?",
+        (SYNC_SUPERSEDED, project_id, SYNC_PENDING),
+    )
+    conn.execute(
+        """INSERT INTO label_studio_syncs(project_id, model_version, status, created_at,
+               next_attempt_at) VALUES (?, ?, ?, ?, ?)""",
+        (project_id, version, SYNC_PENDING, now, now),
+    )
+
+
+def _sync(row: sqlite3.Row) -> Sync:
+    return Sync(
+        sync_id=row["sync_id"],
+        project_id=row["project_id"],
+        model_version=row["model_version"],
+        status=row["status"],
+        attempts=row["attempts"],
+        error=row["error"],
+        next_attempt_at=row["next_attempt_at"],
+    )
 
 
 def _base(project_id: int, kind: str) -> ModelVersion:

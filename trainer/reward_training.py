@@ -46,6 +46,11 @@ class RewardTrainingConfig:
     promotion_tolerance: float = documented(
         0.02, "Promote unless held-out accuracy drops by more than this."
     )
+    min_heldout_pairs: int = documented(
+        30,
+        "Decisive held-out pairs needed before the held-out comparison counts; below that the "
+        "gate compares on every labelled pair and says so.",
+    )
     seed: int = documented(0, "Seed for bootstrap weights and shuffling.")
 
     def __post_init__(self) -> None:
@@ -243,21 +248,82 @@ def evaluate(pairs: list[Pair], p_heads: np.ndarray) -> Evaluation:
     )
 
 
+@dataclass(frozen=True)
+class GateDecision:
+    """A promotion decision and its evidence: the rule applied, n, and the interval."""
+
+    promote: bool
+    reason: str
+    evidence: dict[str, Any]
+
+
+def paired_bootstrap_interval(
+    differences: np.ndarray, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of paired per-item ``differences`` (n,)."""
+    rng = np.random.default_rng(seed)
+    n = len(differences)
+    means = differences[rng.integers(0, n, size=(resamples, n))].mean(axis=1)  # (R,)
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def correct_choices(pairs: list[Pair], p_heads: np.ndarray) -> np.ndarray:
+    """1.0 where the ensemble's mean P(chosen > rejected) > 0.5, per decisive (non-tie) pair."""
+    decisive = np.array([not pair.tie for pair in pairs], dtype=bool)
+    return (p_heads.mean(axis=1)[decisive] > 0.5).astype(float) if len(pairs) else np.zeros(0)
+
+
 def should_promote(
-    candidate: Evaluation, serving: Evaluation, tolerance: float
-) -> tuple[bool, str]:
-    """The gate: held-out accuracy may not drop by more than ``tolerance``."""
-    if candidate.accuracy is None or serving.accuracy is None:
-        return True, "no decisive held-out pairs yet: promoted on training data alone"
-    if candidate.accuracy + tolerance < serving.accuracy:
-        return False, (
-            f"held-out accuracy {candidate.accuracy:.3f} is worse than the serving model's "
-            f"{serving.accuracy:.3f} by more than {tolerance}"
+    candidate_correct: np.ndarray,
+    serving_correct: np.ndarray,
+    tolerance: float,
+    min_pairs: int,
+    confidence: float = 0.95,
+    in_sample: bool = False,
+) -> GateDecision:
+    """The reward-model gate: non-inferiority of the candidate on paired pairs.
+
+    ``*_correct`` say, per decisive pair (the same pairs for both), whether each model ranks it
+    right. Promote when the lower end of the paired-bootstrap interval of the accuracy
+    difference (candidate - serving) is at least ``-tolerance``. Held-out pairs count only from
+    ``min_pairs`` on; until then the caller passes every labelled pair (``in_sample``, an
+    optimistic comparison for the candidate, which learned from them) and the reason says so.
+    """
+    n = len(candidate_correct)
+    rule = "in-sample (held-out below minimum)" if in_sample else "held-out non-inferiority"
+    evidence: dict[str, Any] = {
+        "rule": rule,
+        "n": n,
+        "min_heldout": min_pairs,
+        "tolerance": tolerance,
+        "confidence": confidence,
+    }
+    if n == 0:
+        return GateDecision(
+            True, "no decisive pairs to compare on: promoted (nothing to lose)", evidence
         )
-    return True, (
-        f"held-out accuracy {candidate.accuracy:.3f} vs serving {serving.accuracy:.3f} "
-        f"(tolerance {tolerance})"
+    difference = candidate_correct - serving_correct  # (n,) in {-1, 0, 1}
+    low, high = paired_bootstrap_interval(difference, confidence)
+    evidence.update(
+        candidate_accuracy=float(candidate_correct.mean()),
+        serving_accuracy=float(serving_correct.mean()),
+        difference=float(difference.mean()),
+        ci_low=low,
+        ci_high=high,
     )
+    promote = low >= -tolerance
+    interval = (
+        f"accuracy {evidence['candidate_accuracy']:.3f} vs serving "
+        f"{evidence['serving_accuracy']:.3f} on {n} pairs, difference {difference.mean():+.3f} "
+        f"({confidence:.0%} interval {low:+.3f}..{high:+.3f})"
+    )
+    verdict = "not below" if promote else "below"
+    reason = f"{rule}: {interval}; lower end {verdict} -{tolerance}"
+    if in_sample:
+        reason += f" (held-out pairs count from {min_pairs} on)"
+    return GateDecision(promote, reason, evidence)
 
 
 class Progress:

@@ -2,7 +2,8 @@
 
 A pin makes an earlier or a rejected version the served one, with the reason recorded in the
 registry; Label Studio then follows through the same path a promotion takes
-(:func:`trainer.jobs.after_promotion`: the project's model version, and a re-scored pool).
+(:func:`trainer.jobs.after_promotion`: a Label Studio sync in the outbox, tried at once and
+retried by the workers until Label Studio shows the served version).
 
 Retention (``RLHF_KEEP_VERSIONS``): after each promotion, the checkpoint directories of versions
 that are neither served, pinned, nor among the newest N of their kind are deleted. Their registry
@@ -93,7 +94,7 @@ def pin(
     for kind, entry in resolve(registry, project_id, text).items():
         registry.pin(project_id, kind, entry.version, reason.strip())
         logger.info("project %s: pinned %s (%s)", project_id, entry.version, reason.strip())
-    after_promotion(config, store, registry, project_id)
+    after_promotion(config, registry, project_id)
     return status(registry, project_id)
 
 
@@ -103,7 +104,7 @@ def unpin(config: BackendConfig, store: Store, registry: Registry, project_id: i
 
     removed = registry.unpin(project_id)
     if removed:
-        after_promotion(config, store, registry, project_id)
+        after_promotion(config, registry, project_id)
     return {**status(registry, project_id), "unpinned": [p.version for p in removed]}
 
 

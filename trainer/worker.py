@@ -4,6 +4,10 @@ Outside the request path, always. ``rlhf-backend serve`` starts one (and restart
 dies); ``rlhf-backend worker`` runs more. A job that raises is retried up to
 ``RLHF_JOB_MAX_ATTEMPTS`` times, then marked failed with its error; a job whose worker was
 killed stops sending heartbeats and is picked up again by the next worker.
+
+Between jobs a worker also does its chores: it retries the Label Studio syncs of promotions that
+are due (:mod:`trainer.label_studio_sync`), and every ``RLHF_RECONCILE_EVERY_S`` it queues a
+reconcile job for each connected project.
 """
 
 from __future__ import annotations
@@ -19,19 +23,26 @@ from collections.abc import Callable
 from typing import Any
 
 from ml_backend.config import BackendConfig
-from ml_backend.store import JOB_DONE, JOB_FAILED, JOB_QUEUED, Job, Store
+from ml_backend.store import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RECONCILE, Job, Store
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5.0
 Handler = Callable[[Job], dict[str, Any]]
+Chore = Callable[[], None]
 
 
 class Worker:
-    def __init__(self, config: BackendConfig, handlers: dict[str, Handler]) -> None:
+    def __init__(
+        self,
+        config: BackendConfig,
+        handlers: dict[str, Handler],
+        chores: list[Chore] | None = None,
+    ) -> None:
         self.config = config
         self.store = Store(config.db_path, config.store_sync).initialize()
         self.handlers = handlers
+        self.chores = chores or []
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.stopping = threading.Event()
 
@@ -43,6 +54,7 @@ class Worker:
             self.store.recover_stale_jobs(
                 self.config.job_stale_after_s, self.config.job_max_attempts
             )
+            self._do_chores()
             job = self.store.claim_job(self.name, tuple(self.handlers))
             if job is None:
                 if once:
@@ -81,6 +93,13 @@ class Worker:
             beating.set()
             beat.join()
 
+    def _do_chores(self) -> None:
+        for chore in self.chores:
+            try:
+                chore()
+            except Exception:  # a chore is retried on the next round; the worker goes on
+                logger.exception("worker %s: chore failed", self.name)
+
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
         # Its own connection: this is another thread.
         store = Store(self.config.db_path, self.config.store_sync)
@@ -99,12 +118,37 @@ class Worker:
 
 def default_handlers(config: BackendConfig) -> dict[str, Handler]:
     """The jobs this installation can run (imports models lazily, in the worker process)."""
-    from trainer.jobs import preannotate_job, train_job
+    from trainer.jobs import preannotate_job, reconcile_job, train_job
 
     return {
         "train": lambda job: train_job(config, job),
         "preannotate": lambda job: preannotate_job(config, job),
+        JOB_RECONCILE: lambda job: reconcile_job(config, job),
     }
+
+
+def default_chores(config: BackendConfig) -> list[Chore]:
+    """Retry due Label Studio syncs; queue reconcile jobs every ``RLHF_RECONCILE_EVERY_S``."""
+    from trainer.jobs import registry_for
+    from trainer.label_studio_sync import drain_syncs
+
+    registry = registry_for(config)
+    store = Store(config.db_path, config.store_sync)
+    last_reconcile = [time.monotonic()]
+
+    def sync() -> None:
+        drain_syncs(config, registry)
+
+    def reconcile() -> None:
+        if not config.reconcile_every_s:
+            return
+        if time.monotonic() - last_reconcile[0] < config.reconcile_every_s:
+            return
+        last_reconcile[0] = time.monotonic()
+        for project_id in store.project_ids():
+            store.enqueue_job(project_id, JOB_RECONCILE, trigger="schedule")
+
+    return [sync, reconcile]
 
 
 def supervise(command: list[str], stop: threading.Event, env: dict[str, str] | None = None) -> None:
