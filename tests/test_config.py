@@ -48,6 +48,8 @@ EVERY_VARIABLE = {
     "RLHF_UNCERTAINTY_PENALTY": ("2.5", 2.5),
     "RLHF_STRATEGY": ("bald", "bald"),
     "RLHF_ARENA_SHARE": ("0.5", 0.5),
+    "RLHF_SECRET_KEY": ("k" * 32, "k" * 32),
+    "RLHF_WEBHOOK_SECRET": ("w" * 16, "w" * 16),
     "LOG_LEVEL": ("DEBUG", "DEBUG"),
 }
 

@@ -21,7 +21,7 @@ from ml_backend.config import BackendConfig
 from ml_backend.label_studio import LabelStudioTasks, client
 from ml_backend.reconcile import reconcile_project
 from ml_backend.store import JOB_RECONCILE, Store
-from ml_backend.trust import Credentials
+from ml_backend.trust import Connection, Credentials
 from ml_backend.vault import Vault
 from trainer.label_studio_sync import drain_syncs
 from trainer.reward_training import Progress
@@ -90,7 +90,7 @@ def test_reconcile_adds_updates_removes_and_is_idempotent(tmp_path, ls):
     label_in_label_studio(ls, 5)
     config = BackendConfig(data_dir=tmp_path)
     store = connected_store(config, ls)
-    tasks = LabelStudioTasks(client(ls.url, TOKEN), page_size=2)  # three pages
+    tasks = LabelStudioTasks(client(Connection(ls.url, TOKEN)), page_size=2)  # three pages
 
     assert reconcile_project(store, 1, tasks).as_dict() == {"added": 5, "updated": 0, "removed": 0}
     assert sorted(r["annotation"] for r in store.records(1)) == [101, 102, 103, 104, 105]
@@ -113,7 +113,7 @@ def test_reconcile_removes_nothing_when_label_studio_cannot_be_read(tmp_path, ls
     label_in_label_studio(ls, 3)
     config = BackendConfig(data_dir=tmp_path)
     store = connected_store(config, ls)
-    tasks = LabelStudioTasks(client(ls.url, TOKEN))
+    tasks = LabelStudioTasks(client(Connection(ls.url, TOKEN)))
     reconcile_project(store, 1, tasks)
     ls.down = True
     with pytest.raises(Exception):  # noqa: B017 - whatever the client raises for a 503
@@ -200,7 +200,7 @@ def test_a_crash_at_any_phase_then_a_retry_leaves_everyone_agreeing(
     monkeypatch.setattr(registry_module, "SYNC_RETRY_DELAYS_S", (0.0,))
     label_in_label_studio(ls, 24)
     store = connected_store(config, ls)
-    reconcile_project(store, 1, LabelStudioTasks(client(ls.url, TOKEN)))
+    reconcile_project(store, 1, LabelStudioTasks(client(Connection(ls.url, TOKEN))))
     labels = sorted(json.dumps(r, sort_keys=True) for r in store.records(1))
     fault = _inject(phase, ls, monkeypatch)
 
