@@ -166,12 +166,17 @@ def test_promotion_gate_passes_an_equal_model_and_a_slightly_worse_one_within_to
     assert should_promote(slightly, serving, 0.02, 30).promote
 
 
-def test_few_pairs_give_a_wide_interval_that_does_not_pass_a_worse_model():
-    serving = np.ones(6)
-    worse = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
-    decision = should_promote(worse, serving, 0.02, 30, in_sample=True)
-    assert not decision.promote and decision.evidence["ci_low"] < -0.1
-    assert "in-sample" in decision.reason and "count from 30 on" in decision.reason
+def test_below_the_held_out_minimum_the_stated_in_sample_rule_decides():
+    """Six labelled pairs: the interval is wide and recorded, the point estimate decides."""
+    serving = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    better = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 0.0])  # differences -1, 1, 1, 0, 1, 0
+    passed = should_promote(better, serving, 0.02, 30, in_sample=True)
+    assert passed.promote and passed.evidence["ci_low"] < 0 < passed.evidence["difference"]
+    assert "in-sample" in passed.reason and "count from 30 on" in passed.reason
+    held_out = should_promote(better, serving, 0.02, 30)  # the same pairs, had they counted
+    assert not held_out.promote  # too few for the interval to exclude a loss
+    worse = should_promote(np.ones(6) - np.eye(6)[0], np.ones(6), 0.02, 30, in_sample=True)
+    assert not worse.promote and worse.evidence["difference"] == pytest.approx(-1 / 6)
 
 
 def test_paired_bootstrap_interval_covers_the_mean_and_narrows_with_n():
