@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.synthetic_world import make_pair
-from ml_backend.config import BackendConfig
+from rlhf_core.config import BackendConfig
+from rlhf_core.reward_model import RewardModel, RewardModelConfig, resolve_backbone
 from trainer.jobs import registry_for, train_reward_model
-from trainer.reward_model import RewardModel, RewardModelConfig, resolve_backbone
 from trainer.reward_training import RewardTrainingConfig
 
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from ml_backend.config import BackendConfig
-from ml_backend.errors import BadRequest, UnprovenWebhook
-from ml_backend.intake import (
+from rlhf_core.config import BackendConfig
+from rlhf_core.errors import BadRequest, UnprovenWebhook
+from rlhf_core.intake import (
     ANNOTATION_CREATED,
     ANNOTATION_DELETED,
     ANNOTATION_UPDATED,
@@ -30,8 +30,8 @@ from ml_backend.intake import (
     START_TRAINING,
     project_payload,
 )
-from ml_backend.store import Project, Store
-from ml_backend.vault import Vault
+from rlhf_core.store import Project, Store
+from rlhf_core.vault import Vault
 
 WEBHOOK_SECRET_HEADER = "X-RLHF-Webhook-Secret"
 # Events that write training data or the project's label config.

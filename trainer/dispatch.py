@@ -26,7 +26,7 @@ from typing import Any
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from ml_backend.config import BackendConfig
+from rlhf_core.config import BackendConfig
 
 logger = logging.getLogger(__name__)
 

@@ -22,16 +22,25 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.config import BackendConfig
-from ml_backend.conversion import preference_pairs
-from ml_backend.serving import (
+from rlhf_core.config import BackendConfig
+from rlhf_core.conversion import preference_pairs
+from rlhf_core.embedding_store import EmbeddingStore
+from rlhf_core.registry import (
+    CANDIDATE,
+    POLICY,
+    PROMOTED,
+    REJECTED,
+    REWARD_MODEL,
+    ModelVersion,
+    Registry,
+)
+from rlhf_core.serving import (
     embedding_store_path,
     policy_config,
     reward_model_config,
 )
-from ml_backend.store import Job, Store
+from rlhf_core.store import Job, Store
 from trainer.distributed import ONE_PROCESS, Ranks
-from trainer.embedding_store import EmbeddingStore
 from trainer.label_studio_sync import drain_syncs, preannotate, project_tasks
 from trainer.policy_training import (
     FeedbackExample,
@@ -40,15 +49,6 @@ from trainer.policy_training import (
     policy_gate,
     save_policy,
     train_policy,
-)
-from trainer.registry import (
-    CANDIDATE,
-    POLICY,
-    PROMOTED,
-    REJECTED,
-    REWARD_MODEL,
-    ModelVersion,
-    Registry,
 )
 from trainer.reward_training import (
     EmbeddingCache,
@@ -203,7 +203,7 @@ def train_reward_model(
     training: RewardTrainingConfig | None = None,
     job_id: int | None = None,
 ) -> dict[str, Any]:
-    from trainer.reward_model import RewardModel
+    from rlhf_core.reward_model import RewardModel
 
     training = training or RewardTrainingConfig(
         promotion_tolerance=config.promotion_tolerance,
@@ -318,8 +318,8 @@ def train_policy_version(
     their prompts are the gate's test set. Every rank trains; rank 0 alone gates, saves and
     records (the others return the training stats).
     """
-    from trainer.policy import Policy
-    from trainer.reward_model import RewardModel
+    from rlhf_core.policy import Policy
+    from rlhf_core.reward_model import RewardModel
 
     training = training or PolicyTrainingConfig(
         method=config.policy_training,
@@ -473,7 +473,7 @@ def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
 
 def reconcile_job(config: BackendConfig, job: Job) -> dict[str, Any]:
     """Bring the store level with the project's annotations in Label Studio."""
-    from ml_backend.reconcile import reconcile_project
+    from trainer.reconcile import reconcile_project
 
     store = Store(config.db_path, config.store_sync)
     tasks = project_tasks(config, store, job.project_id)

@@ -111,7 +111,7 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
--- Which policy version wrote which response of an arena task (ml_backend.arena), and what the
+-- Which policy version wrote which response of an arena task (rlhf_core.arena), and what the
 -- reward model serving then thought of it: the leaderboard's link from a label to versions.
 CREATE TABLE IF NOT EXISTS arena_responses (
     project_id INTEGER NOT NULL,
@@ -150,7 +150,7 @@ class Project:
     project_id: int
     label_config: str
     hostname: str | None  # the Label Studio URL the token came with
-    token_sealed: str | None  # encrypted (ml_backend.vault); None when not stored
+    token_sealed: str | None  # encrypted (rlhf_core.vault); None when not stored
     webhook_secret_sealed: str | None  # None for a project never connected through /setup
     model_version: str | None
 
@@ -412,7 +412,7 @@ class Store:
     ) -> bool:
         """Store an annotation and its training records. Returns False for a stale delivery.
 
-        ``records`` are ``(kind, payload)`` pairs from :mod:`ml_backend.conversion`.
+        ``records`` are ``(kind, payload)`` pairs from :mod:`rlhf_core.conversion`.
         """
         with self._write() as conn:
             current = conn.execute(
