@@ -15,8 +15,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ml_backend import dashboard
 from ml_backend.metrics import CONTENT_TYPE, Metrics, action_label, method_label
-from ml_backend.trust import WEBHOOK_SECRET_HEADER, Credentials
+from ml_backend.trust import admit_webhook
 from rlhf_core.config import BackendConfig
+from rlhf_core.credentials import WEBHOOK_SECRET_HEADER, Credentials
 from rlhf_core.errors import BackendError, BadRequest, NotFound, TooLarge, Unauthorized
 from rlhf_core.intake import MAX_ID, handle_event
 from rlhf_core.label_schema import check_label_config
@@ -260,7 +261,7 @@ def _register_routes(app: Flask, services: Services) -> None:
     def webhook() -> tuple[Response, int]:
         payload = _json_body()
         presented = request.headers.get(WEBHOOK_SECRET_HEADER)
-        proven = services.credentials.admit_webhook(payload, presented)  # or 401, nothing stored
+        proven = admit_webhook(services.credentials, payload, presented)  # or 401, nothing stored
         result = handle_event(
             services.store,
             payload,

@@ -16,9 +16,9 @@ from test_training_job import CONFIG, polite_task
 import rlhf_core.registry as registry_module
 import trainer.jobs as jobs
 from ml_backend.app import create_app
-from ml_backend.trust import Connection, Credentials
 from rlhf_cli.main import main
 from rlhf_core.config import BackendConfig
+from rlhf_core.credentials import Connection, Credentials
 from rlhf_core.label_studio import LabelStudioTasks, client
 from rlhf_core.store import JOB_RECONCILE, Store
 from rlhf_core.tiny import ensure_tiny_encoder

@@ -25,9 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 def project_tasks(config: BackendConfig, store: Store, project_id: int) -> LabelStudioTasks:
-    """The project's Label Studio, reached only as :mod:`ml_backend.trust` allows: the host its
+    """The project's Label Studio, reached only as :mod:`rlhf_core.credentials` allows: the host its
     token came with in /setup, or ``LABEL_STUDIO_URL``."""
-    from ml_backend.trust import Credentials
+    from rlhf_core.credentials import Credentials
     from rlhf_core.vault import Vault
 
     project = store.project(project_id)
