@@ -22,12 +22,12 @@ from rlhf_core.errors import BackendError, BadRequest, NotFound, TooLarge, Unaut
 from rlhf_core.intake import MAX_ID, handle_event
 from rlhf_core.label_schema import check_label_config
 from rlhf_core.label_studio import WebhookSync
+from rlhf_core.notify import notify_workers
 from rlhf_core.predict import PREDICT_CHUNK, predict_in_time
 from rlhf_core.registry import Registry
 from rlhf_core.serving import ModelServer, release_memory
 from rlhf_core.store import JOB_PREANNOTATE, JOB_RECONCILE, Store
 from rlhf_core.vault import Vault
-from trainer.dispatch import notify_workers
 
 logger = logging.getLogger(__name__)
 

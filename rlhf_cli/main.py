@@ -80,7 +80,7 @@ def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) 
         if job is None:
             print(f"a {kind} job for project {args.project} is already queued", file=sys.stderr)
         else:
-            from trainer.dispatch import notify_workers
+            from rlhf_core.notify import notify_workers
 
             notify_workers(config, job.job_id, "cli")
             print(f"queued {kind} job {job.job_id} for project {args.project}")

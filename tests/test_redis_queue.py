@@ -17,10 +17,10 @@ from conftest import WEBHOOK_HEADERS, free_port, redis_server
 
 from ml_backend.app import create_app
 from rlhf_core.config import BackendConfig
+from rlhf_core.notify import QUEUE_NAME
 from rlhf_core.registry import PROMOTED, REWARD_MODEL
 from rlhf_core.store import JOB_DONE, JOB_QUEUED, JOB_TRAIN, Store
 from rlhf_core.tiny import ensure_tiny_encoder
-from trainer.dispatch import QUEUE_NAME
 from trainer.jobs import registry_for
 
 WORKER_TIMEOUT_S = 1200  # each worker imports torch and transformers: minutes on a busy 2-core box

@@ -19,7 +19,7 @@ import pytest
 from conftest import redis_server
 
 from rlhf_core.config import BackendConfig
-from trainer.dispatch import QUEUE_NAME, notify_workers
+from rlhf_core.notify import QUEUE_NAME, notify_workers
 
 PASSWORD = "redis-pass-0123456789"
 WORKER_TIMEOUT_S = 600
