@@ -46,6 +46,7 @@ from typing import Any
 import rlhf_core
 from rlhf_core.config import BackendConfig
 from rlhf_core.registry import POLICY, REWARD_MODEL, ModelVersion, Registry
+from rlhf_core.serving import load_version
 from rlhf_core.store import Store, StoredAnnotation
 
 logger = logging.getLogger(__name__)
@@ -459,30 +460,17 @@ def export_version(
 
 
 def _export_policy(config: BackendConfig, version: ModelVersion, out: Path) -> str:
-    from rlhf_core.policy import Policy
-    from rlhf_core.serving import policy_config
     from trainer.policy_training import save_policy
 
     # On the CPU, whatever the machine has: export needs no accelerator, and must not take a
     # GPU that serving or training uses.
-    policy = Policy.load(
-        policy_config(config, str(version.path) if version.path else None),
-        config.data_dir / "cache",
-        device="cpu",
-    )
+    policy = load_version(config, version, device="cpu")
     save_policy(policy, out)
     return str(out)
 
 
 def _export_reward_model(config: BackendConfig, version: ModelVersion, out: Path) -> str:
-    from rlhf_core.reward_model import RewardModel
-    from rlhf_core.serving import reward_model_config
-
-    model = (
-        RewardModel.load(version.path, device="cpu")
-        if version.path
-        else RewardModel.create(reward_model_config(config), device="cpu")
-    )
+    model = load_version(config, version, device="cpu")
     target = out / "reward_model"
     if target.exists():
         shutil.rmtree(target)
