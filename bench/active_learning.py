@@ -35,7 +35,7 @@ from trainer.reward_training import EmbeddingCache
 from trainer.simulate import load_inputs, simulate
 
 RESULTS = Path(__file__).parent / "results"
-STRATEGIES = ("random", "margin", "batch", "eig", "adaptive")
+STRATEGIES = ("random", "margin", "batch", "eig", "adaptive", "mixed")
 
 
 def labels_to_reach(curve: list[dict], target: float, key: str = "eval_accuracy") -> int | None:
@@ -82,45 +82,73 @@ def run_world(model, store, kind, world_seed, seeds, strategies, args) -> list[d
     return results
 
 
-def report(results: list[dict], kinds: list[str], strategies: list[str], budget: int) -> None:
-    savings = {s: [] for s in strategies}
+def paired_difference(mine: list[dict], base: list[dict], at: int) -> tuple[float, float]:
+    """Mean and standard error of ``mine`` minus ``base`` accuracy at ``at`` labels, paired by
+    world seed and run seed (same world, same cold start, same training noise)."""
+    base_at = {(r["world_seed"], r["seed"]): _at(r["curve"], at) for r in base}
+    diffs = [_at(r["curve"], at) - base_at[(r["world_seed"], r["seed"])] for r in mine]
+    return float(np.mean(diffs)), float(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
+
+
+def _at(curve: list[dict], labels: int, key: str = "eval_accuracy") -> float:
+    return next(p[key] for p in curve if p["labels"] == labels)
+
+
+def report(results: list[dict], kinds: list[str], strategies: list[str], args) -> None:
+    """Per family: mean accuracy at the checkpoints (noisy held-out labels, truth beside it),
+    the paired difference to random at ``args.target_at`` labels and the labels each strategy
+    needs to reach random's accuracy there; then the mean saving and the never-worse check
+    (reaching it within ``args.target_at`` + one batch)."""
+    at, batch = args.target_at, args.batch_size
+    savings: dict[str, list[float]] = {s: [] for s in strategies}
+    worse: dict[str, list[str]] = {s: [] for s in strategies}
     for kind in kinds:
         runs = [r for r in results if r["kind"] == kind]
-        ceiling = float(np.mean([r["ceiling"] for r in runs if r["strategy"] == "random"]))
-        xs = [p["labels"] for p in runs[0]["curve"]]
         random_runs = [r for r in runs if r["strategy"] == "random"]
-        target = mean_curve(random_runs, "eval_accuracy")[-1]
+        ceiling = float(np.mean([r["ceiling"] for r in random_runs]))
+        xs = [p["labels"] for p in random_runs[0]["curve"]]
+        target = float(np.mean([_at(r["curve"], at) for r in random_runs]))
         print(
             f"\n**{kind}** (noise ceiling of the held-out labels {ceiling:.3f}; "
-            f"{len(random_runs)} runs per strategy)\n"
+            f"{len(random_runs)} runs per strategy; random's @{at}: {target:.3f})\n"
         )
-        checkpoints = [
-            i for i, x in enumerate(xs) if x in (50, 100, 200, 300, 400) or i == len(xs) - 1
-        ]
+        marks = (50, 100, 200, 300, 400, 500, 700, 1000)
+        checkpoints = [i for i, x in enumerate(xs) if x in marks or i == len(xs) - 1]
         head = " | ".join(f"@{xs[i]}" for i in checkpoints)
         print(
-            f"| strategy | {head} | truth @{xs[-1]} | of ceiling | "
-            f"labels to reach random's @{xs[-1]} |"
+            f"| strategy | {head} | truth @{at} | truth @{xs[-1]} | of ceiling @{xs[-1]} | "
+            f"Δ@{at} vs random (±1 SE) | labels to reach random's @{at} |"
         )
-        print("|" + " --- |" * (len(checkpoints) + 4))
+        print("|" + " --- |" * (len(checkpoints) + 6))
         for strategy in strategies:
             mine = [r for r in runs if r["strategy"] == strategy]
+            if not mine:
+                continue
             noisy, true = mean_curve(mine, "eval_accuracy"), mean_curve(mine, "eval_accuracy_truth")
             curve = [{"labels": x, "eval_accuracy": a} for x, a in zip(xs, noisy)]
             reach = labels_to_reach(curve, target)
-            savings[strategy].append(1 - (reach or 2 * budget) / xs[-1])
+            savings[strategy].append(1 - (reach or xs[-1] + batch) / at)
+            if reach is None or reach > at + batch:
+                worse[strategy].append(kind)
+            diff, se = paired_difference(mine, random_runs, at)
             cells = " | ".join(f"{noisy[i]:.3f}" for i in checkpoints)
             print(
-                f"| {strategy} | {cells} | {true[-1]:.3f} | {noisy[-1] / ceiling:.2f} | "
+                f"| {strategy} | {cells} | {true[xs.index(at)]:.3f} | {true[-1]:.3f} | "
+                f"{noisy[-1] / ceiling:.2f} | {diff:+.3f} ± {se:.3f} | "
                 f"{reach if reach is not None else '> ' + str(xs[-1])} |"
             )
-    print("\nMean saving against random over the families (labels to reach random's final):")
+    print(
+        f"\nMean saving against random over the families (labels to reach random's @{at}; "
+        f"never reached counts as {xs[-1] + batch}), and the families where a strategy needs "
+        f"more than {at + batch}:"
+    )
     for strategy, values in savings.items():
-        print(
-            f"- {strategy}: {np.mean(values):+.0%} (per family: "
-            + ", ".join(f"{v:+.0%}" for v in values)
-            + ")"
-        )
+        if values:
+            print(
+                f"- {strategy}: {np.mean(values):+.0%} (per family: "
+                + ", ".join(f"{v:+.0%}" for v in values)
+                + f"); more than one batch behind random on: {', '.join(worse[strategy]) or 'none'}"
+            )
 
 
 def plot(results: list[dict], kinds: list[str], strategies: list[str], path: Path) -> None:
@@ -135,11 +163,14 @@ def plot(results: list[dict], kinds: list[str], strategies: list[str], path: Pat
     for ax, kind in zip(axes.flat, kinds):
         for strategy in strategies:
             mine = [r for r in results if r["kind"] == kind and r["strategy"] == strategy]
+            if not mine:
+                continue
             xs = [p["labels"] for p in mine[0]["curve"]]
-            ax.plot(xs, mean_curve(mine, "eval_accuracy"), marker=".", label=strategy)
-        ax.set_title(kind, fontsize=9)
+            (line,) = ax.plot(xs, mean_curve(mine, "eval_accuracy"), marker=".", label=strategy)
+            ax.plot(xs, mean_curve(mine, "eval_accuracy_truth"), ls="--", color=line.get_color())
+        ax.set_title(f"{kind} (solid: noisy held-out labels, dashed: truth)", fontsize=8)
         ax.set_xlabel("labels", fontsize=8)
-        ax.set_ylabel("held-out accuracy (noisy labels)", fontsize=7)
+        ax.set_ylabel("held-out accuracy", fontsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(kinds) :]:
         ax.axis("off")
@@ -157,12 +188,31 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--budget", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument(
+        "--target-at", type=int, default=400, help="labels at which random's accuracy is the target"
+    )
     parser.add_argument("--pool", type=int, default=2000)
     parser.add_argument("--eval", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shared machine)")
     parser.add_argument("--embeddings", type=Path, default=RESULTS / "embeddings.sqlite")
     parser.add_argument("--name", default="active_learning", help="bench/results/NAME.{json,png}")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="NAME",
+        help="run nothing: report and plot bench/results/NAME.json files together (runs split "
+        "over processes) as bench/results/--name.png",
+    )
     args = parser.parse_args()
+    if args.merge:
+        results = [
+            r for name in args.merge for r in json.loads((RESULTS / f"{name}.json").read_text())
+        ]
+        kinds = [k for k in KINDS if any(r["kind"] == k for r in results)]
+        strategies = [s for s in args.strategies if any(r["strategy"] == s for r in results)]
+        plot(results, kinds, strategies, RESULTS / f"{args.name}.png")
+        report(results, kinds, strategies, args)
+        return
 
     torch.set_num_threads(args.threads)
     model = RewardModel.create(reward_model_config(BackendConfig()))
@@ -176,7 +226,7 @@ def main() -> None:
             (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1))
     elapsed = time.monotonic() - started
     plot(results, args.kinds, args.strategies, RESULTS / f"{args.name}.png")
-    report(results, args.kinds, args.strategies, args.budget)
+    report(results, args.kinds, args.strategies, args)
     print(f"\n{len(results)} runs in {elapsed:.0f} s.")
 
 

@@ -25,6 +25,7 @@ STRATEGY_NAMES = (
     "batch",
     "eig",
     "adaptive",
+    "mixed",
 )
 
 
@@ -204,7 +205,8 @@ class BackendConfig:
         "bald, batch (margin, near-duplicates spread out), eig (expected information gain "
         "under the reward model's Laplace posterior, greedy batch design), adaptive (eig mixed "
         "with random picks, the share moved by what each batch's labels bought; simulate only "
-        "carries the share between batches), or default (eig).",
+        "carries the share between batches), mixed (half of every batch eig, half random), or "
+        "default (mixed).",
     )
     arena_share: float = _setting(
         0.1,

@@ -19,9 +19,17 @@ Strategies:
   picked (the default until the world-family benchmark showed it spending labels on coin flips).
 * ``random``, ``entropy``, ``margin``, ``variance``, ``bald``: one value per pair
   (:mod:`rlhf_core.acquisition`), best first.
-* ``default``: ``eig``. ``adaptive`` (:class:`AdaptiveMix`) needs its share carried from batch to
-  batch, which the simulator does and the service does not yet (it would start every pool order
-  at the initial share); on the benchmark it did not beat ``eig`` either (BENCHMARKS.md).
+* ``mixed`` (the default): half of every batch is ``eig``'s first picks, the other half drawn
+  uniformly at random from the rest, spread evenly among them (in the pool order too, so any
+  stretch of it a team labels holds its random share). The informative half buys what ``eig``
+  buys where information pays; the random half bounds the loss where it does not (on a world
+  where informative labels teach nothing, the mixture still has half random's labels) and keeps
+  the labelled set an unbiased sample of the pool, which a reward model trained on it and a
+  gate evaluated on it both need. Stateless: the service needs nothing carried between retrains.
+* ``adaptive`` (:class:`AdaptiveMix`): the same mixture with a share moved by what each batch
+  bought; it needs its share carried from batch to batch, which the simulator does and the
+  service does not (it would start every pool order at the initial share); on the benchmark its
+  per-batch signal was too noisy to move the share usefully (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -42,9 +50,11 @@ from rlhf_core.acquisition import (
     prior_precision,
 )
 
-SELECTION_STRATEGIES = (*STRATEGIES, "batch", "eig", "adaptive")
-DEFAULT_SELECTION = "eig"
-BATCH_AWARE = ("batch", "eig", "adaptive")  # a pick's value depends on the picks before it
+SELECTION_STRATEGIES = (*STRATEGIES, "batch", "eig", "adaptive", "mixed")
+DEFAULT_SELECTION = "mixed"
+BATCH_AWARE = ("batch", "eig", "adaptive", "mixed")  # a pick's value depends on the picks before it
+# ``mixed``: the share of every batch (and of every stretch of the pool order) picked at random.
+MIXED_RANDOM_SHARE = 0.5
 # Label Studio's pool is ordered batch-aware for this many tasks (a greedy step costs O(N · D)):
 # far more than a team labels between two retrains, which re-score the pool.
 POOL_ORDER_LIMIT = 2000
@@ -222,8 +232,10 @@ def rank(
         return information_greedy(candidates, k)
     if strategy == "batch":
         return diverse_greedy(margin(candidates.p_heads), candidates.features, k)
+    if strategy == "mixed":
+        return _mixture(candidates, k, rng, MIXED_RANDOM_SHARE)
     if strategy == "adaptive":
-        return _adaptive(candidates, k, rng, mix or AdaptiveMix())
+        return _mixture(candidates, k, rng, (mix or AdaptiveMix()).share)
     value = STRATEGIES[strategy](candidates.p_heads, rng)
     order = np.argsort(-value, kind="stable")[:k]
     return [int(i) for i in order], [float(value[i]) for i in order]
@@ -234,12 +246,12 @@ def random_slots(k: int, n_random: int) -> set[int]:
     return {int((i + 0.5) * k / n_random) for i in range(n_random)} if n_random else set()
 
 
-def _adaptive(
-    candidates: Candidates, k: int, rng: np.random.Generator, mix: AdaptiveMix
+def _mixture(
+    candidates: Candidates, k: int, rng: np.random.Generator, share: float
 ) -> tuple[list[int], list[float]]:
-    """``eig`` picks with ``mix.split(k)`` random picks spread evenly among them; a random pick
-    is valued at the informative pick before it, so the scores still sort like the order."""
-    n_random = mix.split(k)
+    """``eig`` picks with ``round(share * k)`` random picks spread evenly among them; a random
+    pick is valued at the informative pick before it, so the scores still sort like the order."""
+    n_random = round(share * k)
     picked, gains = information_greedy(candidates, k - n_random)
     rest = np.setdiff1d(np.arange(len(candidates)), picked)
     randoms = iter(rng.choice(rest, size=min(n_random, len(rest)), replace=False).tolist())
@@ -309,7 +321,7 @@ def pair_values(
 ) -> np.ndarray:
     """Each pair's value on its own (no batch), in [0, 1]: what picks a task's pair."""
     strategy = resolve(strategy)
-    if strategy in ("eig", "adaptive"):
+    if strategy in ("eig", "adaptive", "mixed"):
         variance = candidates.posterior.variance(candidates.features)
         return information_gain(candidates.mean_logit(), variance)
     if strategy == "batch":

@@ -60,7 +60,7 @@ def test_pool_scores_order_the_pool_as_the_batch_selection_picks_it():
     features = rng.normal(size=(50, 8))
     p_heads = rng.random((50, 4))
     features[7] = features[0] * 1.001  # a near-duplicate
-    for strategy in ("batch", "eig", "adaptive"):
+    for strategy in ("batch", "eig", "adaptive", "mixed"):
         pool = candidates(p_heads, features)
         scores = pool_scores(strategy, pool)
         picked, _ = rank(strategy, pool, 50, RNG(0))
@@ -145,3 +145,30 @@ def test_fit_logistic_recovers_a_separating_rule():
     x = np.where((x @ w_true > 0)[:, None], x, -x)  # every pair oriented as the rule says
     w = fit_logistic(x, np.ones(400), precision=prior_precision(5, 4.0))
     assert (x @ w > 0).mean() > 0.97
+
+
+def test_the_default_spends_half_of_every_batch_on_random_picks():
+    """The default is a mixture: its informative half is eig's first picks, the other half is
+    drawn at random from the rest, so it cannot spend a whole batch on what eig gets wrong."""
+    rng = RNG(4)
+    pool = candidates(rng.random((200, 4)), rng.normal(size=(200, 6)))
+    eig_first = select("eig", pool, 10, RNG(0))
+    picked = select("default", pool, 20, RNG(0))
+    assert len(set(picked)) == 20
+    assert set(eig_first) <= set(picked)  # the informative half
+    assert len(set(picked) - set(select("eig", pool, 20, RNG(0)))) >= 8  # the random half
+    # The random half is a different draw for another seed; the informative half is not.
+    other = select("default", pool, 20, RNG(1))
+    assert set(eig_first) <= set(other) and set(other) != set(picked)
+
+
+def test_the_pool_order_interleaves_random_picks_in_every_stretch():
+    """Label Studio's pool order under the default: any 10 consecutive tasks hold 5 random
+    picks, so a team that labels only the first few still gets the guaranteed random share."""
+    rng = RNG(5)
+    pool = candidates(rng.random((100, 4)), rng.normal(size=(100, 6)))
+    order = list(np.argsort(pool_scores("default", pool), kind="stable"))
+    informative = set(select("eig", pool, 50, RNG(0)))
+    for start in range(0, 50, 10):
+        stretch = order[start : start + 10]
+        assert len(informative & set(stretch)) == 5
