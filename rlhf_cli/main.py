@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--strategy",
                 default="default",
-                help="random, entropy, margin, variance, bald, batch, eig, adaptive, or default",
+                help="random, entropy, margin, variance, bald, batch, eig, adaptive, mixed, "
+                "or default",
             )
             sub.add_argument("--budget", type=int, default=400, help="labels to spend")
             sub.add_argument("--batch-size", type=int, default=50, help="labels per round")

@@ -108,7 +108,7 @@ def most_informative_pair(
 ) -> tuple[int, int, float] | None:
     """The pair (i, j) of responses whose label teaches the most, and its value; ``None`` for
     fewer than two responses. ``embeddings`` (n, H) and ``posterior`` (default: the prior) are
-    what ``eig``/``adaptive`` measure with; the ensemble-only strategies ignore them."""
+    what ``eig``/``adaptive``/``mixed`` measure with; the ensemble-only strategies ignore them."""
     if head_rewards.shape[0] < 2:
         return None
     if embeddings is None:
