@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.worlds import KINDS, generate
+from rlhf_core import selection
 from rlhf_core.config import BackendConfig
 from rlhf_core.embedding_store import EmbeddingStore
 from rlhf_core.reward_model import RewardModel
@@ -233,6 +234,12 @@ def main() -> None:
     )
     parser.add_argument("--pool", type=int, default=2000)
     parser.add_argument("--eval", type=int, default=500)
+    parser.add_argument(
+        "--mixed-share",
+        type=float,
+        default=selection.MIXED_RANDOM_SHARE,
+        help="random share of mixed's batches (tuning only; the service uses the default)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shared machine)")
     parser.add_argument("--embeddings", type=Path, default=RESULTS / "embeddings.sqlite")
     parser.add_argument("--name", default="active_learning", help="bench/results/NAME.{json,png}")
@@ -255,6 +262,7 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
+    selection.MIXED_RANDOM_SHARE = args.mixed_share
     model = RewardModel.create(reward_model_config(BackendConfig()))
     store = EmbeddingStore(args.embeddings)
     started = time.monotonic()
