@@ -1,15 +1,19 @@
 """Active learning on every world family: every strategy, several world seeds and run seeds.
 
     python bench/active_learning.py --kinds uniform bradley_terry thurstone mixed_crowd \\
-        near_duplicates unbalanced_topics --world-seeds 0 1 --seeds 0 1 2 --budget 400
+        near_duplicates unbalanced_topics position_bias --world-seeds 1 2 --seeds 0 1 2 \\
+        --strategies random eig mixed --budget 450
+    python bench/active_learning.py --merge NAME1 NAME2 --name ALL   # runs split over processes
 
 Each world (``bench/worlds.py``) runs through ``trainer.simulate.simulate`` — the code behind
 ``rlhf-backend simulate`` — once per strategy and seed, evaluated against the annotators'
 held-out labels (what a team has) and against the hidden utility order (the truth). Texts come
 from one bank and are embedded once into a persistent ``rlhf_core.embedding_store`` file
 (``--embeddings``), so runs cost head training only. Prints, per family, the mean accuracy at
-the checkpoints and the labels each strategy needs to reach random's final accuracy (on the
-noisy labels); writes the curves to ``bench/results/NAME.json`` and a plot to ``NAME.png``.
+the checkpoints (noisy labels and truth), the paired difference to random at ``--target-at``
+labels, and the labels each strategy needs to reach random's accuracy there (read from a fitted
+learning curve, and raw); writes the curves to ``bench/results/NAME.json`` and a plot to
+``NAME.png``.
 """
 
 from __future__ import annotations
