@@ -1,0 +1,139 @@
+"""Artifacts are written whole or not at all, and a changed one refuses to load."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from rlhf_core.artifacts import (
+    ArtifactError,
+    ArtifactIntegrityError,
+    ArtifactMissing,
+    content_hash,
+    verify,
+    write_atomically,
+)
+
+
+def write_checkpoint(path: Path) -> None:
+    (path / "backbone").mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text('{"num_heads": 4}')
+    (path / "heads.safetensors").write_bytes(bytes(range(256)) * 64)
+    (path / "backbone" / "vocab.txt").write_text("a\nb\n")
+
+
+def flip_one_byte(file: Path, offset: int = 100) -> None:
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def test_content_hash_is_sha256_over_sorted_paths_sizes_and_bytes(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path)
+    expected = hashlib.sha256()
+    for name in ("backbone/vocab.txt", "config.json", "heads.safetensors"):
+        data = (tmp_path / name).read_bytes()
+        expected.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    assert content_hash(tmp_path) == expected.hexdigest()
+
+
+def test_content_hash_changes_with_one_flipped_byte_a_renamed_file_or_moved_bytes(
+    tmp_path: Path,
+) -> None:
+    write_checkpoint(tmp_path)
+    original = content_hash(tmp_path)
+    flip_one_byte(tmp_path / "heads.safetensors")
+    assert content_hash(tmp_path) != original
+
+    write_checkpoint(tmp_path)
+    assert content_hash(tmp_path) == original
+    (tmp_path / "config.json").rename(tmp_path / "config2.json")
+    assert content_hash(tmp_path) != original
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"xy"), b.write_bytes(b"z")
+    before = content_hash(tmp_path)
+    a.write_bytes(b"x"), b.write_bytes(b"yz")  # same bytes in the same order, other split
+    assert content_hash(tmp_path) != before
+
+
+def test_write_atomically_renames_a_complete_directory_into_place(tmp_path: Path) -> None:
+    target = tmp_path / "project-1" / "rm-0001"
+    seen_during_write: list[bool] = []
+
+    def write(scratch: Path) -> None:
+        seen_during_write.append(target.exists())
+        assert scratch.parent == target.parent  # same directory: the rename is atomic
+        write_checkpoint(scratch)
+
+    digest = write_atomically(target, write)
+    assert seen_during_write == [False]  # no reader sees the version's name before it is whole
+    assert digest == content_hash(target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["rm-0001"]  # no scratch left
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
+    target = tmp_path / "rm-0001"
+
+    def write(scratch: Path) -> None:
+        (scratch / "heads.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(target, write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomically_replaces_a_leftover_of_a_crashed_attempt(tmp_path: Path) -> None:
+    target = tmp_path / "rm-0001"
+    target.mkdir()
+    (target / "leftover.bin").write_bytes(b"from a crash before the version was recorded")
+    digest = write_atomically(target, write_checkpoint)
+    assert not (target / "leftover.bin").exists()
+    assert digest == content_hash(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["rm-0001"]
+
+
+def test_verify_accepts_the_artifact_as_written(tmp_path: Path) -> None:
+    target = tmp_path / "rm-0001"
+    digest = write_atomically(target, write_checkpoint)
+    verify(target, digest)
+    verify(target, None)  # recorded before hashes existed: loaded unchecked
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda p: flip_one_byte(p / "heads.safetensors"), id="one-flipped-byte"),
+        pytest.param(
+            lambda p: (p / "heads.safetensors").write_bytes(
+                (p / "heads.safetensors").read_bytes()[:1000]
+            ),
+            id="half-copied-file",
+        ),
+        pytest.param(lambda p: (p / "backbone" / "vocab.txt").unlink(), id="missing-file"),
+        pytest.param(lambda p: (p / "extra.bin").write_bytes(b"x"), id="added-file"),
+    ],
+)
+def test_verify_refuses_a_changed_artifact(tmp_path: Path, damage) -> None:
+    target = tmp_path / "rm-0001"
+    digest = write_atomically(target, write_checkpoint)
+    damage(target)
+    with pytest.raises(ArtifactIntegrityError, match="does not match the content hash"):
+        verify(target, digest)
+
+
+def test_verify_says_when_the_artifact_is_not_on_disk(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactMissing, match="not on disk"):
+        verify(tmp_path / "rm-0007", "0" * 64)
+
+
+def test_a_symlink_inside_an_artifact_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    target = tmp_path / "rm-0001"
+    target.mkdir()
+    (target / "heads.safetensors").symlink_to(tmp_path / "outside.bin")
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        content_hash(target)
