@@ -44,7 +44,7 @@ class Services:
             seal=vault.token_sealer(config)
         )
         self.credentials = Credentials(config, self.store, vault)
-        self.registry = Registry(config.db_path, config.data_dir / "models")
+        self.registry = Registry(config.db_path, config.artifacts_path)
         self.models = ModelServer(config, self.registry)
         self.metrics = Metrics(self.store, self.registry)
         self.webhook_sync = WebhookSync(config)

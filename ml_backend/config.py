@@ -43,6 +43,13 @@ class BackendConfig:
         "RLHF_DATA_DIR",
         "Directory for the annotation store (SQLite), model registry and metrics files.",
     )
+    artifact_dir: str = _setting(
+        "",
+        "RLHF_ARTIFACT_DIR",
+        "Directory of the model checkpoints (each written under a scratch name and renamed into "
+        "place; its content hash is checked on load). With several machines, a volume they all "
+        "mount at this same path. Unset: RLHF_DATA_DIR/models.",
+    )
     host: str = _setting("0.0.0.0", "RLHF_HOST", "Address `rlhf-backend serve` binds to.")
     port: int = _setting(9090, "RLHF_PORT", "Port `rlhf-backend serve` listens on.")
     workers: int = _setting(2, "RLHF_WORKERS", "Gunicorn worker processes serving HTTP.")
@@ -277,6 +284,11 @@ class BackendConfig:
     @property
     def auth_enabled(self) -> bool:
         return bool(self.basic_auth_user)
+
+    @property
+    def artifacts_path(self) -> Path:
+        """Where the model registry's checkpoints live (RLHF_ARTIFACT_DIR)."""
+        return Path(self.artifact_dir) if self.artifact_dir else self.data_dir / "models"
 
     @property
     def db_path(self) -> Path:

@@ -56,6 +56,7 @@ EVERY_VARIABLE = {
     "RLHF_SECRET_KEY": ("k" * 32, "k" * 32),
     "RLHF_WEBHOOK_SECRET": ("w" * 16, "w" * 16),
     "LOG_LEVEL": ("DEBUG", "DEBUG"),
+    "RLHF_ARTIFACT_DIR": ("/mnt/shared/artifacts", "/mnt/shared/artifacts"),
 }
 
 
@@ -83,3 +84,12 @@ def test_from_env_reads_every_variable_with_its_type():
 def test_bad_values_are_rejected_with_the_variable_named(env, message):
     with pytest.raises(ConfigError, match=message):
         BackendConfig.from_env(env)
+
+
+def test_artifacts_live_under_the_data_dir_unless_rlhf_artifact_dir_names_a_volume(tmp_path):
+    assert BackendConfig(data_dir=tmp_path).artifacts_path == tmp_path / "models"
+    shared = tmp_path / "shared"
+    config = BackendConfig.from_env(
+        {"RLHF_DATA_DIR": str(tmp_path), "RLHF_ARTIFACT_DIR": str(shared)}
+    )
+    assert config.artifacts_path == shared

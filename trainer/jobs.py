@@ -73,7 +73,7 @@ MIN_PAIRS = 2
 
 
 def registry_for(config: BackendConfig) -> Registry:
-    return Registry(config.db_path, config.data_dir / "models")
+    return Registry(config.db_path, config.artifacts_path)
 
 
 def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> dict[str, Any]:
