@@ -241,6 +241,8 @@ class BackendConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_env_name(name)} must be a positive integer.")
+        if self.job_stale_after_s <= 0:
+            raise ConfigError("RLHF_JOB_STALE_AFTER_S must be a positive number of seconds.")
         if self.predict_time_budget_s <= 0:
             raise ConfigError("RLHF_PREDICT_TIME_BUDGET_S must be positive.")
         if not 0.0 < self.top_p <= 1.0:

@@ -27,7 +27,7 @@ from ml_backend.store import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RECONCILE, Jo
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_S = 5.0
+HEARTBEAT_S = 5.0  # at most; a quarter of RLHF_JOB_STALE_AFTER_S when that is shorter
 Handler = Callable[[Job], dict[str, Any]]
 Chore = Callable[[], None]
 
@@ -103,7 +103,7 @@ class Worker:
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
         # Its own connection: this is another thread.
         store = Store(self.config.db_path, self.config.store_sync)
-        while not done.wait(HEARTBEAT_S):
+        while not done.wait(heartbeat_interval_s(self.config)):
             store.heartbeat(job_id)
         store.close()
 
@@ -114,6 +114,11 @@ class Worker:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+
+
+def heartbeat_interval_s(config: BackendConfig) -> float:
+    """Beat often enough that a live job never looks stale, even with a short staleness."""
+    return min(HEARTBEAT_S, config.job_stale_after_s / 4)
 
 
 def default_handlers(config: BackendConfig) -> dict[str, Handler]:
