@@ -11,6 +11,7 @@ not be taken from it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -148,7 +149,7 @@ def test_three_workers_run_200_jobs_once_each_one_training_per_project_and_survi
     assert sorted(runs) == list(range(1, PROJECTS + 1))
     for project, intervals in runs.items():
         intervals.sort()
-        for (_, end), (next_start, _) in zip(intervals, intervals[1:]):
+        for (_, end), (next_start, _) in itertools.pairwise(intervals):
             assert next_start >= end, f"project {project}: two trainings at once"
 
     # Every job's checkpoint is on the shared volume, whole, as its hash says.
