@@ -160,8 +160,8 @@ class BackendConfig:
         "",
         "RLHF_REDIS_URL",
         "Redis URL (e.g. redis://host:6379/0): queued jobs also go to RQ, so `rlhf-backend "
-        "worker` processes on other machines (sharing RLHF_DATA_DIR) take them. Unset: workers "
-        "poll the store.",
+        "worker` processes on other machines (on the same database) take them at once. Unset: "
+        "workers poll the store.",
     )
     job_max_attempts: int = _setting(
         3, "RLHF_JOB_MAX_ATTEMPTS", "Runs of a failing job before it is marked failed."
