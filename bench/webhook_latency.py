@@ -1,6 +1,14 @@
 """Webhook intake latency over HTTP against a real ``rlhf-backend serve``.
 
     python bench/webhook_latency.py --requests 2000 --threads 4
+    python bench/webhook_latency.py --requests 2000 --threads 4 \
+        --database-url sqlite --database-url postgresql
+
+``--database-url`` (repeat it to compare databases in one run, one after the other, each with a
+fresh server and data dir): ``sqlite`` (the default: the store file in the data dir), a
+``postgresql://`` URL of yours (each run gets a fresh database created on that server), or
+``postgresql`` (a throwaway cluster started here from Debian's ``postgresql`` package, with
+PostgreSQL's default durability: fsync and synchronous_commit on).
 
 Starts the server (gunicorn, the configured number of workers, default 2; the embedded job
 worker off unless ``--with-worker``) on a free loopback port with a temporary data dir, connects
@@ -41,6 +49,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 TARGET_P99_MS = 50.0
+MAX_P99_RATIO = 2.0  # PostgreSQL's webhook p99 against SQLite's, same run
 WARMUP = 50
 
 BENCH_WEBHOOK_SECRET = "bench-webhook-secret-0123456789"
@@ -59,7 +68,9 @@ def free_port() -> int:
 class Server:
     """``rlhf-backend serve`` in its own process group, stopped with the group."""
 
-    def __init__(self, data_dir: Path, workers: int | None, with_worker: bool) -> None:
+    def __init__(
+        self, data_dir: Path, workers: int | None, with_worker: bool, database_url: str
+    ) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = open(data_dir / "server.log", "wb")  # noqa: SIM115 (closed in stop)
         script = Path(sys.executable).parent / "rlhf-backend"
@@ -85,6 +96,7 @@ class Server:
             "LOG_LEVEL": "WARNING",
             "RLHF_EMBEDDED_WORKER": "1" if with_worker else "0",
             "RLHF_WEBHOOK_SECRET": BENCH_WEBHOOK_SECRET,  # webhooks sent as Label Studio's would be
+            "RLHF_DATABASE_URL": database_url,
         }
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.process = subprocess.Popen(
@@ -179,6 +191,7 @@ class Result:
     latencies_ms: list[float]
     wall_s: float
     failed: int  # attempts that got no answer (connection reset), sent again
+    database: str = "sqlite"
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -188,7 +201,8 @@ class Result:
         n = len(self.latencies_ms)
         p50, p95, p99 = (self.percentile(q) for q in (50, 95, 99))
         return (
-            f"| {self.name} | {self.clients} | {n} | {p50:.1f} | {p95:.1f} | {p99:.1f} | "
+            f"| {self.database} | {self.name} | {self.clients} | {n} | "
+            f"{p50:.1f} | {p95:.1f} | {p99:.1f} | "
             f"{max(self.latencies_ms):.1f} | {statistics.fmean(self.latencies_ms):.1f} | "
             f"{n / self.wall_s:.0f} | {self.failed} | {'yes' if p99 < TARGET_P99_MS else 'NO'} |"
         )
@@ -237,30 +251,62 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def stored_count(data_dir: Path) -> int:
+def stored_count(database_url: str) -> int:
     sys.path.insert(0, str(ROOT))
     from ml_backend.store import Store
 
-    return len(Store(data_dir / "store.sqlite3").annotations(1))
+    return len(Store(database_url).annotations(1))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=2000, help="webhooks per phase")
-    parser.add_argument("--threads", type=int, default=4, help="clients in the concurrent phase")
-    parser.add_argument(
-        "--workers", type=int, default=None, help="gunicorn workers (default: RLHF_WORKERS)"
-    )
-    parser.add_argument(
-        "--with-worker", action="store_true", help="also run the embedded job worker"
-    )
-    parser.add_argument("--keep-alive", action="store_true", help="reuse one connection per client")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a p99 misses the target")
-    args = parser.parse_args(argv)
+class Databases:
+    """The databases named on the command line, each made fresh for its run."""
 
+    def __init__(self) -> None:
+        self.cluster: Any = None  # tests/postgres.py's PostgresServer, started on first use
+
+    def fresh(self, spec: str, data_dir: Path) -> str:
+        if spec == "sqlite":
+            return f"sqlite:///{data_dir / 'store.sqlite3'}"
+        if spec == "postgresql":
+            if self.cluster is None:
+                sys.path.insert(0, str(ROOT / "tests"))
+                from postgres import PostgresServer, find_binaries
+
+                binaries = find_binaries()
+                if binaries is None:
+                    raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
+                self.cluster = PostgresServer(binaries, free_port()).start(durable=True)
+            return self.cluster.create_database("bench")
+        return _new_database(spec)
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+
+
+def _new_database(server_url: str) -> str:
+    """A new database on the PostgreSQL server of ``server_url``; returns its URL."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"rlhf_bench_{os.getpid()}_{time.monotonic_ns()}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def database_name(url: str) -> str:
+    return url.split(":", 1)[0].split("+", 1)[0]
+
+
+def run_database(
+    args: argparse.Namespace, databases: Databases, spec: str
+) -> tuple[list[Result], dict[str, str]]:
+    """Both phases against a fresh server on a fresh database named by ``spec``."""
     with tempfile.TemporaryDirectory(prefix="webhook-bench-") as tmp:
         data_dir = Path(tmp)
-        server = Server(data_dir, args.workers, args.with_worker)
+        database_url = databases.fresh(spec, data_dir)
+        server = Server(data_dir, args.workers, args.with_worker, database_url)
         try:
             startup_s = server.wait_healthy()
             setup = captured("01_setup")
@@ -276,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
             ]
             load_after = load_average()
             expected = WARMUP // 2 + 2 * (n // 2 + n % 2)
-            if stored_count(data_dir) != expected:
+            if stored_count(database_url) != expected:
                 raise SystemExit(
-                    f"store holds {stored_count(data_dir)} annotations, not {expected}"
+                    f"store holds {stored_count(database_url)} annotations, not {expected}"
                 )
         except BaseException:
             server.log.flush()
@@ -287,23 +333,89 @@ def main(argv: list[str] | None = None) -> int:
             raise
         finally:
             server.stop()
+    name = database_name(database_url)
+    for result in results:
+        result.database = name
+    about = {
+        "database": name,
+        "startup_s": f"{startup_s:.0f}",
+        "load_before": load_before,
+        "load_after": load_after,
+    }
+    return results, about
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000, help="webhooks per phase")
+    parser.add_argument("--threads", type=int, default=4, help="clients in the concurrent phase")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="gunicorn workers (default: RLHF_WORKERS)"
+    )
+    parser.add_argument(
+        "--with-worker", action="store_true", help="also run the embedded job worker"
+    )
+    parser.add_argument("--keep-alive", action="store_true", help="reuse one connection per client")
+    parser.add_argument(
+        "--database-url",
+        action="append",
+        metavar="URL",
+        help="sqlite (default), postgresql (a throwaway cluster started here) or a "
+        "postgresql:// server URL; repeat to compare in one run",
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 when a p99 misses the target")
+    args = parser.parse_args(argv)
+
+    databases = Databases()
+    results: list[Result] = []
+    runs: list[dict[str, str]] = []
+    try:
+        for spec in args.database_url or ["sqlite"]:
+            found, about = run_database(args, databases, spec)
+            results += found
+            runs.append(about)
+    finally:
+        databases.stop()
 
     info = machine()
     print(f"machine: {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}")
     print(
-        f"server: healthy after {startup_s:.0f} s; workers: {args.workers or 'default'}; "
+        f"workers: {args.workers or 'default'}; "
         f"connections: {'kept alive per client' if args.keep_alive else 'one per webhook'}"
     )
-    print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}\n")
+    for about in runs:
+        print(
+            f"{about['database']}: server healthy after {about['startup_s']} s; load average "
+            f"(1/5/15 min) before: {about['load_before']}; after: {about['load_after']}"
+        )
     print(
-        "| phase | clients | requests | p50 ms | p95 ms | p99 ms | max ms | mean ms | req/s "
-        f"| resets | p99 < {TARGET_P99_MS:.0f} ms |"
+        "\n| database | phase | clients | requests | p50 ms | p95 ms | p99 ms | max ms | mean ms "
+        f"| req/s | resets | p99 < {TARGET_P99_MS:.0f} ms |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for result in results:
         print(result.row())
+    for line in p99_ratios(results):
+        print(line)
     missed = [r for r in results if r.percentile(99) >= TARGET_P99_MS or r.failed]
     return 1 if args.check and missed else 0
+
+
+def p99_ratios(results: list[Result]) -> list[str]:
+    """Each phase's p99 on PostgreSQL over its p99 on SQLite (target: at most 2)."""
+    by = {(r.database, r.name): r for r in results}
+    lines = []
+    for (database, phase), result in by.items():
+        baseline = by.get(("sqlite", phase))
+        if database == "sqlite" or baseline is None:
+            continue
+        ratio = result.percentile(99) / baseline.percentile(99)
+        verdict = "within" if ratio <= MAX_P99_RATIO else "OVER"
+        lines.append(
+            f"{phase}: {database} p99 / sqlite p99 = {ratio:.2f} "
+            f"({verdict} the {MAX_P99_RATIO:g}x target)"
+        )
+    return lines
 
 
 if __name__ == "__main__":
