@@ -30,6 +30,7 @@ from ml_backend.serving import (
     reward_model_config,
 )
 from ml_backend.store import Job, Store
+from rlhf_core.db import database_for
 from trainer.distributed import ONE_PROCESS, Ranks
 from trainer.embedding_store import EmbeddingStore
 from trainer.label_studio_sync import drain_syncs, preannotate, project_tasks
@@ -73,7 +74,7 @@ MIN_PAIRS = 2
 
 
 def registry_for(config: BackendConfig) -> Registry:
-    return Registry(config.db_path, config.data_dir / "models")
+    return Registry(database_for(config), config.data_dir / "models")
 
 
 def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> dict[str, Any]:
@@ -82,7 +83,7 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
     Across several processes (:mod:`trainer.distributed`), rank 0 reads the store and trains the
     reward model; every rank trains the policy on rank 0's data; rank 0 gates and records.
     """
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     registry = registry_for(config)
     records, feedback = ranks.share(
         (
@@ -467,7 +468,7 @@ def after_promotion(config: BackendConfig, registry: Registry, project_id: int) 
 
 
 def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     return preannotate(config, store, registry_for(config), job.project_id, progress=True)
 
 
@@ -475,6 +476,6 @@ def reconcile_job(config: BackendConfig, job: Job) -> dict[str, Any]:
     """Bring the store level with the project's annotations in Label Studio."""
     from ml_backend.reconcile import reconcile_project
 
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     tasks = project_tasks(config, store, job.project_id)
     return reconcile_project(store, job.project_id, tasks, config.train_every).as_dict()
