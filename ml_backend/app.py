@@ -25,6 +25,7 @@ from ml_backend.serving import ModelServer, release_memory
 from ml_backend.store import JOB_PREANNOTATE, JOB_RECONCILE, Store
 from ml_backend.trust import WEBHOOK_SECRET_HEADER, Credentials
 from ml_backend.vault import Vault
+from rlhf_core.db import database_for
 from trainer.dispatch import notify_workers
 from trainer.registry import Registry
 
@@ -40,11 +41,10 @@ class Services:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         vault = Vault.for_config(config)
-        self.store = Store(config.db_path, config.store_sync, checkpoint_every_s=1.0).initialize(
-            seal=vault.token_sealer(config)
-        )
+        database = database_for(config, checkpoint_every_s=1.0)
+        self.store = Store(database).initialize(seal=vault.token_sealer(config))
         self.credentials = Credentials(config, self.store, vault)
-        self.registry = Registry(config.db_path, config.artifacts_path)
+        self.registry = Registry(database, config.artifacts_path)
         self.models = ModelServer(config, self.registry)
         self.metrics = Metrics(self.store, self.registry)
         self.webhook_sync = WebhookSync(config)

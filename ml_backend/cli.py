@@ -34,6 +34,7 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
     from ml_backend.server import exposure_warning, run_gunicorn
     from ml_backend.store import Store
     from ml_backend.vault import Vault
+    from rlhf_core.db import database_for
     from trainer.worker import supervise
 
     warning = exposure_warning(config)
@@ -41,7 +42,7 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning(warning)
     # The schema and the key file are created once, before any fork.
     vault = Vault.for_config(config)
-    Store(config.db_path, config.store_sync).initialize(seal=vault.token_sealer(config)).close()
+    Store(database_for(config)).initialize(seal=vault.token_sealer(config))
     stop = threading.Event()
     if config.embedded_worker:
         command = [sys.executable, "-m", "ml_backend.cli", "worker"]
@@ -186,9 +187,10 @@ def _known_project_store(config: BackendConfig, project_id: int) -> Any:
     """The store, or None (with the reason printed) when the project is not connected here."""
     from ml_backend.store import Store
     from ml_backend.vault import Vault
+    from rlhf_core.db import database_for
 
     seal = Vault.for_config(config).token_sealer(config)
-    store = Store(config.db_path, config.store_sync).initialize(seal=seal)
+    store = Store(database_for(config)).initialize(seal=seal)
     if store.project(project_id) is None:
         print(
             f"rlhf-backend: project {project_id} is unknown here: connect this backend to it "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 MIN_SECRET_CHARS = 32
+DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://", "postgresql+psycopg://")
 STRATEGY_NAMES = (
     "default",
     "random",
@@ -41,7 +42,9 @@ class BackendConfig:
     data_dir: Path = _setting(
         Path("data"),
         "RLHF_DATA_DIR",
-        "Directory for the annotation store (SQLite), model registry and metrics files.",
+        "This machine's directory: the SQLite store (unless RLHF_DATABASE_URL names another "
+        "database), model checkpoints (unless RLHF_ARTIFACT_DIR names another directory), caches "
+        "and metrics files.",
     )
     artifact_dir: str = _setting(
         "",
@@ -150,6 +153,14 @@ class BackendConfig:
         "Workers read every connected project's annotations from Label Studio this often "
         "(`rlhf-backend reconcile`), storing what webhooks missed (0: only after /setup).",
     )
+    database_url: str = _setting(
+        "",
+        "RLHF_DATABASE_URL",
+        "Database of the store, job queue and model registry: sqlite:///PATH (embedded, one "
+        "machine) or postgresql://USER[:PASSWORD]@HOST:PORT/DB (a plain libpq URL; several "
+        "machines). Unset: sqlite:///RLHF_DATA_DIR/store.sqlite3. The schema is migrated at "
+        "start (`rlhf-backend migrate`).",
+    )
     store_sync: str = _setting(
         "normal",
         "RLHF_STORE_SYNC",
@@ -251,6 +262,10 @@ class BackendConfig:
             raise ConfigError("RLHF_TEMPERATURE must be positive.")
         if self.strategy not in STRATEGY_NAMES:
             raise ConfigError(f"RLHF_STRATEGY must be one of {', '.join(STRATEGY_NAMES)}.")
+        if self.database_url and not self.database_url.startswith(DATABASE_SCHEMES):
+            raise ConfigError(
+                "RLHF_DATABASE_URL must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB."
+            )
         if self.store_sync not in ("normal", "full"):
             raise ConfigError("RLHF_STORE_SYNC must be normal or full.")
         if self.policy_training not in ("dpo", "grpo", "off"):
@@ -294,7 +309,12 @@ class BackendConfig:
 
     @property
     def db_path(self) -> Path:
+        """The default SQLite store in the data directory (RLHF_DATABASE_URL unset)."""
         return self.data_dir / "store.sqlite3"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.db_path}"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BackendConfig:

@@ -1,9 +1,9 @@
 """Three worker "machines" on one database and one artifact volume.
 
 Each worker is its own process (``tests/multi_machine_worker.py``: the real worker loop, with
-a cheap stand-in for training) with its own ``RLHF_DATA_DIR``; they share the database and
-``RLHF_ARTIFACT_DIR``. 200 jobs over 5 projects are queued while they run; one worker is
-killed (SIGKILL) in the middle of a job. Every job must finish exactly once, no project may ever
+a cheap stand-in for training) with its own ``RLHF_DATA_DIR``; they share the database (a real
+PostgreSQL server; and, as on one host, a SQLite file) and ``RLHF_ARTIFACT_DIR``. 200 jobs over
+5 projects are queued while they run; one worker is killed (SIGKILL) in the middle of a job. Every job must finish exactly once, no project may ever
 have two trainings running at once, the killed worker's job must be finished by another worker
 after the staleness timeout, and a job that runs longer than that timeout on a live worker must
 not be taken from it.
@@ -39,11 +39,14 @@ LONG_JOB_S = 3.0  # longer than the staleness timeout: its live worker's heartbe
 DEADLINE_S = 120.0
 
 
-def machine_env(data_dir: Path, artifact_dir: Path, hang: bool = False) -> dict[str, str]:
+def machine_env(
+    data_dir: Path, database_url: str, artifact_dir: Path, hang: bool = False
+) -> dict[str, str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "RLHF_DATA_DIR": str(data_dir),
+        "RLHF_DATABASE_URL": database_url,
         "RLHF_ARTIFACT_DIR": str(artifact_dir),
         "RLHF_JOB_STALE_AFTER_S": str(STALE_AFTER_S),
         "RLHF_RECONCILE_EVERY_S": "0",
@@ -72,17 +75,15 @@ def queue_plan() -> dict[int, list[str]]:
 
 
 def test_three_workers_run_200_jobs_once_each_one_training_per_project_and_survive_a_kill(
-    tmp_path: Path,
+    tmp_path: Path, database_url: str
 ) -> None:
-    shared_data = tmp_path / "shared-data"  # the database (SQLite until PostgreSQL lands here)
     artifacts = tmp_path / "artifacts"
-    shared_data.mkdir()
-    store = Store(shared_data / "store.sqlite3").initialize()
+    store = Store(database_url).initialize()
     logs = [tmp_path / f"worker-{i}.events.jsonl" for i in range(3)]
     workers = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(logs[i])],
-            env=machine_env(shared_data, artifacts, hang=i == 0),
+            env=machine_env(tmp_path / f"machine-{i}", database_url, artifacts, hang=i == 0),
             stdout=subprocess.DEVNULL,
             stderr=open(tmp_path / f"worker-{i}.log", "wb"),  # noqa: SIM115
         )

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import shutil
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +26,8 @@ from ml_backend.serving import (
     reward_model_config,
 )
 from ml_backend.store import Job, Store
+from rlhf_core.artifacts import write_atomically
+from rlhf_core.db import database_for
 from trainer.distributed import ONE_PROCESS, Ranks
 from trainer.embedding_store import EmbeddingStore
 from trainer.label_studio_sync import drain_syncs, preannotate, project_tasks
@@ -73,7 +71,7 @@ MIN_PAIRS = 2
 
 
 def registry_for(config: BackendConfig) -> Registry:
-    return Registry(config.db_path, config.artifacts_path)
+    return Registry(database_for(config), config.artifacts_path)
 
 
 def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> dict[str, Any]:
@@ -82,7 +80,7 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
     Across several processes (:mod:`trainer.distributed`), rank 0 reads the store and trains the
     reward model; every rank trains the policy on rank 0's data; rank 0 gates and records.
     """
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     registry = registry_for(config)
     records, feedback = ranks.share(
         (
@@ -271,7 +269,7 @@ def train_reward_model(
         "metrics": metrics,
         "data": snapshot,
     }
-    _save_atomically(path, lambda tmp: candidate.save(tmp, provenance))
+    digest = write_atomically(path, lambda tmp: candidate.save(tmp, provenance))
     registry.record(
         project_id,
         REWARD_MODEL,
@@ -282,6 +280,7 @@ def train_reward_model(
         metrics=metrics,
         status=CANDIDATE if gate.promote else REJECTED,
         reason=gate.reason,
+        artifact_sha256=digest,
     )
     logger.info(
         "project %s: %s %s (%s)",
@@ -373,7 +372,7 @@ def train_policy_version(
         "warm_start": served.version,
         "job": job_id,
     }
-    _save_atomically(path, lambda tmp: save_policy(candidate, tmp))
+    digest = write_atomically(path, lambda tmp: save_policy(candidate, tmp))
     registry.record(
         project_id,
         POLICY,
@@ -384,6 +383,7 @@ def train_policy_version(
         metrics=metrics,
         status=CANDIDATE if gate.promote else REJECTED,
         reason=gate.reason,
+        artifact_sha256=digest,
     )
     logger.info(
         "project %s: %s %s (%s)",
@@ -448,15 +448,6 @@ def _evaluate(model: Any, cache: EmbeddingCache, pairs: list[Pair]) -> Evaluatio
     )
 
 
-def _save_atomically(path: Path, save: Callable[[Path], None]) -> None:
-    """``save`` writes into a scratch directory that is renamed to ``path`` only when complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(path, ignore_errors=True)  # a leftover from a crash before it was recorded
-    tmp.rename(path)
-
-
 def after_promotion(config: BackendConfig, registry: Registry, project_id: int) -> None:
     """Label Studio follows the served version (a promotion, or a pin): its sync is queued
     unless one is pending, and tried now; a worker retries a failure."""
@@ -467,7 +458,7 @@ def after_promotion(config: BackendConfig, registry: Registry, project_id: int) 
 
 
 def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     return preannotate(config, store, registry_for(config), job.project_id, progress=True)
 
 
@@ -475,6 +466,6 @@ def reconcile_job(config: BackendConfig, job: Job) -> dict[str, Any]:
     """Bring the store level with the project's annotations in Label Studio."""
     from ml_backend.reconcile import reconcile_project
 
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     tasks = project_tasks(config, store, job.project_id)
     return reconcile_project(store, job.project_id, tasks, config.train_every).as_dict()

@@ -19,6 +19,7 @@ from ml_backend.label_schema import parse_label_config
 from ml_backend.label_studio import LabelStudioTasks, client
 from ml_backend.serving import ModelServer
 from ml_backend.store import Store
+from rlhf_core.db import database_for
 from trainer.registry import POLICY, REWARD_MODEL, Registry, Sync
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def drain_syncs(
 
 
 def sync_once(config: BackendConfig, registry: Registry, sync: Sync) -> dict[str, Any]:
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     served = registry.served_version(sync.project_id)
     try:
         tasks = project_tasks(config, store, sync.project_id)

@@ -24,6 +24,7 @@ from typing import Any
 
 from ml_backend.config import BackendConfig
 from ml_backend.store import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RECONCILE, Job, Store
+from rlhf_core.db import database_for
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Worker:
         chores: list[Chore] | None = None,
     ) -> None:
         self.config = config
-        self.store = Store(config.db_path, config.store_sync).initialize()
+        self.store = Store(database_for(config)).initialize()
         self.handlers = handlers
         self.chores = chores or []
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -102,7 +103,7 @@ class Worker:
 
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
         # Its own connection: this is another thread.
-        store = Store(self.config.db_path, self.config.store_sync)
+        store = Store(database_for(self.config))
         while not done.wait(heartbeat_interval_s(self.config)):
             store.heartbeat(job_id)
         store.close()
@@ -138,7 +139,7 @@ def default_chores(config: BackendConfig) -> list[Chore]:
     from trainer.label_studio_sync import drain_syncs
 
     registry = registry_for(config)
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     last_reconcile = [time.monotonic()]
 
     def sync() -> None:
