@@ -3,10 +3,10 @@
 Each worker is its own process (``tests/multi_machine_worker.py``: the real worker loop, with
 a cheap stand-in for training) with its own ``RLHF_DATA_DIR``; they share the database (a real
 PostgreSQL server; and, as on one host, a SQLite file) and ``RLHF_ARTIFACT_DIR``. 200 jobs over
-5 projects are queued while they run; one worker is killed (SIGKILL) in the middle of a job. Every job must finish exactly once, no project may ever
-have two trainings running at once, the killed worker's job must be finished by another worker
-after the staleness timeout, and a job that runs longer than that timeout on a live worker must
-not be taken from it.
+5 projects are queued while they run; one worker is killed (SIGKILL) in the middle of a job.
+Every job must finish exactly once, no project may ever have two trainings running at once, the
+killed worker's job must be finished by another worker after the staleness timeout, and a job
+that runs longer than that timeout on a live worker must not be taken from it.
 """
 
 from __future__ import annotations
