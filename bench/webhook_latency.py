@@ -4,11 +4,14 @@
     python bench/webhook_latency.py --requests 2000 --threads 4 \
         --database-url sqlite --database-url postgresql
 
-``--database-url`` (repeat it to compare databases in one run, one after the other, each with a
-fresh server and data dir): ``sqlite`` (the default: the store file in the data dir), a
+``--database-url`` (repeat it to compare databases in one run, each with a fresh server and
+data dir): ``sqlite`` (the default: the store file in the data dir), a
 ``postgresql://`` URL of yours (each run gets a fresh database created on that server), or
 ``postgresql`` (a throwaway cluster started here from Debian's ``postgresql`` package, with
-PostgreSQL's default durability: fsync and synchronous_commit on).
+PostgreSQL's default durability: fsync and synchronous_commit on). All the servers are up
+together, and each phase is split into ``--rounds`` rounds in which the databases take turns,
+so a change in the machine's load falls on each of them alike; the webhook p99 on PostgreSQL
+over SQLite's is printed per phase (target: at most 2).
 
 Starts the server (gunicorn, the configured number of workers, default 2; the embedded job
 worker off unless ``--with-worker``) on a free loopback port with a temporary data dir, connects
@@ -299,50 +302,72 @@ def database_name(url: str) -> str:
     return url.split(":", 1)[0].split("+", 1)[0]
 
 
-def run_database(
-    args: argparse.Namespace, databases: Databases, spec: str
-) -> tuple[list[Result], dict[str, str]]:
-    """Both phases against a fresh server on a fresh database named by ``spec``."""
-    with tempfile.TemporaryDirectory(prefix="webhook-bench-") as tmp:
-        data_dir = Path(tmp)
-        database_url = databases.fresh(spec, data_dir)
-        server = Server(data_dir, args.workers, args.with_worker, database_url)
-        try:
-            startup_s = server.wait_healthy()
-            setup = captured("01_setup")
-            del setup["hostname"], setup["access_token"]
-            requests.post(f"{server.url}/setup", json=setup, timeout=30).raise_for_status()
-            load_before = load_average()
-            keep = args.keep_alive
-            run_phase(server.url, "warm-up", webhooks(1, WARMUP), 1, keep)
-            n = args.requests
-            results = [
-                run_phase(server.url, "sequential", webhooks(100_000, n), 1, keep),
-                run_phase(server.url, "concurrent", webhooks(200_000, n), args.threads, keep),
-            ]
-            load_after = load_average()
-            expected = WARMUP // 2 + 2 * (n // 2 + n % 2)
-            if stored_count(database_url) != expected:
-                raise SystemExit(
-                    f"store holds {stored_count(database_url)} annotations, not {expected}"
+@dataclass
+class Target:
+    """One database under test: its server, on a data dir of its own."""
+
+    spec: str
+    data_dir: Path
+    database_url: str
+    server: Server
+    startup_s: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return database_name(self.database_url)
+
+
+def start_targets(
+    args: argparse.Namespace, databases: Databases, root: Path, targets: list[Target]
+) -> None:
+    """A server for each database (added to ``targets`` as it starts), set up and warmed."""
+    for k, spec in enumerate(args.database_url or ["sqlite"]):
+        data_dir = root / f"{k}-{spec.split(':', 1)[0]}"
+        data_dir.mkdir()
+        url = databases.fresh(spec, data_dir)
+        targets.append(
+            Target(spec, data_dir, url, Server(data_dir, args.workers, args.with_worker, url))
+        )
+    for target in targets:
+        target.startup_s = target.server.wait_healthy()
+        setup = captured("01_setup")
+        del setup["hostname"], setup["access_token"]
+        requests.post(f"{target.server.url}/setup", json=setup, timeout=30).raise_for_status()
+        run_phase(target.server.url, "warm-up", webhooks(1, WARMUP), 1, args.keep_alive)
+
+
+def run_rounds(args: argparse.Namespace, targets: list[Target]) -> list[Result]:
+    """Each phase in ``args.rounds`` rounds, the databases taking turns (the first of one round
+    goes last in the next), so a change in the machine's load falls on all of them alike."""
+    results: dict[tuple[str, str], Result] = {}
+    per_round = [len(part) for part in _split(list(range(args.requests)), args.rounds)]
+    first = {"sequential": 100_000, "concurrent": 200_000}
+    for round_index, n in enumerate(per_round):
+        turn = targets[round_index % len(targets) :] + targets[: round_index % len(targets)]
+        for phase, clients in (("sequential", 1), ("concurrent", args.threads)):
+            start_id = first[phase] + sum(per_round[:round_index])
+            for target in turn:
+                part = run_phase(
+                    target.server.url, phase, webhooks(start_id, n), clients, args.keep_alive
                 )
-        except BaseException:
-            server.log.flush()
-            tail = (data_dir / "server.log").read_text(errors="replace")[-4000:]
-            print(f"server log (tail):\n{tail}", file=sys.stderr)
-            raise
-        finally:
-            server.stop()
-    name = database_name(database_url)
-    for result in results:
-        result.database = name
-    about = {
-        "database": name,
-        "startup_s": f"{startup_s:.0f}",
-        "load_before": load_before,
-        "load_after": load_after,
-    }
-    return results, about
+                key = (target.name, phase)
+                if key not in results:
+                    results[key] = Result(phase, clients, [], 0.0, 0, target.name)
+                results[key].latencies_ms += part.latencies_ms
+                results[key].wall_s += part.wall_s
+                results[key].failed += part.failed
+    for target in targets:
+        expected = WARMUP // 2 + sum(2 * (n // 2 + n % 2) for n in per_round)
+        stored = stored_count(target.database_url)
+        if stored != expected:
+            raise SystemExit(f"{target.name}: store holds {stored} annotations, not {expected}")
+    return [results[(t.name, phase)] for t in targets for phase in ("sequential", "concurrent")]
+
+
+def _split(items: list[int], parts: int) -> list[list[int]]:
+    size, extra = divmod(len(items), parts)
+    cuts = [size * k + min(k, extra) for k in range(parts + 1)]
+    return [items[cuts[k] : cuts[k + 1]] for k in range(parts)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,19 +388,35 @@ def main(argv: list[str] | None = None) -> int:
         help="sqlite (default), postgresql (a throwaway cluster started here) or a "
         "postgresql:// server URL; repeat to compare in one run",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="split each phase into this many rounds, the databases taking turns",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when a p99 misses the target")
     args = parser.parse_args(argv)
 
+    if len(set(args.database_url or ["sqlite"])) != len(args.database_url or ["sqlite"]):
+        parser.error("name each database once")
     databases = Databases()
-    results: list[Result] = []
-    runs: list[dict[str, str]] = []
-    try:
-        for spec in args.database_url or ["sqlite"]:
-            found, about = run_database(args, databases, spec)
-            results += found
-            runs.append(about)
-    finally:
-        databases.stop()
+    with tempfile.TemporaryDirectory(prefix="webhook-bench-") as tmp:
+        targets: list[Target] = []
+        try:
+            start_targets(args, databases, Path(tmp), targets)
+            load_before = load_average()
+            results = run_rounds(args, targets)
+            load_after = load_average()
+        except BaseException:
+            for target in targets:
+                target.server.log.flush()
+                tail = (target.data_dir / "server.log").read_text(errors="replace")[-4000:]
+                print(f"{target.name} server log (tail):\n{tail}", file=sys.stderr)
+            raise
+        finally:
+            for target in targets:
+                target.server.stop()
+            databases.stop()
 
     info = machine()
     print(f"machine: {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}")
@@ -383,11 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         f"workers: {args.workers or 'default'}; "
         f"connections: {'kept alive per client' if args.keep_alive else 'one per webhook'}"
     )
-    for about in runs:
-        print(
-            f"{about['database']}: server healthy after {about['startup_s']} s; load average "
-            f"(1/5/15 min) before: {about['load_before']}; after: {about['load_after']}"
-        )
+    for target in targets:
+        print(f"{target.name}: server healthy after {target.startup_s:.0f} s")
+    print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
+    print(f"{args.rounds} rounds, the databases taking turns in each")
     print(
         "\n| database | phase | clients | requests | p50 ms | p95 ms | p99 ms | max ms | mean ms "
         f"| req/s | resets | p99 < {TARGET_P99_MS:.0f} ms |"

@@ -73,7 +73,9 @@ class PostgresServer:
         """A plain libpq URL, as a user would write RLHF_DATABASE_URL."""
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
 
-    def start(self) -> PostgresServer:
+    def start(self, durable: bool = False) -> PostgresServer:
+        """``durable``: PostgreSQL's own defaults (fsync, synchronous_commit), as a benchmark
+        must run it; otherwise the tests' fast settings, which give up durability."""
         initdb = [str(self.binaries / "initdb"), "-D", str(self.data), "-U", self.user]
         subprocess.run(
             [*self._prefix, *initdb, "--auth=trust", "-E", "UTF8", "--no-sync"],
@@ -85,11 +87,10 @@ class PostgresServer:
             "listen_addresses": "127.0.0.1",
             "port": str(self.port),
             "unix_socket_directories": str(self.directory),
-            "fsync": "off",
-            "synchronous_commit": "off",
-            "full_page_writes": "off",
             "max_connections": "200",
         }
+        if not durable:
+            settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
         options = " ".join(f"-c {key}={value}" for key, value in settings.items())
         pg_ctl = [str(self.binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.log)]
         started = subprocess.run(
