@@ -19,7 +19,7 @@ from ml_backend.errors import BackendError, BadRequest, NotFound, TooLarge, Unau
 from ml_backend.intake import MAX_ID, handle_event
 from ml_backend.label_schema import check_label_config
 from ml_backend.label_studio import WebhookSync
-from ml_backend.metrics import CONTENT_TYPE, Metrics, action_label, method_label
+from ml_backend.metrics import CONTENT_TYPE, Metrics, action_label, kind_label, method_label
 from ml_backend.predict import PREDICT_CHUNK, predict_in_time
 from ml_backend.serving import ModelServer, release_memory
 from ml_backend.store import JOB_PREANNOTATE, JOB_RECONCILE, Store
@@ -45,9 +45,12 @@ class Services:
         self.store = Store(database).initialize(seal=vault.token_sealer(config))
         self.credentials = Credentials(config, self.store, vault)
         self.registry = Registry(database, config.artifacts_path)
-        self.models = ModelServer(config, self.registry)
         self.metrics = Metrics(self.store, self.registry)
+        self.models = ModelServer(config, self.registry, on_refused=self._count_refused)
         self.webhook_sync = WebhookSync(config)
+
+    def _count_refused(self, kind: str) -> None:
+        self.metrics.artifacts_refused.labels(kind_label(kind)).inc()
 
     def model_version(self, project_id: int | None = None) -> str:
         """The served version of a project (the base version before any training)."""

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from ml_backend.app import create_app
+from ml_backend.config import BackendConfig
+from ml_backend.serving import load_version
+from ml_backend.store import Store
 from rlhf_core.artifacts import (
     ArtifactError,
     ArtifactIntegrityError,
@@ -15,6 +19,10 @@ from rlhf_core.artifacts import (
     verify,
     write_atomically,
 )
+from tests.test_training_job import seed_annotations
+from tests.test_versions import predicted_version, train
+from trainer.jobs import registry_for
+from trainer.registry import REWARD_MODEL
 
 
 def write_checkpoint(path: Path) -> None:
@@ -137,3 +145,60 @@ def test_a_symlink_inside_an_artifact_is_refused(tmp_path: Path) -> None:
     (target / "heads.safetensors").symlink_to(tmp_path / "outside.bin")
     with pytest.raises(ArtifactError, match="symbolic link"):
         content_hash(target)
+
+
+# -- a promoted checkpoint changed on disk ----------------------------------------------------
+
+
+@pytest.fixture
+def trained_config(tmp_path: Path, tiny_backbone: str) -> BackendConfig:
+    return BackendConfig(
+        data_dir=tmp_path / "data",
+        artifact_dir=str(tmp_path / "artifacts"),
+        reward_backbone=tiny_backbone,
+        reward_heads=4,
+        policy_training="off",
+        promotion_tolerance=1.0,  # every retrain is promoted
+    )
+
+
+def flip_last_byte(file: Path) -> None:
+    """A changed weight (the tensor data ends the file): the checkpoint still loads as such."""
+    flip_one_byte(file, offset=file.stat().st_size - 1)
+
+
+def metric(http, name: str) -> float:
+    lines = [x for x in http.get("/metrics").text.splitlines() if x.startswith(name)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def test_a_flipped_byte_in_the_promoted_checkpoint_refuses_it_and_keeps_the_previous_version(
+    trained_config: BackendConfig,
+) -> None:
+    config = trained_config
+    store = Store(config.resolved_database_url).initialize()
+    seed_annotations(store, 40)
+    http = create_app(config).test_client()
+    train(store, config)
+    assert predicted_version(http).startswith("rm-0001.")
+    train(store, config)
+    registry = registry_for(config)
+    promoted = registry.served(1, REWARD_MODEL)
+    assert promoted.version == "rm-0002"
+    assert promoted.path.parent.parent == config.artifacts_path  # under RLHF_ARTIFACT_DIR
+    assert promoted.artifact_sha256 == content_hash(promoted.path)
+
+    flip_last_byte(promoted.path / "heads.safetensors")
+
+    with pytest.raises(ArtifactIntegrityError, match="does not match the content hash"):
+        load_version(config, promoted)
+    # The serving process keeps the version it had, says so in its predictions, counts it.
+    assert predicted_version(http).startswith("rm-0001.")
+    assert metric(http, 'rlhf_artifacts_refused_total{kind="rm"}') == 1.0
+    # A process that had none loaded serves the base model, not the changed weights.
+    fresh = create_app(config).test_client()
+    assert predicted_version(fresh).startswith("rm-untrained.")
+    assert metric(fresh, 'rlhf_artifacts_refused_total{kind="rm"}') == 1.0
+    # A training job does not warm-start from it: it fails, saying why.
+    with pytest.raises(ArtifactIntegrityError):
+        train(store, config)

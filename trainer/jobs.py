@@ -22,8 +22,7 @@ from ml_backend.config import BackendConfig
 from ml_backend.conversion import preference_pairs
 from ml_backend.serving import (
     embedding_store_path,
-    policy_config,
-    reward_model_config,
+    load_version,
 )
 from ml_backend.store import Job, Store
 from rlhf_core.artifacts import write_atomically
@@ -201,8 +200,6 @@ def train_reward_model(
     training: RewardTrainingConfig | None = None,
     job_id: int | None = None,
 ) -> dict[str, Any]:
-    from trainer.reward_model import RewardModel
-
     training = training or RewardTrainingConfig(
         promotion_tolerance=config.promotion_tolerance,
         min_heldout_pairs=config.min_heldout_pairs,
@@ -212,11 +209,7 @@ def train_reward_model(
     if not train:
         train = heldout  # too few tasks for a split yet: learn from what there is
     served = registry.served(project_id, REWARD_MODEL)
-    serving_model = (
-        RewardModel.load(served.path)
-        if served.path
-        else RewardModel.create(reward_model_config(config))
-    )
+    serving_model = load_version(config, served)
     candidate = copy.deepcopy(serving_model)  # warm start from what is served
 
     store = EmbeddingStore(embedding_store_path(config))
@@ -317,9 +310,6 @@ def train_policy_version(
     their prompts are the gate's test set. Every rank trains; rank 0 alone gates, saves and
     records (the others return the training stats).
     """
-    from trainer.policy import Policy
-    from trainer.reward_model import RewardModel
-
     training = training or PolicyTrainingConfig(
         method=config.policy_training,
         max_new_tokens=config.max_new_tokens,
@@ -337,16 +327,9 @@ def train_policy_version(
         if r.get("response") and r.get("feedback")
     ]
     served_rm = judge_version or registry.served(project_id, REWARD_MODEL)
-    judge = (
-        RewardModel.load(served_rm.path)
-        if served_rm.path
-        else RewardModel.create(reward_model_config(config))
-    )
+    judge = load_version(config, served_rm)
     served = registry.served(project_id, POLICY)
-    serving = Policy.load(
-        policy_config(config, str(served.path) if served.path else None),
-        config.data_dir / "cache",
-    )
+    serving = load_version(config, served)
     candidate, stats = train_policy(
         serving,
         train,
