@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from conftest import WEBHOOK_HEADERS
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -378,3 +380,55 @@ def test_annotation_writes_from_many_threads_get_distinct_change_numbers(databas
         count = conn.execute(select(func.count()).select_from(schema.records)).scalar_one()
     assert len(seqs) == len(set(seqs)) == 40 and count == 40
     assert store.enqueue_training(1, "annotations", min_new=40) is not None
+
+
+# -- two servers, one PostgreSQL ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_servers_with_their_own_data_dirs_share_one_postgresql(
+    tmp_path, postgres, server_factory, captured, annotation_event
+):
+    """The issue's check: a project set up and annotated through one server is served by the
+    other, and the annotations are rows in PostgreSQL."""
+    from fake_label_studio import FakeLabelStudio
+
+    url = postgres.create_database()
+    env = {"RLHF_DATABASE_URL": url, "RLHF_SECRET_KEY": "k" * 40}  # one key for every machine
+    with FakeLabelStudio() as ls:
+        ls.add_project(1)
+        first = server_factory(tmp_path / "machine-a", workers=1, env=env)
+        second = server_factory(tmp_path / "machine-b", workers=1, env=env)
+
+        setup = {**captured("01_setup"), "hostname": ls.url, "access_token": "token-for-ls"}
+        assert requests.post(f"{first.url}/setup", json=setup, timeout=60).status_code == 200
+        for annotation_id in (1, 2, 3):
+            body = annotation_event(annotation_id, task_id=annotation_id)
+            answer = requests.post(
+                f"{first.url}/webhook", json=body, headers=WEBHOOK_HEADERS, timeout=60
+            )
+            assert answer.json()["status"] == "stored"
+
+        # The second server knows the project: /predict without a label config uses the
+        # stored one, and the project's state is what the first server made.
+        predict = captured("04_predict")
+        del predict["label_config"]
+        answer = requests.post(f"{second.url}/predict", json=predict, timeout=120)
+        assert answer.status_code == 200, answer.text
+        [[prediction], _] = answer.json()["results"]
+        assert prediction["model_version"] == "rm-untrained.policy-base"
+        summary = requests.get(f"{second.url}/api/projects/1/summary", timeout=60).json()
+        assert [job["kind"] for job in summary["jobs"]] == ["reconcile"]  # queued by /setup
+        assert sum(row["labels"] for row in summary["annotators"]) == 3
+
+    with Database(url).read() as conn:
+        rows = conn.execute(
+            select(schema.annotations.c.annotation_id, schema.annotations.c.task_id).where(
+                schema.annotations.c.project_id == 1
+            )
+        ).all()
+        project = conn.execute(select(schema.projects).where(schema.projects.c.project_id == 1))
+        [project] = project.mappings().all()
+    assert sorted(rows) == [(1, 1), (2, 2), (3, 3)]
+    assert project["hostname"] == ls.url and "token-for-ls" not in project["token_sealed"]
+    assert not list(tmp_path.glob("machine-*/store.sqlite3*"))  # nothing went to SQLite
