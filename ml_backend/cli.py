@@ -57,6 +57,24 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
         stop.set()
 
 
+def _migrate(config: BackendConfig, args: argparse.Namespace) -> int:
+    """Bring the database to the newest schema, or (``--from``) copy a SQLite store into it."""
+    from rlhf_core.db import Database, DatabaseUrlError, database_for
+    from rlhf_core.migrate import MigrationError, copy_store, upgrade
+
+    try:
+        target = database_for(config)
+        if args.source is None:
+            print(f"{target!r}: schema at revision {upgrade(target)}")
+            return 0
+        counts = copy_store(Database(args.source), target)
+    except (DatabaseUrlError, MigrationError) as exc:
+        print(f"rlhf-backend migrate: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"into": repr(target), "copied": counts}, indent=2))
+    return 0
+
+
 def _worker(config: BackendConfig, args: argparse.Namespace) -> int:
     from trainer.worker import Worker, default_chores, default_handlers
 
@@ -331,6 +349,11 @@ def _print_config(config: BackendConfig, args: argparse.Namespace) -> int:
 COMMANDS = {
     "serve": (_serve, "Run the HTTP service (gunicorn) Label Studio connects to."),
     "worker": (_worker, "Run training and pre-annotation jobs from the store."),
+    "migrate": (
+        _migrate,
+        "Bring the database (RLHF_DATABASE_URL) to the newest schema; --from copies a SQLite "
+        "store into it.",
+    ),
     "preannotate": (_preannotate, "Generate candidates and predictions for a project's tasks."),
     "train": (_train, "Retrain the reward model and policy of a project now."),
     "simulate": (_simulate, "Replay active learning against a hidden oracle (JSONL files)."),
@@ -366,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--data-dir", help="override RLHF_DATA_DIR")
         if name == "worker":
             sub.add_argument("--once", action="store_true", help="exit when the queue is empty")
+            sub.add_argument("--data-dir", help="override RLHF_DATA_DIR")
+        if name == "migrate":
+            sub.add_argument(
+                "--from",
+                dest="source",
+                help="sqlite:///PATH/store.sqlite3: copy that store into RLHF_DATABASE_URL "
+                "(which must hold no store yet)",
+            )
             sub.add_argument("--data-dir", help="override RLHF_DATA_DIR")
         if name == "simulate":
             sub.add_argument("--pool", required=True, help="POOL.jsonl: id, prompt, responses")

@@ -18,7 +18,7 @@ State is kept equal to what Label Studio holds, whatever order deliveries arrive
 * the training records derived from an annotation are replaced in the same transaction.
 
 :class:`Store` is the annotations, their records and what pre-annotation and the arena noted per
-task; the projects (:mod:`rlhf_core.projects`) and the job queue (:mod:`rlhf_core.queue`) are
+task; the projects (:mod:`rlhf_core.projects`) and the job queue (:mod:`rlhf_core.job_queue`) are
 parts of it that live in their own modules.
 """
 
@@ -34,16 +34,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, insert, select, update
 
 from rlhf_core.db import Database, as_database, db_now, upsert
-from rlhf_core.migrate import upgrade
-from rlhf_core.projects import (
-    CONTENT_LOCK,
-    Project,
-    ProjectStore,
-    collect_config,
-    config_hash,
-    put_config,
-)
-from rlhf_core.queue import (
+from rlhf_core.job_queue import (
     JOB_DONE,
     JOB_FAILED,
     JOB_PREANNOTATE,
@@ -53,6 +44,15 @@ from rlhf_core.queue import (
     JOB_TRAIN,
     Job,
     JobQueue,
+)
+from rlhf_core.migrate import upgrade
+from rlhf_core.projects import (
+    CONTENT_LOCK,
+    Project,
+    ProjectStore,
+    collect_config,
+    config_hash,
+    put_config,
 )
 from rlhf_core.schema import annotations, arena_responses, counters, records, task_models
 

@@ -82,11 +82,9 @@ def normalize_url(url: str | Path) -> URL:
     except Exception as exc:  # sqlalchemy.exc.ArgumentError: not even a URL
         raise DatabaseUrlError(f"RLHF_DATABASE_URL={_redacted(url)!r} is not a URL") from exc
     backend = parsed.get_backend_name()
-    if backend == "postgres":
-        parsed = parsed.set(drivername="postgresql")
-        backend = "postgresql"
-    if backend == "postgresql" and parsed.get_driver_name() != "psycopg":
+    if backend in ("postgres", "postgresql"):  # the driver this backend ships: psycopg 3
         parsed = parsed.set(drivername="postgresql+psycopg")
+        backend = "postgresql"
     elif backend == "sqlite":
         if not parsed.database or parsed.database == ":memory:":
             raise DatabaseUrlError(

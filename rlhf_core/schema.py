@@ -16,6 +16,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     Table,
     Text,
     text,
@@ -50,9 +51,8 @@ projects = Table(
 annotations = Table(
     "annotations",
     metadata,
-    Column("annotation_id", ID, primary_key=True, autoincrement=False),
-    # Label Studio numbers annotations per instance: the project is part of the key.
-    Column("project_id", ID, primary_key=True, autoincrement=False),
+    Column("annotation_id", ID, nullable=False),
+    Column("project_id", ID, nullable=False),
     Column("task_id", ID),
     Column("annotator", ID),
     Column("config_hash", Text, ForeignKey("label_configs.config_hash")),
@@ -64,6 +64,8 @@ annotations = Table(
     Column("kinds", Text, nullable=False, server_default=""),
     Column("seq", ID, nullable=False),
     Column("stored_at", Float, nullable=False),
+    # Label Studio numbers annotations per instance: the project is part of the key.
+    PrimaryKeyConstraint("project_id", "annotation_id"),
 )
 Index("annotations_project", annotations.c.project_id, annotations.c.deleted)
 Index("annotations_changes", annotations.c.project_id, annotations.c.seq)

@@ -48,8 +48,8 @@ def _tables() -> dict[str, list]:
             sa.Column("webhook_secret_sealed", sa.Text),
         ],
         "annotations": [
-            sa.Column("annotation_id", ID, primary_key=True, autoincrement=False),
-            sa.Column("project_id", ID, primary_key=True, autoincrement=False),
+            sa.Column("annotation_id", ID, nullable=False),
+            sa.Column("project_id", ID, nullable=False),
             sa.Column("task_id", ID),
             sa.Column("annotator", ID),
             sa.Column("config_hash", sa.Text, sa.ForeignKey("label_configs.config_hash")),
@@ -61,6 +61,7 @@ def _tables() -> dict[str, list]:
             sa.Column("kinds", sa.Text, nullable=False, server_default=""),
             sa.Column("seq", ID, nullable=False),
             sa.Column("stored_at", sa.Float, nullable=False),
+            sa.PrimaryKeyConstraint("project_id", "annotation_id"),
         ],
         "records": [
             sa.Column("record_id", ID, primary_key=True, autoincrement=True),
