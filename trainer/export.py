@@ -45,6 +45,7 @@ from typing import Any
 
 from ml_backend.config import BackendConfig
 from ml_backend.store import Store, StoredAnnotation
+from rlhf_core.artifacts import write_atomically
 from trainer.registry import POLICY, REWARD_MODEL, ModelVersion, Registry
 
 logger = logging.getLogger(__name__)
@@ -443,16 +444,26 @@ def export_version(
     except VersionError as exc:
         raise ExportError(str(exc)) from None
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(
+            f"{out} exists and is not empty: name a new directory (a version is exported whole, "
+            "under a scratch name renamed into place when complete)"
+        )
     written: dict[str, Any] = {"out": str(out)}
-    sections = []
-    if POLICY in found:
-        written["policy"] = _export_policy(config, found[POLICY], out)
-        sections.append(_policy_card(config, found[POLICY]))
-    if REWARD_MODEL in found:
-        written["reward_model"] = _export_reward_model(config, found[REWARD_MODEL], out)
-        sections.append(_reward_card(found[REWARD_MODEL]))
-    (out / CARD).write_text(_model_card(config, project_id, found, sections))
+
+    def write(scratch: Path) -> None:
+        sections = []
+        if POLICY in found:
+            _export_policy(config, found[POLICY], scratch)
+            written["policy"] = str(out)
+            sections.append(_policy_card(config, found[POLICY]))
+        if REWARD_MODEL in found:
+            _export_reward_model(config, found[REWARD_MODEL], scratch)
+            written["reward_model"] = str(out / "reward_model")
+            sections.append(_reward_card(found[REWARD_MODEL]))
+        (scratch / CARD).write_text(_model_card(config, project_id, found, sections))
+
+    written["sha256"] = write_atomically(out, write)  # rlhf_core.artifacts.content_hash
     written["disk_bytes"] = registry.disk_usage(project_id)
     return written
 
