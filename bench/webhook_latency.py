@@ -88,7 +88,7 @@ class Server:
         argv = (
             [str(script), "serve"]
             if script.exists()
-            else [sys.executable, "-m", "ml_backend.cli", "serve"]
+            else [sys.executable, "-m", "rlhf_cli.main", "serve"]
         )
         argv += [
             "--host",
@@ -265,7 +265,7 @@ def load_average() -> str:
 
 def stored_count(database_url: str) -> int:
     sys.path.insert(0, str(ROOT))
-    from ml_backend.store import Store
+    from rlhf_core.store import Store
 
     return len(Store(database_url).annotations(1))
 

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ml_backend.config import BackendConfig
-from ml_backend.store import JOB_TRAIN, Job
 from rlhf_core.artifacts import write_atomically
+from rlhf_core.config import BackendConfig
+from rlhf_core.store import JOB_TRAIN, Job
 from trainer.worker import Worker
 
 POLL_S = 0.05

@@ -8,9 +8,6 @@ from pathlib import Path
 import pytest
 
 from ml_backend.app import create_app
-from ml_backend.config import BackendConfig
-from ml_backend.serving import load_version
-from ml_backend.store import Store
 from rlhf_core.artifacts import (
     ArtifactError,
     ArtifactIntegrityError,
@@ -19,10 +16,13 @@ from rlhf_core.artifacts import (
     verify,
     write_atomically,
 )
+from rlhf_core.config import BackendConfig
+from rlhf_core.registry import REWARD_MODEL
+from rlhf_core.serving import load_version
+from rlhf_core.store import Store
 from tests.test_training_job import seed_annotations
 from tests.test_versions import predicted_version, train
 from trainer.jobs import registry_for
-from trainer.registry import REWARD_MODEL
 
 
 def write_checkpoint(path: Path) -> None:

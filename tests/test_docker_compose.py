@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ml_backend.config import BackendConfig
+from rlhf_core.config import BackendConfig
 
 COMPOSE = Path(__file__).parents[1] / "docker-compose.yml"
 BACKENDS = ("rlhf-backend", "rlhf-worker")

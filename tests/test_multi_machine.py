@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from ml_backend.store import JOB_DONE, JOB_TRAIN, Store
 from rlhf_core.artifacts import verify
+from rlhf_core.store import JOB_DONE, JOB_TRAIN, Store
 
 pytestmark = pytest.mark.slow
 

@@ -18,17 +18,26 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.config import BackendConfig
-from ml_backend.conversion import preference_pairs
-from ml_backend.serving import (
+from rlhf_core.artifacts import write_atomically
+from rlhf_core.config import BackendConfig
+from rlhf_core.conversion import preference_pairs
+from rlhf_core.db import database_for
+from rlhf_core.embedding_store import EmbeddingStore
+from rlhf_core.registry import (
+    CANDIDATE,
+    POLICY,
+    PROMOTED,
+    REJECTED,
+    REWARD_MODEL,
+    ModelVersion,
+    Registry,
+)
+from rlhf_core.serving import (
     embedding_store_path,
     load_version,
 )
-from ml_backend.store import Job, Store
-from rlhf_core.artifacts import write_atomically
-from rlhf_core.db import database_for
+from rlhf_core.store import Job, Store
 from trainer.distributed import ONE_PROCESS, Ranks
-from trainer.embedding_store import EmbeddingStore
 from trainer.label_studio_sync import drain_syncs, preannotate, project_tasks
 from trainer.policy_training import (
     FeedbackExample,
@@ -37,15 +46,6 @@ from trainer.policy_training import (
     policy_gate,
     save_policy,
     train_policy,
-)
-from trainer.registry import (
-    CANDIDATE,
-    POLICY,
-    PROMOTED,
-    REJECTED,
-    REWARD_MODEL,
-    ModelVersion,
-    Registry,
 )
 from trainer.reward_training import (
     EmbeddingCache,
@@ -447,7 +447,7 @@ def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
 
 def reconcile_job(config: BackendConfig, job: Job) -> dict[str, Any]:
     """Bring the store level with the project's annotations in Label Studio."""
-    from ml_backend.reconcile import reconcile_project
+    from trainer.reconcile import reconcile_project
 
     store = Store(database_for(config))
     tasks = project_tasks(config, store, job.project_id)

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.config import BackendConfig
 from rlhf_core.artifacts import ArtifactError, verify
-from trainer.registry import (
+from rlhf_core.config import BackendConfig
+from rlhf_core.registry import (
     BASE_VERSIONS,
     POLICY,
     PROMOTED,
@@ -47,18 +47,18 @@ def release_memory() -> None:
 
 
 def reward_model_config(config: BackendConfig) -> Any:
-    from trainer.reward_model import RewardModelConfig
+    from rlhf_core.reward_model import RewardModelConfig
 
     return RewardModelConfig(backbone=config.reward_backbone, num_heads=config.reward_heads)
 
 
 def embedding_store_path(config: BackendConfig) -> Path:
-    """The per-machine embedding cache (trainer.embedding_store): a cache, not the store."""
+    """The per-machine embedding cache (rlhf_core.embedding_store): a cache, not the store."""
     return config.data_dir / "cache" / "embeddings.sqlite"
 
 
 def policy_config(config: BackendConfig, model: str | None = None) -> Any:
-    from trainer.policy import PolicyConfig
+    from rlhf_core.policy import PolicyConfig
 
     return PolicyConfig(
         model=model if model is not None else config.policy_model,
@@ -76,12 +76,12 @@ def load_version(config: BackendConfig, version: ModelVersion, device: str | Non
     if version.path is not None:
         verify(version.path, version.artifact_sha256)
     if version.kind == REWARD_MODEL:
-        from trainer.reward_model import RewardModel
+        from rlhf_core.reward_model import RewardModel
 
         if version.path is None:
             return RewardModel.create(reward_model_config(config), device=device)
         return RewardModel.load(version.path, device=device)
-    from trainer.policy import Policy
+    from rlhf_core.policy import Policy
 
     path = str(version.path) if version.path is not None else None
     return Policy.load(policy_config(config, path), config.data_dir / "cache", device=device)
@@ -111,12 +111,12 @@ class ModelServer:
         self._refused: dict[tuple[int, str], tuple[str, float]] = {}  # -> (version, when)
         self._on_refused = on_refused
         self._other_policy: tuple[str, Any] | None = None  # an earlier version (the arena's)
-        self._embeddings: Any = None  # trainer.embedding_store.EmbeddingStore, opened lazily
+        self._embeddings: Any = None  # rlhf_core.embedding_store.EmbeddingStore, opened lazily
 
     def embedding_store(self) -> Any:
         """This process's handle on the embedding cache (opened on first use)."""
         if self._embeddings is None:
-            from trainer.embedding_store import EmbeddingStore
+            from rlhf_core.embedding_store import EmbeddingStore
 
             with self._lock:
                 if self._embeddings is None:
@@ -226,7 +226,7 @@ class ModelServer:
         return model.score_and_embed(items, self.embedding_store())
 
     def posterior(self, project_id: int) -> Any:
-        """The served reward model's Laplace posterior (trainer.selection measures against it)."""
+        """The served reward model's Laplace posterior (rlhf_core.selection measures against it)."""
         _, model = self.reward_model(project_id)
         return model.posterior()
 
