@@ -105,6 +105,16 @@ def test_migrations_started_at_once_by_several_processes_all_succeed(postgres):
     assert {out.strip() for out, _ in outcomes} == {head_revision()}
 
 
+def test_migrate_command_makes_the_default_store_and_is_idempotent(tmp_path, capsys):
+    argv = ["migrate", "--data-dir", str(tmp_path)]
+    assert main(argv) == 0 and main(argv) == 0
+    assert capsys.readouterr().out.count(f"schema at revision {head_revision()}") == 2
+    with sqlite3.connect(tmp_path / "store.sqlite3") as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            (head_revision(),)
+        ]
+
+
 # -- a store written before migrations existed -------------------------------------------------
 
 
