@@ -304,9 +304,7 @@ class Store(ProjectStore, JobQueue):
         PostgreSQL the old row versions are gone from the files after the next VACUUM. Returns
         the annotation ids that held the task.
         """
-        with self.db.write() as conn:
-            if not self.db.is_postgresql:
-                conn.exec_driver_sql("PRAGMA secure_delete=ON")
+        with self.db.erasing_write() as conn:
             self.db.lock(conn, *CONTENT_LOCK)
             ids = list(
                 conn.execute(
@@ -333,22 +331,7 @@ class Store(ProjectStore, JobQueue):
             for table in (task_models, arena_responses):
                 task = (table.c.project_id == project_id) & (table.c.task_id == task_id)
                 conn.execute(delete(table).where(task))
-        if not self.db.is_postgresql:
-            self._truncate_wal(task_id)
         return ids
-
-    def _truncate_wal(self, task_id: int) -> None:
-        with self.db.engine.connect() as conn:
-            try:
-                busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").scalar()
-            finally:
-                conn.exec_driver_sql("PRAGMA secure_delete=OFF")
-        if busy:  # another connection is reading: the WAL is reused, not yet emptied
-            logger.warning(
-                "forgot task %s, but the WAL could not be truncated now (another process "
-                "is reading); its old pages are overwritten as the WAL is reused",
-                task_id,
-            )
 
     def note_task_models(
         self,

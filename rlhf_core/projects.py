@@ -171,8 +171,8 @@ class ProjectStore:
 
     def seal_plaintext_tokens(self, seal: Callable[[str], str | None]) -> int:
         """Encrypt the Label Studio tokens an early version stored in plaintext (None from
-        ``seal`` drops a token); returns how many. On SQLite the freed plaintext is overwritten
-        in the file and the WAL emptied."""
+        ``seal`` drops a token); returns how many. The plaintext leaves the files too
+        (:meth:`~rlhf_core.db.Database.erasing_write`)."""
         with self.db.read() as conn:
             rows = conn.execute(
                 select(projects.c.project_id, projects.c.access_token).where(
@@ -181,18 +181,13 @@ class ProjectStore:
             ).all()
         if not rows:
             return 0
-        with self.db.write() as conn:
-            if not self.db.is_postgresql:
-                conn.exec_driver_sql("PRAGMA secure_delete=ON")
+        with self.db.erasing_write() as conn:
             for project_id, token in rows:
                 conn.execute(
                     update(projects)
                     .where(projects.c.project_id == project_id)
                     .values(token_sealed=seal(token), access_token=None)
                 )
-        if not self.db.is_postgresql:
-            with self.db.engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         logger.info(
             "encrypted the Label Studio tokens of %d projects stored in plaintext", len(rows)
         )

@@ -188,6 +188,21 @@ def test_a_store_written_before_migrations_is_upgraded_in_place_keeping_every_ro
     Store(path).initialize()  # and opening it again changes nothing
 
 
+def test_plaintext_tokens_of_an_old_store_are_sealed_and_leave_the_files(tmp_path):
+    path = tmp_path / "store.sqlite3"
+    pre_alembic_store(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE projects SET access_token = 'plain-token-4242', token_sealed = NULL")
+
+    store = Store(path).initialize(seal=lambda token: f"sealed({len(token)})")
+
+    assert store.project(1).token_sealed == "sealed(16)"
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT access_token FROM projects").fetchall() == [(None,)]
+    for file in tmp_path.glob("store.sqlite3*"):
+        assert b"plain-token-4242" not in file.read_bytes(), file.name
+
+
 # -- copying a SQLite store into PostgreSQL ----------------------------------------------------
 
 
