@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Float, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
@@ -316,8 +317,4 @@ def database_for(config: Any, checkpoint_every_s: float | None = None) -> Databa
 
 def upsert(database: Database, table: Any) -> Any:
     """``INSERT ... ON CONFLICT`` for the database's dialect (the same API on both)."""
-    if database.is_postgresql:
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table)
+    return postgresql.insert(table) if database.is_postgresql else sqlite.insert(table)

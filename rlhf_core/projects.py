@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, and_, case, delete, exists, func, select, update
 
 from rlhf_core.db import Database, db_now, upsert
-from rlhf_core.schema import annotations, label_configs, projects
+from rlhf_core.schema import annotations_table, label_configs, projects
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def collect_config(conn: Connection, digest: str) -> None:
             and_(
                 label_configs.c.config_hash == digest,
                 ~exists().where(projects.c.config_hash == digest),
-                ~exists().where(annotations.c.config_hash == digest),
+                ~exists().where(annotations_table.c.config_hash == digest),
             )
         )
     )

@@ -401,7 +401,7 @@ def test_annotation_writes_from_many_threads_get_distinct_change_numbers(databas
         thread.join(timeout=60)
 
     with store.db.read() as conn:
-        seqs = conn.execute(select(schema.annotations.c.seq)).scalars().all()
+        seqs = conn.execute(select(schema.annotations_table.c.seq)).scalars().all()
         count = conn.execute(select(func.count()).select_from(schema.records)).scalar_one()
     assert len(seqs) == len(set(seqs)) == 40 and count == 40
     assert store.enqueue_training(1, "annotations", min_new=40) is not None
@@ -448,9 +448,9 @@ def test_two_servers_with_their_own_data_dirs_share_one_postgresql(
 
     with Database(url).read() as conn:
         rows = conn.execute(
-            select(schema.annotations.c.annotation_id, schema.annotations.c.task_id).where(
-                schema.annotations.c.project_id == 1
-            )
+            select(
+                schema.annotations_table.c.annotation_id, schema.annotations_table.c.task_id
+            ).where(schema.annotations_table.c.project_id == 1)
         ).all()
         project = conn.execute(select(schema.projects).where(schema.projects.c.project_id == 1))
         [project] = project.mappings().all()
