@@ -15,8 +15,10 @@ WORKDIR /app
 # torch first and pinned, so nothing later pulls an unpinned (CUDA) build.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" --extra-index-url https://pypi.org/simple
 COPY pyproject.toml README.md ./
+COPY rlhf_core rlhf_core
 COPY ml_backend ml_backend
 COPY trainer trainer
+COPY rlhf_cli rlhf_cli
 COPY label_configs label_configs
 RUN pip install .
 

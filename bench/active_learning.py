@@ -6,7 +6,7 @@
 Each world (``bench/worlds.py``) runs through ``trainer.simulate.simulate`` — the code behind
 ``rlhf-backend simulate`` — once per strategy and seed, evaluated against the annotators'
 held-out labels (what a team has) and against the hidden utility order (the truth). Texts come
-from one bank and are embedded once into a persistent ``trainer.embedding_store`` file
+from one bank and are embedded once into a persistent ``rlhf_core.embedding_store`` file
 (``--embeddings``), so runs cost head training only. Prints, per family, the mean accuracy at
 the checkpoints and the labels each strategy needs to reach random's final accuracy (on the
 noisy labels); writes the curves to ``bench/results/NAME.json`` and a plot to ``NAME.png``.
@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.worlds import KINDS, generate
-from ml_backend.config import BackendConfig
-from ml_backend.serving import reward_model_config
-from trainer.embedding_store import EmbeddingStore
-from trainer.reward_model import RewardModel
+from rlhf_core.config import BackendConfig
+from rlhf_core.embedding_store import EmbeddingStore
+from rlhf_core.reward_model import RewardModel
+from rlhf_core.serving import reward_model_config
 from trainer.reward_training import EmbeddingCache
 from trainer.simulate import load_inputs, simulate
 

@@ -35,10 +35,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ml_backend.app import create_app
-from ml_backend.config import BackendConfig
-from ml_backend.conversion import Provenance, convert, ranking_pairs
-from ml_backend.label_schema import parse_label_config
-from ml_backend.store import IncomingAnnotation, Store
+from rlhf_core.config import BackendConfig
+from rlhf_core.conversion import Provenance, convert, ranking_pairs
+from rlhf_core.label_schema import parse_label_config
+from rlhf_core.store import IncomingAnnotation, Store
 
 RANKING = (
     '<View><Text name="prompt" value="$prompt"/>'

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.synthetic_world import OPENERS, TOPICS
-from trainer.policy import Policy, PolicyConfig
+from rlhf_core.policy import Policy, PolicyConfig
 from trainer.policy_training import PolicyTrainingConfig, train_policy
 from trainer.reward_training import (
     EmbeddingCache,
@@ -64,9 +64,9 @@ def labelled_pairs(policy: Policy, n: int, noise: float, seed: int) -> list[Pair
 def reward_model_from(pairs: list[Pair], heldout: int) -> tuple[Any, float]:
     """The default reward model trained on ``pairs`` but the last ``heldout``, and its held-out
     accuracy against the hidden rule (pairs the rule calls a tie left out)."""
-    from ml_backend.config import BackendConfig
-    from ml_backend.serving import reward_model_config
-    from trainer.reward_model import RewardModel
+    from rlhf_core.config import BackendConfig
+    from rlhf_core.reward_model import RewardModel
+    from rlhf_core.serving import reward_model_config
 
     model = RewardModel.create(reward_model_config(BackendConfig()))
     cache = EmbeddingCache(model.embed)

@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.synthetic_world import TOPICS, make_response
-from ml_backend.config import BackendConfig
-from ml_backend.serving import reward_model_config
-from trainer.reward_model import RewardModel
+from rlhf_core.config import BackendConfig
+from rlhf_core.reward_model import RewardModel
+from rlhf_core.serving import reward_model_config
 
 CONFIG = """<View><Text name="prompt" value="$prompt"/>
 <Pairwise name="comparison" toName="answer1,answer2"/>
@@ -95,7 +95,7 @@ def served(tasks: list[dict], per_request: int, repeats: int) -> tuple[float, in
             [
                 sys.executable,
                 "-m",
-                "ml_backend.cli",
+                "rlhf_cli.main",
                 "serve",
                 "--port",
                 str(port),

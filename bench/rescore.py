@@ -3,9 +3,9 @@
     python bench/rescore.py --tasks 300
 
 A promotion changes only the reward heads. The pool's tasks (two responses each, texts from
-``bench/worlds.py``'s bank) are scored once to fill a fresh ``trainer.embedding_store`` file,
+``bench/worlds.py``'s bank) are scored once to fill a fresh ``rlhf_core.embedding_store`` file,
 the heads are replaced, and the pool is re-scored twice, the way the pre-annotation job does
-it (``RewardModel.score_and_embed``, then ``trainer.selection.score_tasks`` for the order):
+it (``RewardModel.score_and_embed``, then ``rlhf_core.selection.score_tasks`` for the order):
 once reading the cache, once re-encoding every text. Both paths do the same head arithmetic
 and the same ordering; the only difference is the encoder. Prints both times and the ratio.
 """
@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.synthetic_world import OPENERS
 from bench.worlds import response_bank
-from ml_backend.config import BackendConfig
-from ml_backend.serving import reward_model_config
-from trainer.embedding_store import EmbeddingStore
-from trainer.reward_model import RewardModel
-from trainer.selection import score_tasks
+from rlhf_core.config import BackendConfig
+from rlhf_core.embedding_store import EmbeddingStore
+from rlhf_core.reward_model import RewardModel
+from rlhf_core.selection import score_tasks
+from rlhf_core.serving import reward_model_config
 from trainer.simulate import fresh_heads
 
 

@@ -66,7 +66,7 @@ class Server:
         argv = (
             [str(script), "serve"]
             if script.exists()
-            else [sys.executable, "-m", "ml_backend.cli", "serve"]
+            else [sys.executable, "-m", "rlhf_cli.main", "serve"]
         )
         argv += [
             "--host",
@@ -239,7 +239,7 @@ def load_average() -> str:
 
 def stored_count(data_dir: Path) -> int:
     sys.path.insert(0, str(ROOT))
-    from ml_backend.store import Store
+    from rlhf_core.store import Store
 
     return len(Store(data_dir / "store.sqlite3").annotations(1))
 

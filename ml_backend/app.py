@@ -14,20 +14,21 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ml_backend import dashboard
-from ml_backend.config import BackendConfig
-from ml_backend.errors import BackendError, BadRequest, NotFound, TooLarge, Unauthorized
-from ml_backend.intake import MAX_ID, handle_event
-from ml_backend.label_schema import check_label_config
-from ml_backend.label_studio import WebhookSync
 from ml_backend.metrics import CONTENT_TYPE, Metrics, action_label, method_label
-from ml_backend.predict import PREDICT_CHUNK, predict_in_time
-from ml_backend.serving import ModelServer, release_memory
-from ml_backend.store import JOB_PREANNOTATE, JOB_RECONCILE, Store
-from ml_backend.trust import WEBHOOK_SECRET_HEADER, Credentials
-from ml_backend.vault import Vault
+from ml_backend.trust import admit_webhook
+from rlhf_core.config import BackendConfig
+from rlhf_core.credentials import WEBHOOK_SECRET_HEADER, Credentials
 from rlhf_core.db import database_for
-from trainer.dispatch import notify_workers
-from trainer.registry import Registry
+from rlhf_core.errors import BackendError, BadRequest, NotFound, TooLarge, Unauthorized
+from rlhf_core.intake import MAX_ID, handle_event
+from rlhf_core.label_schema import check_label_config
+from rlhf_core.label_studio import WebhookSync
+from rlhf_core.notify import notify_workers
+from rlhf_core.predict import PREDICT_CHUNK, predict_in_time
+from rlhf_core.registry import Registry
+from rlhf_core.serving import ModelServer, release_memory
+from rlhf_core.store import JOB_PREANNOTATE, JOB_RECONCILE, Store
+from rlhf_core.vault import Vault
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ def _register_routes(app: Flask, services: Services) -> None:
     def webhook() -> tuple[Response, int]:
         payload = _json_body()
         presented = request.headers.get(WEBHOOK_SECRET_HEADER)
-        proven = services.credentials.admit_webhook(payload, presented)  # or 401, nothing stored
+        proven = admit_webhook(services.credentials, payload, presented)  # or 401, nothing stored
         result = handle_event(
             services.store,
             payload,

@@ -19,10 +19,10 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from flask import Blueprint, Response, current_app, jsonify, render_template, send_file
 
-from ml_backend.errors import NotFound
-from ml_backend.intake import MAX_ID
-from ml_backend.store import JOB_QUEUED, JOB_RUNNING
-from ml_backend.summary import busy, project_summary
+from rlhf_core.errors import NotFound
+from rlhf_core.intake import MAX_ID
+from rlhf_core.store import JOB_QUEUED, JOB_RUNNING
+from rlhf_core.summary import busy, project_summary
 
 REFRESH_S = 5
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"

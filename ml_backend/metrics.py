@@ -17,8 +17,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from ml_backend.store import Store
-from trainer.registry import POLICY, REJECTED, REWARD_MODEL, Registry
+from rlhf_core.registry import POLICY, REJECTED, REWARD_MODEL, Registry
+from rlhf_core.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from ml_backend.config import BackendConfig
+from rlhf_core.config import BackendConfig
 
 logger = logging.getLogger(__name__)
 

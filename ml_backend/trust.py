@@ -1,7 +1,6 @@
-"""The trust boundary: where a Label Studio token may go, and which webhooks are believed.
+"""The webhook proof: which webhook events are believed (where a Label Studio token may go,
+and the secrets themselves, are rlhf_core/credentials.py).
 
-* A token is sent only to the host it came with in /setup, or to the configured
-  ``LABEL_STUDIO_URL``; ``LABEL_STUDIO_API_KEY`` only to ``LABEL_STUDIO_URL``.
 * Each project connected through /setup gets a random webhook secret, which the backend puts on
   the project's webhook in Label Studio (header ``X-RLHF-Webhook-Secret``). An annotation or
   project event is believed only with that secret, or with ``RLHF_WEBHOOK_SECRET``.
@@ -11,17 +10,12 @@
 
 from __future__ import annotations
 
-import base64
 import hmac
-import secrets
-import threading
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-from ml_backend.config import BackendConfig
-from ml_backend.errors import BadRequest, UnprovenWebhook
-from ml_backend.intake import (
+from rlhf_core.credentials import WEBHOOK_SECRET_HEADER, Credentials
+from rlhf_core.errors import UnprovenWebhook
+from rlhf_core.intake import (
     ANNOTATION_CREATED,
     ANNOTATION_DELETED,
     ANNOTATION_UPDATED,
@@ -30,10 +24,8 @@ from ml_backend.intake import (
     START_TRAINING,
     project_payload,
 )
-from ml_backend.store import Project, Store
-from ml_backend.vault import Vault
+from rlhf_core.store import Project
 
-WEBHOOK_SECRET_HEADER = "X-RLHF-Webhook-Secret"
 # Events that write training data or the project's label config.
 GUARDED_ACTIONS = frozenset(
     {
@@ -44,151 +36,50 @@ GUARDED_ACTIONS = frozenset(
         PROJECT_UPDATED,
     }
 )
-DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-@dataclass(frozen=True)
-class Connection:
-    """Where to call Label Studio for a project, and the token that may go there."""
+def admit_webhook(credentials: Credentials, payload: dict[str, Any], presented: str | None) -> bool:
+    """Whether the event proves its origin; raises UnprovenWebhook when it must and does not.
 
-    url: str
-    token: str
-
-
-def normalize_url(value: str, name: str = "hostname") -> str:
-    """``scheme://host[:port][/path]`` in one spelling (lower case, no default port, no
-    trailing slash); BadRequest for anything that is not an http(s) URL with a host."""
-    try:
-        parts = urlsplit(value.strip())
-        port = parts.port
-    except ValueError:
-        raise BadRequest(f"'{name}' must be an http(s) URL, got {value[:80]!r}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS or not parts.hostname or parts.username or parts.password:
-        raise BadRequest(
-            f"'{name}' must be an http(s) URL like http://host:8080, got {value[:80]!r}"
-        )
-    host = parts.hostname.lower()
-    try:
-        host.encode("idna")  # what an HTTP client sends; U+FFFD, empty or 64+ char labels fail
-    except UnicodeError:
-        raise BadRequest(
-            f"'{name}' has a host name no HTTP client can send: {value[:80]!r}"
-        ) from None
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
-    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+    Returns False for events that need no proof (START_TRAINING for a connected project,
+    actions nothing is stored for): the caller must then not let them change the project.
+    """
+    action = payload.get("action")
+    if not isinstance(action, str) or (action not in GUARDED_ACTIONS and action != START_TRAINING):
+        return False
+    project_id = event_project_id(payload)
+    if (
+        presented
+        and credentials.config.webhook_secret
+        and _same(presented, credentials.config.webhook_secret)
+    ):
+        return True
+    project = credentials.store.project(project_id)
+    secret = credentials.webhook_secret(project) if project is not None else None
+    if presented and secret is not None and _same(presented, secret):
+        return True
+    if action == START_TRAINING and project is not None:
+        return False
+    raise UnprovenWebhook(_refusal(action, project_id, project, presented))
 
 
-class Credentials:
-    """Projects' Label Studio credentials and webhook secrets, sealed in the store."""
-
-    def __init__(self, config: BackendConfig, store: Store, vault: Vault) -> None:
-        self.config = config
-        self.store = store
-        self.vault = vault
-        self._seal_token = vault.token_sealer(config)
-        self._lock = threading.Lock()
-        self._opened: dict[str, str] = {}  # sealed webhook secret -> plaintext (per process)
-
-    def connect(
-        self, project_id: int, label_config: str, hostname: str | None, token: str | None
-    ) -> None:
-        """What /setup brought: the label config, a host and the token that came with it."""
-        sealed_token = self._seal_token(token) if token else None
-        self.store.connect_project(
-            project_id,
-            label_config,
-            normalize_url(hostname) if hostname else None,
-            sealed_token,
-            self.vault.seal(secrets.token_urlsafe(32)),
-        )
-        project = self.store.project(project_id)
-        if project is not None and self.webhook_secret(project) is None:
-            self.store.replace_webhook_secret(
-                project_id, self.vault.seal(secrets.token_urlsafe(32))
-            )
-
-    def connection(self, project: Project) -> Connection | None:
-        """The project's Label Studio and a token that may go there; None when there is none."""
-        if self.config.label_studio_api_key:  # the config requires LABEL_STUDIO_URL with it
-            return Connection(self.config.label_studio_url, self.config.label_studio_api_key)
-        token = self.vault.open(project.token_sealed)
-        url = self.config.label_studio_url or project.hostname
-        if token is None or not url:
-            return None
-        return Connection(url, token)
-
-    def webhook_secret(self, project: Project) -> str | None:
-        sealed = project.webhook_secret_sealed
-        if sealed is None:
-            return None
-        with self._lock:
-            opened = self._opened.get(sealed)
-        if opened is None:
-            opened = self.vault.open(sealed)
-            if opened is not None:
-                with self._lock:
-                    self._opened[sealed] = opened
-        return opened
-
-    def webhook_headers(self, project: Project) -> dict[str, str]:
-        """The headers the project's webhook in Label Studio must carry."""
-        headers = {}
-        secret = self.webhook_secret(project)
-        if secret is not None:
-            headers[WEBHOOK_SECRET_HEADER] = secret
-        if self.config.auth_enabled:
-            pair = f"{self.config.basic_auth_user}:{self.config.basic_auth_pass}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        return headers
-
-    def admit_webhook(self, payload: dict[str, Any], presented: str | None) -> bool:
-        """Whether the event proves its origin; raises UnprovenWebhook when it must and does not.
-
-        Returns False for events that need no proof (START_TRAINING for a connected project,
-        actions nothing is stored for): the caller must then not let them change the project.
-        """
-        action = payload.get("action")
-        if not isinstance(action, str) or (
-            action not in GUARDED_ACTIONS and action != START_TRAINING
-        ):
-            return False
-        project_id = event_project_id(payload)
-        if (
-            presented
-            and self.config.webhook_secret
-            and _same(presented, self.config.webhook_secret)
-        ):
-            return True
-        project = self.store.project(project_id)
-        secret = self.webhook_secret(project) if project is not None else None
-        if presented and secret is not None and _same(presented, secret):
-            return True
-        if action == START_TRAINING and project is not None:
-            return False
-        raise UnprovenWebhook(self._refusal(action, project_id, project, presented))
-
-    def _refusal(
-        self, action: str, project_id: int, project: Project | None, presented: str | None
-    ) -> str:
-        fix = (
-            f"in Label Studio, open the project's Settings > Webhooks, edit the webhook to this "
-            f"backend's /webhook and add the header {WEBHOOK_SECRET_HEADER} with the value of "
-            "RLHF_WEBHOOK_SECRET (set that variable on the backend)"
-        )
-        if project is None:
-            return (
-                f"{action} refused: project {project_id} is not connected to this backend "
-                f"(connect the model in Label Studio, which calls /setup), or {fix}"
-            )
-        problem = "a wrong" if presented else "no"
+def _refusal(action: str, project_id: int, project: Project | None, presented: str | None) -> str:
+    fix = (
+        f"in Label Studio, open the project's Settings > Webhooks, edit the webhook to this "
+        f"backend's /webhook and add the header {WEBHOOK_SECRET_HEADER} with the value of "
+        "RLHF_WEBHOOK_SECRET (set that variable on the backend)"
+    )
+    if project is None:
         return (
-            f"{action} for project {project_id} refused: {problem} {WEBHOOK_SECRET_HEADER} "
-            "header. The backend adds it to the project's webhook when it can reach Label "
-            "Studio (LABEL_STUDIO_URL and a token, on the next /setup); otherwise " + fix
+            f"{action} refused: project {project_id} is not connected to this backend "
+            f"(connect the model in Label Studio, which calls /setup), or {fix}"
         )
+    problem = "a wrong" if presented else "no"
+    return (
+        f"{action} for project {project_id} refused: {problem} {WEBHOOK_SECRET_HEADER} "
+        "header. The backend adds it to the project's webhook when it can reach Label "
+        "Studio (LABEL_STUDIO_URL and a token, on the next /setup); otherwise " + fix
+    )
 
 
 def event_project_id(payload: dict[str, Any]) -> int:

@@ -2,7 +2,7 @@
 
 Label configs are stored once per content hash and shared by projects and annotations; a config
 nothing refers to any more is collected. Tokens and webhook secrets are stored sealed
-(``ml_backend.vault``): this module keeps their columns, never their plaintext.
+(``rlhf_core.vault``): this module keeps their columns, never their plaintext.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Project:
     project_id: int
     label_config: str
     hostname: str | None  # the Label Studio URL the token came with
-    token_sealed: str | None  # encrypted (ml_backend.vault); None when not stored
+    token_sealed: str | None  # encrypted (rlhf_core.vault); None when not stored
     webhook_secret_sealed: str | None  # None for a project never connected through /setup
     model_version: str | None
 

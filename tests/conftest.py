@@ -32,8 +32,8 @@ import requests
 from flask.testing import FlaskClient
 
 from ml_backend.app import create_app
-from ml_backend.config import BackendConfig
-from ml_backend.store import Store
+from rlhf_core.config import BackendConfig
+from rlhf_core.store import Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # Tests post webhooks directly, as an operator who manages webhooks by hand would: every backend
@@ -53,7 +53,7 @@ def _serve_command() -> list[str]:
     script = Path(sys.executable).parent / "rlhf-backend"
     if script.exists():
         return [str(script), "serve"]
-    return [sys.executable, "-m", "ml_backend.cli", "serve"]
+    return [sys.executable, "-m", "rlhf_cli.main", "serve"]
 
 
 class BackendServer:
@@ -231,8 +231,8 @@ def server(server_factory: ServerFactory) -> BackendServer:
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny random BERT encoder (trainer/tiny.py) as the reward-model backbone, built once."""
-    from trainer.tiny import ensure_tiny_encoder
+    """A tiny random BERT encoder (rlhf_core/tiny.py) as the reward-model backbone, built once."""
+    from rlhf_core.tiny import ensure_tiny_encoder
 
     return str(ensure_tiny_encoder(tmp_path_factory.mktemp("tiny-models")))
 

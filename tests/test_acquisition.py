@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainer.acquisition import acquisition, bald, entropy, margin, variance
+from rlhf_core.acquisition import acquisition, bald, entropy, margin, variance
 
 
 def test_confident_agreeing_heads_score_near_zero_everywhere():
@@ -31,8 +31,8 @@ def test_default_is_a_known_strategy():
 
 
 def test_config_accepts_exactly_the_known_strategies():
-    from ml_backend.config import STRATEGY_NAMES
-    from trainer.selection import SELECTION_STRATEGIES
+    from rlhf_core.config import STRATEGY_NAMES
+    from rlhf_core.selection import SELECTION_STRATEGIES
 
     assert set(STRATEGY_NAMES) == {*SELECTION_STRATEGIES, "default"}
 

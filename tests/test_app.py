@@ -13,9 +13,9 @@ import pytest
 from conftest import TEST_WEBHOOK_SECRET, WEBHOOK_HEADERS, webhook_client
 
 from ml_backend.app import create_app, parse_project_id
-from ml_backend.config import BackendConfig
-from ml_backend.errors import BadRequest
-from ml_backend.vault import Vault
+from rlhf_core.config import BackendConfig
+from rlhf_core.errors import BadRequest
+from rlhf_core.vault import Vault
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

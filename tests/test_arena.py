@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from test_preannotate import PAIRWISE, RANKING, FakeLabelStudio, FakeModels, prompt_tasks
 
-from ml_backend.arena import Arena, comparisons, in_arena, reward_model_win_rates, text_hash
-from ml_backend.config import BackendConfig
-from ml_backend.label_schema import parse_label_config
-from ml_backend.preannotate import preannotate_project
-from ml_backend.serving import ModelServer
-from ml_backend.store import Store
-from trainer.registry import POLICY, PROMOTED, REJECTED, Registry
+from rlhf_core.arena import Arena, comparisons, in_arena, reward_model_win_rates, text_hash
+from rlhf_core.config import BackendConfig
+from rlhf_core.label_schema import parse_label_config
+from rlhf_core.preannotate import preannotate_project
+from rlhf_core.registry import POLICY, PROMOTED, REJECTED, Registry
+from rlhf_core.serving import ModelServer
+from rlhf_core.store import Store
 
 
 @pytest.fixture
@@ -175,9 +175,9 @@ def test_the_job_pits_the_served_policy_against_a_real_earlier_one(tmp_path):
     """The pre-annotation job's arena, with the tiny offline policy as the base version."""
     import dataclasses
 
-    from ml_backend.serving import policy_config
+    from rlhf_core.policy import Policy
+    from rlhf_core.serving import policy_config
     from trainer.label_studio_sync import _arena
-    from trainer.policy import Policy
     from trainer.policy_training import save_policy
 
     config = BackendConfig(data_dir=tmp_path, max_new_tokens=4, arena_share=1.0)

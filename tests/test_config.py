@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ml_backend.config import BackendConfig, ConfigError, markdown_table
+from rlhf_core.config import BackendConfig, ConfigError, markdown_table
 
 README = Path(__file__).parents[1] / "README.md"
 

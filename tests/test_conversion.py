@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from ml_backend.conversion import Provenance, convert, field_text, list_item_texts, ranking_pairs
-from ml_backend.errors import AnnotationMismatch
-from ml_backend.label_schema import TextField, parse_label_config
+from rlhf_core.conversion import Provenance, convert, field_text, list_item_texts, ranking_pairs
+from rlhf_core.errors import AnnotationMismatch
+from rlhf_core.label_schema import TextField, parse_label_config
 
 PROVENANCE = Provenance(project=3, task=41, annotation=907, annotator=12)
 IDS = {"project": 3, "task": 41, "annotation": 907, "annotator": 12}

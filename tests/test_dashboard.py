@@ -21,11 +21,11 @@ from conftest import TEST_WEBHOOK_SECRET, WEBHOOK_HEADERS
 from werkzeug.serving import make_server
 
 from ml_backend.app import create_app
-from ml_backend.arena import text_hash
-from ml_backend.config import BackendConfig
+from rlhf_core.arena import text_hash
+from rlhf_core.config import BackendConfig
+from rlhf_core.registry import POLICY, PROMOTED
+from rlhf_core.tiny import ensure_tiny_encoder
 from trainer.jobs import registry_for, train_job
-from trainer.registry import POLICY, PROMOTED
-from trainer.tiny import ensure_tiny_encoder
 from trainer.worker import Worker
 
 CONFIG = """<View><Text name="prompt" value="$prompt"/>

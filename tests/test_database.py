@@ -25,12 +25,12 @@ from conftest import WEBHOOK_HEADERS
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ml_backend.cli import main
-from ml_backend.store import IncomingAnnotation, Store
+from rlhf_cli.main import main
 from rlhf_core import schema
 from rlhf_core.db import Database, normalize_url
 from rlhf_core.migrate import copy_store, current_revision, head_revision, upgrade
-from trainer.registry import POLICY, REWARD_MODEL, Registry
+from rlhf_core.registry import POLICY, REWARD_MODEL, Registry
+from rlhf_core.store import IncomingAnnotation, Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIG = "<View><Text name='t' value='$t'/></View>"

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from test_training_job import seed_annotations
 
-from ml_backend.config import BackendConfig
-from ml_backend.store import JOB_DONE, JOB_TRAIN, Store
+from rlhf_core.config import BackendConfig
+from rlhf_core.registry import POLICY, REWARD_MODEL
+from rlhf_core.store import JOB_DONE, JOB_TRAIN, Store
+from rlhf_core.tiny import ensure_tiny_encoder
 from trainer.jobs import registry_for
-from trainer.registry import POLICY, REWARD_MODEL
-from trainer.tiny import ensure_tiny_encoder
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def accelerate_launch(
     accelerate = Path(sys.executable).parent / "accelerate"
     argv = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(PROCESSES)]
     argv += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    argv += ["-m", "ml_backend.cli", *cli, "--data-dir", str(data_dir)]
+    argv += ["-m", "rlhf_cli.main", *cli, "--data-dir", str(data_dir)]
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",

@@ -145,7 +145,7 @@ def test_every_acknowledged_annotation_survives_kill_9(
 @pytest.mark.parametrize(("setting", "pragma"), [("normal", 1), ("full", 2)])
 def test_store_sync_setting_reaches_sqlite(tmp_path, setting, pragma):
     from ml_backend.app import create_app
-    from ml_backend.config import BackendConfig
+    from rlhf_core.config import BackendConfig
 
     app = create_app(BackendConfig(data_dir=tmp_path, store_sync=setting))
     store = app.extensions["rlhf"].store

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.embedding_store import EmbeddingStore
-from trainer.reward_model import RewardModel, RewardModelConfig
+from rlhf_core.embedding_store import EmbeddingStore
+from rlhf_core.reward_model import RewardModel, RewardModelConfig
+from rlhf_core.tiny import build_tiny_encoder
 from trainer.simulate import fresh_heads
-from trainer.tiny import build_tiny_encoder
 
 ITEMS = [("a question", ["an answer", "another answer"]), ("q2", ["x", "y", "z"])]
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml_backend.cli import main
-from ml_backend.config import BackendConfig
-from ml_backend.conversion import preference_pairs
-from ml_backend.store import Store
+from rlhf_cli.main import main
+from rlhf_core.config import BackendConfig
+from rlhf_core.conversion import preference_pairs
+from rlhf_core.registry import POLICY, PROMOTED
+from rlhf_core.store import Store
+from rlhf_core.tiny import build_tiny_causal_lm
 from tests.conftest import annotation_event
 from trainer.jobs import registry_for, train_reward_model
-from trainer.registry import POLICY, PROMOTED
-from trainer.tiny import build_tiny_causal_lm
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "label_configs"
 
@@ -260,7 +260,7 @@ def test_inter_annotator_agreement_in_the_card(populated, tmp_path):
 
 
 def test_pairs_carry_the_versions_that_wrote_and_scored_the_task(populated, tmp_path):
-    from ml_backend.arena import text_hash
+    from rlhf_core.arena import text_hash
 
     _, store, config = populated
     store.note_task_models(1, 11, generated_by="rm-0001.policy-0001")
@@ -378,7 +378,7 @@ def test_exported_version_loads_with_transformers_alone(tmp_path, tiny_backbone)
     loader = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loader)
     exported = loader.load(out / "reward_model")
-    from trainer.reward_model import RewardModel
+    from rlhf_core.reward_model import RewardModel
 
     ours = RewardModel.load(registry.get(1, "rm", rm["version"]).path)
     responses = ["thanks a lot", "no way", "a longer answer with many words in it"]

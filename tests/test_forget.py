@@ -9,15 +9,15 @@ import sqlite3
 
 import pytest
 
-from ml_backend.cli import main
-from ml_backend.config import BackendConfig
-from ml_backend.serving import embedding_store_path
-from ml_backend.store import JOB_TRAIN
+from rlhf_cli.main import main
+from rlhf_core.config import BackendConfig
+from rlhf_core.embedding_store import text_hash
+from rlhf_core.registry import REWARD_MODEL
+from rlhf_core.serving import embedding_store_path
+from rlhf_core.store import JOB_TRAIN
 from tests.conftest import TEST_WEBHOOK_SECRET, annotation_event
 from tests.test_export import xml
-from trainer.embedding_store import text_hash
 from trainer.jobs import registry_for, train_job
-from trainer.registry import REWARD_MODEL
 
 SECRET = "my passport number is X1234567"
 

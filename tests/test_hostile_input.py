@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from ml_backend.app import create_app
-from ml_backend.config import BackendConfig
-from ml_backend.label_schema import parse_label_config
-from ml_backend.store import JOB_PREANNOTATE, Store
+from rlhf_core.config import BackendConfig
+from rlhf_core.label_schema import parse_label_config
+from rlhf_core.store import JOB_PREANNOTATE, Store
 from tests.conftest import TEST_WEBHOOK_SECRET, annotation_event, captured_body, webhook_client
 
 PAIRWISE = captured_body("01_setup")["schema"]
@@ -257,7 +257,7 @@ def test_replaced_configs_no_longer_referenced_are_collected(http, store):
 
 
 def test_the_parse_cache_is_bounded_by_bytes():
-    from ml_backend.label_schema import _ParseCache
+    from rlhf_core.label_schema import _ParseCache
 
     cache = _ParseCache(budget=3 * len(PAIRWISE) + 50)
     configs = [PAIRWISE.replace("<View>", f"<View><!-- {n} -->") for n in range(10)]
@@ -350,7 +350,7 @@ def test_tasks_past_the_time_budget_are_handed_to_a_preannotation_job(tmp_path):
 def test_a_chunk_is_started_only_if_the_slowest_so_far_still_fits_the_budget(monkeypatch):
     import numpy as np
 
-    from ml_backend import predict
+    from rlhf_core import predict
 
     clock = [0.0]
     monkeypatch.setattr(predict.time, "monotonic", lambda: clock[0])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ml_backend.errors import UnsupportedLabelConfig
-from ml_backend.label_schema import (
+from rlhf_core.errors import UnsupportedLabelConfig
+from rlhf_core.label_schema import (
     TIE,
     ChoicesPreference,
     FeedbackControl,

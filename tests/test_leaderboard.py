@@ -6,7 +6,7 @@ import choix
 import numpy as np
 import pytest
 
-from ml_backend.leaderboard import (
+from rlhf_core.leaderboard import (
     ELO_SCALE,
     PRIOR_ALPHA,
     Comparison,

@@ -14,19 +14,19 @@ from fake_label_studio import FakeLabelStudio
 from test_policy_training import one_torch_thread  # noqa: F401 (autouse: one thread)
 from test_training_job import CONFIG, polite_task
 
+import rlhf_core.registry as registry_module
 import trainer.jobs as jobs
-import trainer.registry as registry_module
 from ml_backend.app import create_app
-from ml_backend.cli import main
-from ml_backend.config import BackendConfig
-from ml_backend.label_studio import LabelStudioTasks, client
-from ml_backend.reconcile import reconcile_project
-from ml_backend.store import JOB_RECONCILE, Store
-from ml_backend.trust import Connection, Credentials
-from ml_backend.vault import Vault
+from rlhf_cli.main import main
+from rlhf_core.config import BackendConfig
+from rlhf_core.credentials import Connection, Credentials
+from rlhf_core.label_studio import LabelStudioTasks, client
+from rlhf_core.store import JOB_RECONCILE, Store
+from rlhf_core.tiny import ensure_tiny_encoder
+from rlhf_core.vault import Vault
 from trainer.label_studio_sync import drain_syncs
+from trainer.reconcile import reconcile_project
 from trainer.reward_training import Progress
-from trainer.tiny import ensure_tiny_encoder
 from trainer.worker import Worker, default_chores, default_handlers
 
 TOKEN = "test-token-not-a-secret"

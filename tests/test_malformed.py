@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from ml_backend.app import parse_project_id
-from ml_backend.errors import BadRequest
-from ml_backend.label_schema import parse_label_config
+from rlhf_core.errors import BadRequest
+from rlhf_core.label_schema import parse_label_config
 
 pytestmark = pytest.mark.slow
 

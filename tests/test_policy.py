@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from trainer.policy import Policy, PolicyConfig, PolicyLoadError
-from trainer.tiny import build_tiny_causal_lm, train_bert_tokenizer, train_byte_bpe_tokenizer
+from rlhf_core.policy import Policy, PolicyConfig, PolicyLoadError
+from rlhf_core.tiny import build_tiny_causal_lm, train_bert_tokenizer, train_byte_bpe_tokenizer
 
 PROMPTS = [
     "Explain why the sky is blue in simple terms, for a child who is five years old.",

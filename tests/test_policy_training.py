@@ -9,10 +9,12 @@ import pytest
 import torch
 from test_training_job import seed_annotations
 
-from ml_backend.config import BackendConfig
-from ml_backend.store import Store
+from rlhf_core.config import BackendConfig
+from rlhf_core.policy import Policy, PolicyConfig
+from rlhf_core.registry import POLICY, REJECTED, REWARD_MODEL
+from rlhf_core.store import Store
+from rlhf_core.tiny import ensure_tiny_encoder
 from trainer.jobs import registry_for, train_job, train_policy_version
-from trainer.policy import Policy, PolicyConfig
 from trainer.policy_training import (
     FeedbackExample,
     PolicyTrainingConfig,
@@ -22,9 +24,7 @@ from trainer.policy_training import (
     policy_gate,
     train_policy,
 )
-from trainer.registry import POLICY, REJECTED, REWARD_MODEL
 from trainer.reward_training import Pair
-from trainer.tiny import ensure_tiny_encoder
 
 CHOSEN, REJECTED_TEXT = " thank you kindly", " go away now"
 FAST = dict(epochs=2, batch_size=4, learning_rate=1e-3, max_length=64, gate_prompts=4)
@@ -278,7 +278,7 @@ def test_ilf_inside_a_training_job_keeps_what_the_reward_backbone_finds_most_sim
     """The job's ILF similarity is the production one: cosine similarity of the reward model's
     backbone embeddings of each refinement and its feedback."""
     import trainer.policy_training as policy_training
-    from trainer.reward_model import RewardModel
+    from rlhf_core.reward_model import RewardModel
 
     store = Store(config.db_path).initialize()
     seed_annotations(store, 24)
@@ -298,7 +298,7 @@ def test_ilf_inside_a_training_job_keeps_what_the_reward_backbone_finds_most_sim
     stored = store.annotations(1)[0]
     from test_training_job import CONFIG
 
-    from ml_backend.store import IncomingAnnotation
+    from rlhf_core.store import IncomingAnnotation
 
     incoming = IncomingAnnotation(1, 1, 1, 7, stored.task_data, stored.result, False, "t2", CONFIG)
     store.upsert_annotation(incoming, [("preference", store.records(1)[0]), feedback])

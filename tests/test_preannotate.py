@@ -10,9 +10,9 @@ import zlib
 import numpy as np
 import pytest
 
-from ml_backend.label_schema import parse_label_config
-from ml_backend.preannotate import fill_candidates, preannotate_project
-from ml_backend.predict import predict_tasks, prior_posterior
+from rlhf_core.label_schema import parse_label_config
+from rlhf_core.preannotate import fill_candidates, preannotate_project
+from rlhf_core.predict import predict_tasks, prior_posterior
 
 PAIRWISE = """<View><Text name="prompt" value="$prompt"/>
 <Pairwise name="comparison" toName="answer1,answer2"/>
@@ -256,8 +256,8 @@ def test_predictions_reach_label_studio_most_informative_first():
 
 
 def test_the_store_learns_which_versions_wrote_and_scored_each_task(tmp_path):
-    from ml_backend.preannotate import RecordingTasks
-    from ml_backend.store import Store
+    from rlhf_core.preannotate import RecordingTasks
+    from rlhf_core.store import Store
 
     store = Store(tmp_path / "store.sqlite3").initialize()
     tasks = [*prompt_tasks(2), {"id": 9, "data": {"prompt": "p", "answer1": "a", "answer2": "b"}}]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from ml_backend.label_schema import parse_label_config
-from ml_backend.predict import pair_probabilities, predict_tasks, task_candidates
+from rlhf_core.label_schema import parse_label_config
+from rlhf_core.predict import pair_probabilities, predict_tasks, task_candidates
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PAIRWISE = json.loads((FIXTURES / "01_setup.json").read_text())["body"]["schema"]

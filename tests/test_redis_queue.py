@@ -16,12 +16,12 @@ import pytest
 from conftest import WEBHOOK_HEADERS, free_port, redis_server
 
 from ml_backend.app import create_app
-from ml_backend.config import BackendConfig
-from ml_backend.store import JOB_DONE, JOB_QUEUED, JOB_TRAIN, Store
-from trainer.dispatch import QUEUE_NAME
+from rlhf_core.config import BackendConfig
+from rlhf_core.notify import QUEUE_NAME
+from rlhf_core.registry import PROMOTED, REWARD_MODEL
+from rlhf_core.store import JOB_DONE, JOB_QUEUED, JOB_TRAIN, Store
+from rlhf_core.tiny import ensure_tiny_encoder
 from trainer.jobs import registry_for
-from trainer.registry import PROMOTED, REWARD_MODEL
-from trainer.tiny import ensure_tiny_encoder
 
 WORKER_TIMEOUT_S = 1200  # each worker imports torch and transformers: minutes on a busy 2-core box
 pytestmark = pytest.mark.timeout(2 * WORKER_TIMEOUT_S + 600)
@@ -63,7 +63,7 @@ def start_worker(
     }
     with open(cwd / "worker.log", "wb") as log:  # the child keeps its own copy
         return subprocess.Popen(
-            [sys.executable, "-m", "ml_backend.cli", "worker", "--once"],
+            [sys.executable, "-m", "rlhf_cli.main", "worker", "--once"],
             cwd=cwd,
             env=env,
             stdout=log,

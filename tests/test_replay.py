@@ -23,7 +23,7 @@ import pytest
 import requests
 from conftest import WEBHOOK_HEADERS
 
-from ml_backend.store import Store
+from rlhf_core.store import Store
 
 SETUP = "01_setup"
 PROJECT, OTHER_PROJECT = 1, 2  # OTHER_PROJECT is never set up: its events carry its label config

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.reward_model import (
+from rlhf_core.reward_model import (
     DEFAULT_BACKBONE,
     CheckpointError,
     RewardModel,
     RewardModelConfig,
     Scores,
 )
-from trainer.tiny import build_tiny_encoder
+from rlhf_core.tiny import build_tiny_encoder
 
 ITEMS = [
     (

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from trainer.acquisition import Posterior, fit_logistic, prior_precision
-from trainer.selection import (
+from rlhf_core.acquisition import Posterior, fit_logistic, prior_precision
+from rlhf_core.selection import (
     AdaptiveMix,
     Candidates,
     diverse_greedy,
@@ -81,7 +81,7 @@ def test_pool_scores_beyond_the_limit_come_after_every_pick():
 
 @pytest.mark.parametrize("strategy", ["bald", "entropy", "margin", "variance"])
 def test_pool_scores_of_a_single_pair_strategy_are_one_minus_its_value(strategy):
-    from trainer.acquisition import STRATEGIES
+    from rlhf_core.acquisition import STRATEGIES
 
     p_heads = np.array([[0.2, 0.3], [0.5, 0.9], [0.4, 0.6]])
     pool = candidates(p_heads, np.ones((3, 2)))

@@ -12,8 +12,8 @@ from xml.etree import ElementTree
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from ml_backend.conversion import Provenance, convert
-from ml_backend.label_schema import parse_label_config
+from rlhf_core.conversion import Provenance, convert
+from rlhf_core.label_schema import parse_label_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "label_configs"
 TEMPLATES = sorted(path.stem for path in CONFIG_DIR.glob("*.xml"))

@@ -10,12 +10,12 @@ from collections.abc import Callable
 import pytest
 
 from ml_backend.app import create_app
-from ml_backend.config import BackendConfig
-from ml_backend.store import JOB_DONE, IncomingAnnotation, Store
+from rlhf_core.config import BackendConfig
+from rlhf_core.registry import PROMOTED, REJECTED, REWARD_MODEL
+from rlhf_core.store import JOB_DONE, IncomingAnnotation, Store
+from rlhf_core.tiny import ensure_tiny_encoder
 from trainer.jobs import registry_for, train_job
-from trainer.registry import PROMOTED, REJECTED, REWARD_MODEL
 from trainer.reward_training import RewardTrainingConfig, is_heldout
-from trainer.tiny import ensure_tiny_encoder
 from trainer.worker import Worker
 
 CONFIG = """<View><Text name="prompt" value="$prompt"/>
@@ -52,8 +52,8 @@ def seed_annotations(store: Store, n: int, seed: int = 0) -> None:
     """Annotators prefer the polite answer (a rule the model can pick up)."""
     rng = random.Random(seed)
     store.upsert_project(1, CONFIG)
-    from ml_backend.conversion import Provenance, convert
-    from ml_backend.label_schema import parse_label_config
+    from rlhf_core.conversion import Provenance, convert
+    from rlhf_core.label_schema import parse_label_config
 
     schema = parse_label_config(CONFIG)
     for i in range(n):
@@ -122,8 +122,8 @@ def test_served_predictions_carry_the_promoted_version(config):
 
 def relabel(store: Store, flip: Callable[[str], bool], stamp: str = "u") -> None:
     """Annotators change their minds on the tasks where ``flip(group)``: the rude answer wins."""
-    from ml_backend.conversion import Provenance, convert
-    from ml_backend.label_schema import parse_label_config
+    from rlhf_core.conversion import Provenance, convert
+    from rlhf_core.label_schema import parse_label_config
 
     schema = parse_label_config(CONFIG)
     for stored in store.annotations(1):
@@ -232,8 +232,8 @@ RANKING_CONFIG = """<View><Text name="prompt" value="$prompt"/>
 def test_rankings_are_trained_on_as_their_pairs_at_most_the_bound_per_ranking(tmp_path, config):
     from dataclasses import replace
 
-    from ml_backend.conversion import Provenance, convert
-    from ml_backend.label_schema import parse_label_config
+    from rlhf_core.conversion import Provenance, convert
+    from rlhf_core.label_schema import parse_label_config
 
     config = replace(config, max_ranking_pairs=20)
     store = Store(config.db_path).initialize()

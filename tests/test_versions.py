@@ -9,12 +9,12 @@ import json
 import pytest
 
 from ml_backend.app import create_app
-from ml_backend.cli import main
-from ml_backend.config import BackendConfig
-from ml_backend.store import JOB_DONE, JOB_TRAIN, Store
+from rlhf_cli.main import main
+from rlhf_core.config import BackendConfig
+from rlhf_core.registry import POLICY, PROMOTED, REJECTED, REWARD_MODEL
+from rlhf_core.store import JOB_DONE, JOB_TRAIN, Store
 from tests.test_training_job import CONFIG, seed_annotations
 from trainer.jobs import registry_for, train_job
-from trainer.registry import POLICY, PROMOTED, REJECTED, REWARD_MODEL
 from trainer.reward_training import GateDecision
 from trainer.versions import apply_retention
 

@@ -18,7 +18,6 @@ Put a password in the URL (``redis://:PASSWORD@host:6379/0``) when Redis is reac
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from typing import Any
@@ -26,14 +25,8 @@ from typing import Any
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from ml_backend.config import BackendConfig
-
-logger = logging.getLogger(__name__)
-
-QUEUE_NAME = "rlhf-jobs"
-REDIS_TIMEOUT_S = 2.0  # a webhook must not hang on an unreachable Redis
-TASK_TIMEOUT_S = 24 * 3600  # RQ kills a task after this; training can take hours
-DRAIN = "trainer.dispatch.drain"
+from rlhf_core.config import BackendConfig
+from rlhf_core.notify import DRAIN, QUEUE_NAME, redis_connection
 
 
 class RefusedJob(Exception):
@@ -52,37 +45,6 @@ class DrainJob(Job):
         return drain
 
     success_callback = failure_callback = stopped_callback = property(lambda self: None)
-
-
-def _redis(config: BackendConfig, timeout_s: float | None = REDIS_TIMEOUT_S) -> Any:
-    from redis import Redis
-
-    return Redis.from_url(
-        config.redis_url, socket_timeout=timeout_s, socket_connect_timeout=REDIS_TIMEOUT_S
-    )
-
-
-def notify_workers(config: BackendConfig, job_id: int | None, why: str) -> None:
-    """Wake an RQ worker for a job just queued in the store (no-op without ``RLHF_REDIS_URL``)."""
-    if not config.redis_url or job_id is None:
-        return
-    from redis.exceptions import RedisError
-    from rq import Queue
-
-    try:
-        Queue(QUEUE_NAME, connection=_redis(config), serializer=JSONSerializer).enqueue(
-            DRAIN,
-            job_id,
-            job_timeout=TASK_TIMEOUT_S,
-            description=f"store job {job_id} ({why})",
-        )
-    except RedisError as exc:
-        logger.warning(
-            "job %s is queued in the store, but Redis is unreachable (%s): it runs on the next "
-            "wake-up or `rlhf-backend worker --once`",
-            job_id,
-            type(exc).__name__,
-        )
 
 
 def drain(job_id: int | None = None) -> int:
@@ -105,7 +67,7 @@ def run_rq_worker(config: BackendConfig, burst: bool = False) -> None:
     # No socket timeout: the worker blocks on Redis until a task arrives.
     worker = Worker(
         [QUEUE_NAME],
-        connection=_redis(config, None),
+        connection=redis_connection(config, None),
         name=name,
         serializer=JSONSerializer,
         job_class=DrainJob,

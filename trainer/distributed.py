@@ -1,6 +1,6 @@
 """One training job across several processes, started by ``accelerate launch``.
 
-``accelerate launch --multi_gpu --num_processes 4 -m ml_backend.cli train --project 1`` (or
+``accelerate launch --multi_gpu --num_processes 4 -m rlhf_cli.main train --project 1`` (or
 with an ``accelerate config`` file for FSDP or DeepSpeed) starts the same CLI in every process.
 Rank 0 alone touches the store and the registry: it claims the job, reads the annotations and
 shares them, trains the reward model (small heads over a frozen encoder: one process is

@@ -43,15 +43,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ml_backend.config import BackendConfig
-from ml_backend.store import Store, StoredAnnotation
-from trainer.registry import POLICY, REWARD_MODEL, ModelVersion, Registry
+import rlhf_core
+from rlhf_core.config import BackendConfig
+from rlhf_core.registry import POLICY, REWARD_MODEL, ModelVersion, Registry
+from rlhf_core.serving import load_version
+from rlhf_core.store import Store, StoredAnnotation
 
 logger = logging.getLogger(__name__)
 
 PREFERENCES, FEEDBACK, KTO, CARD = "preferences.jsonl", "feedback.jsonl", "kto.jsonl", "README.md"
 HF_DIR = "hf"
-LOADER = Path(__file__).with_name("hf_reward_loader.py")
+LOADER = Path(rlhf_core.__file__).with_name("hf_reward_loader.py")
 
 
 class ExportError(ValueError):
@@ -94,7 +96,7 @@ def export_dataset(
 ) -> DatasetExport:
     """The project's data in ``out``: the pairs a training job would learn from now (a ranking
     as the pairs it implies, at most ``max_ranking_pairs`` each, as RLHF_MAX_RANKING_PAIRS)."""
-    from ml_backend.conversion import preference_pairs
+    from rlhf_core.conversion import preference_pairs
 
     if store.project(project_id) is None:
         raise ExportError(f"project {project_id} is unknown here")
@@ -144,7 +146,7 @@ def preference_rows(
 ) -> list[dict[str, Any]]:
     """Export rows of preference records; ``models``: the versions that pre-annotated each task,
     ``authors``: the policy version that wrote a (task, response hash), from the arena."""
-    from ml_backend.arena import text_hash
+    from rlhf_core.arena import text_hash
     from trainer.reward_training import RewardTrainingConfig, is_heldout
 
     authors = authors or {}
@@ -373,7 +375,7 @@ def data_card(
 def _agreement_text(prefs: list[dict[str, Any]]) -> str:
     """Between annotators: the share of verdicts (a tie is one) that another annotator also gave
     on the same two responses of a task (the dashboard's measure, pooled over annotators)."""
-    from ml_backend.summary import inter_annotator_agreement
+    from rlhf_core.summary import inter_annotator_agreement
 
     per_annotator = inter_annotator_agreement(prefs).values()
     n = sum(count for _, count in per_annotator)
@@ -458,30 +460,17 @@ def export_version(
 
 
 def _export_policy(config: BackendConfig, version: ModelVersion, out: Path) -> str:
-    from ml_backend.serving import policy_config
-    from trainer.policy import Policy
     from trainer.policy_training import save_policy
 
     # On the CPU, whatever the machine has: export needs no accelerator, and must not take a
     # GPU that serving or training uses.
-    policy = Policy.load(
-        policy_config(config, str(version.path) if version.path else None),
-        config.data_dir / "cache",
-        device="cpu",
-    )
+    policy = load_version(config, version, device="cpu")
     save_policy(policy, out)
     return str(out)
 
 
 def _export_reward_model(config: BackendConfig, version: ModelVersion, out: Path) -> str:
-    from ml_backend.serving import reward_model_config
-    from trainer.reward_model import RewardModel
-
-    model = (
-        RewardModel.load(version.path, device="cpu")
-        if version.path
-        else RewardModel.create(reward_model_config(config), device="cpu")
-    )
+    model = load_version(config, version, device="cpu")
     target = out / "reward_model"
     if target.exists():
         shutil.rmtree(target)

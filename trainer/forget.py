@@ -1,7 +1,7 @@
 """Forget a task everywhere the backend keeps it (a data-protection request).
 
 The store holds the task's text in its annotations (task data and result) and in the training
-records derived from them; :meth:`ml_backend.store.Store.forget_task` erases both, with SQLite
+records derived from them; :meth:`rlhf_core.store.Store.forget_task` erases both, with SQLite
 overwriting the freed pages. What the backend cannot erase by itself is reported instead:
 
 * exported files (``rlhf-backend export``) that still contain the task: delete or re-export them;
@@ -10,7 +10,7 @@ overwriting the freed pages. What the backend cannot erase by itself is reported
 * Label Studio itself, which holds the task: delete it there too, or new annotations of it will
   arrive again through the webhook.
 
-The embedding cache (:mod:`trainer.embedding_store`) drops every vector of the task's prompt
+The embedding cache (:mod:`rlhf_core.embedding_store`) drops every vector of the task's prompt
 and responses, read from its records before they are erased.
 """
 
@@ -23,11 +23,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from ml_backend.config import BackendConfig
-from ml_backend.serving import embedding_store_path
-from ml_backend.store import Store
+from rlhf_core.config import BackendConfig
+from rlhf_core.registry import Registry
+from rlhf_core.serving import embedding_store_path
+from rlhf_core.store import Store
 from trainer.export import HF_DIR, exports_log
-from trainer.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def forget_embeddings(path: Path, texts: set[str]) -> int:
     """Drop the cached embeddings of ``texts``; the cache file's WAL is emptied after."""
     if not path.exists() or not texts:
         return 0
-    from trainer.embedding_store import EmbeddingStore
+    from rlhf_core.embedding_store import EmbeddingStore
 
     cache = EmbeddingStore(path)
     try:

@@ -22,17 +22,25 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.config import BackendConfig
-from ml_backend.conversion import preference_pairs
-from ml_backend.serving import (
-    embedding_store_path,
-    policy_config,
-    reward_model_config,
-)
-from ml_backend.store import Job, Store
+from rlhf_core.config import BackendConfig
+from rlhf_core.conversion import preference_pairs
 from rlhf_core.db import database_for
+from rlhf_core.embedding_store import EmbeddingStore
+from rlhf_core.registry import (
+    CANDIDATE,
+    POLICY,
+    PROMOTED,
+    REJECTED,
+    REWARD_MODEL,
+    ModelVersion,
+    Registry,
+)
+from rlhf_core.serving import (
+    embedding_store_path,
+    load_version,
+)
+from rlhf_core.store import Job, Store
 from trainer.distributed import ONE_PROCESS, Ranks
-from trainer.embedding_store import EmbeddingStore
 from trainer.label_studio_sync import drain_syncs, preannotate, project_tasks
 from trainer.policy_training import (
     FeedbackExample,
@@ -41,15 +49,6 @@ from trainer.policy_training import (
     policy_gate,
     save_policy,
     train_policy,
-)
-from trainer.registry import (
-    CANDIDATE,
-    POLICY,
-    PROMOTED,
-    REJECTED,
-    REWARD_MODEL,
-    ModelVersion,
-    Registry,
 )
 from trainer.reward_training import (
     EmbeddingCache,
@@ -204,8 +203,6 @@ def train_reward_model(
     training: RewardTrainingConfig | None = None,
     job_id: int | None = None,
 ) -> dict[str, Any]:
-    from trainer.reward_model import RewardModel
-
     training = training or RewardTrainingConfig(
         promotion_tolerance=config.promotion_tolerance,
         min_heldout_pairs=config.min_heldout_pairs,
@@ -215,11 +212,7 @@ def train_reward_model(
     if not train:
         train = heldout  # too few tasks for a split yet: learn from what there is
     served = registry.served(project_id, REWARD_MODEL)
-    serving_model = (
-        RewardModel.load(served.path)
-        if served.path
-        else RewardModel.create(reward_model_config(config))
-    )
+    serving_model = load_version(config, served)
     candidate = copy.deepcopy(serving_model)  # warm start from what is served
 
     store = EmbeddingStore(embedding_store_path(config))
@@ -319,9 +312,6 @@ def train_policy_version(
     their prompts are the gate's test set. Every rank trains; rank 0 alone gates, saves and
     records (the others return the training stats).
     """
-    from trainer.policy import Policy
-    from trainer.reward_model import RewardModel
-
     training = training or PolicyTrainingConfig(
         method=config.policy_training,
         max_new_tokens=config.max_new_tokens,
@@ -339,16 +329,9 @@ def train_policy_version(
         if r.get("response") and r.get("feedback")
     ]
     served_rm = judge_version or registry.served(project_id, REWARD_MODEL)
-    judge = (
-        RewardModel.load(served_rm.path)
-        if served_rm.path
-        else RewardModel.create(reward_model_config(config))
-    )
+    judge = load_version(config, served_rm)
     served = registry.served(project_id, POLICY)
-    serving = Policy.load(
-        policy_config(config, str(served.path) if served.path else None),
-        config.data_dir / "cache",
-    )
+    serving = load_version(config, served)
     candidate, stats = train_policy(
         serving,
         train,
@@ -474,7 +457,7 @@ def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
 
 def reconcile_job(config: BackendConfig, job: Job) -> dict[str, Any]:
     """Bring the store level with the project's annotations in Label Studio."""
-    from ml_backend.reconcile import reconcile_project
+    from trainer.reconcile import reconcile_project
 
     store = Store(database_for(config))
     tasks = project_tasks(config, store, job.project_id)

@@ -1,6 +1,6 @@
 """Label Studio follows promotions: the outbox of syncs, drained until Label Studio confirms.
 
-:meth:`trainer.registry.Registry.promote` writes a pending sync in the same transaction that
+:meth:`rlhf_core.registry.Registry.promote` writes a pending sync in the same transaction that
 makes a version served. Draining one means: re-score the project's unlabeled tasks with the
 served version (predictions, the pre-annotation job's work) and set the project's
 ``model_version``, then read the project back from Label Studio; only when it shows the served
@@ -13,23 +13,23 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ml_backend.arena import Arena
-from ml_backend.config import BackendConfig
-from ml_backend.label_schema import parse_label_config
-from ml_backend.label_studio import LabelStudioTasks, client
-from ml_backend.serving import ModelServer
-from ml_backend.store import Store
+from rlhf_core.arena import Arena
+from rlhf_core.config import BackendConfig
 from rlhf_core.db import database_for
-from trainer.registry import POLICY, REWARD_MODEL, Registry, Sync
+from rlhf_core.label_schema import parse_label_config
+from rlhf_core.label_studio import LabelStudioTasks, client
+from rlhf_core.registry import POLICY, REWARD_MODEL, Registry, Sync
+from rlhf_core.serving import ModelServer
+from rlhf_core.store import Store
 
 logger = logging.getLogger(__name__)
 
 
 def project_tasks(config: BackendConfig, store: Store, project_id: int) -> LabelStudioTasks:
-    """The project's Label Studio, reached only as :mod:`ml_backend.trust` allows: the host its
+    """The project's Label Studio, reached only as :mod:`rlhf_core.credentials` allows: the host its
     token came with in /setup, or ``LABEL_STUDIO_URL``."""
-    from ml_backend.trust import Credentials
-    from ml_backend.vault import Vault
+    from rlhf_core.credentials import Credentials
+    from rlhf_core.vault import Vault
 
     project = store.project(project_id)
     if project is None:
@@ -53,7 +53,7 @@ def preannotate(
 ) -> dict[str, Any]:
     """Candidates and predictions of the served version for the project's unlabeled tasks,
     and its ``model_version`` in Label Studio (the pre-annotation job, and each sync)."""
-    from ml_backend.preannotate import RecordingTasks, preannotate_project
+    from rlhf_core.preannotate import RecordingTasks, preannotate_project
 
     project = store.project(project_id)
     if project is None:

@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf_core.fields import documented
+from rlhf_core.policy import Policy
 from trainer.distributed import ONE_PROCESS, Ranks
-from trainer.fields import documented
-from trainer.policy import Policy
 from trainer.reward_training import Pair
 
 logger = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.acquisition import Posterior, pair_features, prior_precision
-from trainer.fields import documented
+from rlhf_core.acquisition import Posterior, pair_features, prior_precision
+from rlhf_core.fields import documented
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def laplace_posterior(
     prior_scale: float,
 ) -> Posterior:
     """The Laplace posterior of a linear reward on these labelled pairs, at the heads' mean
-    probabilities: what :func:`trainer.selection.rank` measures information against."""
+    probabilities: what :func:`rlhf_core.selection.rank` measures information against."""
     emb = embeddings.float().numpy()
     precision = prior_precision(emb.shape[1], prior_scale)
     if len(chosen) == 0:

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.acquisition import pair_features
-from trainer.reward_model import EnsembleHeads
+from rlhf_core.acquisition import pair_features
+from rlhf_core.reward_model import EnsembleHeads
+from rlhf_core.selection import AdaptiveMix, Candidates, random_slots, resolve, select
 from trainer.reward_training import (
     EmbeddingCache,
     Pair,
@@ -31,7 +32,6 @@ from trainer.reward_training import (
     preference_probabilities,
     train_heads,
 )
-from trainer.selection import AdaptiveMix, Candidates, random_slots, resolve, select
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ml_backend.config import BackendConfig
-from ml_backend.store import Store
-from trainer.registry import (
+from rlhf_core.config import BackendConfig
+from rlhf_core.registry import (
     BASE_VERSIONS,
     POLICY,
     REWARD_MODEL,
@@ -29,6 +28,7 @@ from trainer.registry import (
     Registry,
     directory_bytes,
 )
+from rlhf_core.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ml_backend.config import BackendConfig
-from ml_backend.store import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RECONCILE, Job, Store
+from rlhf_core.config import BackendConfig
 from rlhf_core.db import database_for
+from rlhf_core.store import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RECONCILE, Job, Store
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import pytest
 import requests
 from label_studio_sdk.client import LabelStudio
 
-from ml_backend.store import Store
-from ml_backend.trust import WEBHOOK_SECRET_HEADER
+from rlhf_core.credentials import WEBHOOK_SECRET_HEADER
+from rlhf_core.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 LABEL_STUDIO_VERSION = "1.23.2"

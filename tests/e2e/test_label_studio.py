@@ -15,9 +15,9 @@ import pytest
 import requests
 from label_studio_sdk.client import LabelStudio
 
-from ml_backend.config import BackendConfig
-from ml_backend.trust import WEBHOOK_SECRET_HEADER, Credentials
-from ml_backend.vault import Vault
+from rlhf_core.config import BackendConfig
+from rlhf_core.credentials import WEBHOOK_SECRET_HEADER, Credentials
+from rlhf_core.vault import Vault
 
 from .harness import (
     SESSION_SETUP_BUDGET_S,

@@ -24,13 +24,13 @@ import pytest
 from label_studio_sdk.client import LabelStudio
 from label_studio_sdk.label_interface import LabelInterface
 
-from ml_backend.config import BackendConfig
-from ml_backend.conversion import Provenance, convert
-from ml_backend.label_schema import RLHFSchema, parse_label_config
-from ml_backend.predict import task_candidates
-from ml_backend.store import JOB_DONE
+from rlhf_core.config import BackendConfig
+from rlhf_core.conversion import Provenance, convert
+from rlhf_core.label_schema import RLHFSchema, parse_label_config
+from rlhf_core.predict import task_candidates
+from rlhf_core.registry import PROMOTED, REWARD_MODEL
+from rlhf_core.store import JOB_DONE
 from trainer.jobs import registry_for
-from trainer.registry import PROMOTED, REWARD_MODEL
 
 from .harness import (
     REPO,
@@ -218,8 +218,8 @@ def data_manager_order(ls: LabelStudio, project_id: int, task_ids: list[int]) ->
 def default_first_pick(backend: Backend, project_id: int, schema: RLHFSchema, tasks: dict) -> int:
     """Of ``tasks`` (id -> data), the one the default selection labels first, computed here
     from the served checkpoint (its heads, its Laplace posterior) with the selection function."""
-    from trainer.reward_model import RewardModel
-    from trainer.selection import score_tasks
+    from rlhf_core.reward_model import RewardModel
+    from rlhf_core.selection import score_tasks
 
     registry = registry_for(BackendConfig(data_dir=backend.store.path.parent))
     model = RewardModel.load(registry.served(project_id, REWARD_MODEL).path)

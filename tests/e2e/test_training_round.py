@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from label_studio_sdk.client import LabelStudio
 
-from ml_backend.cli import main
-from ml_backend.config import BackendConfig
+from rlhf_cli.main import main
+from rlhf_core.config import BackendConfig
+from rlhf_core.registry import PROMOTED, REWARD_MODEL
 from trainer.jobs import registry_for
-from trainer.registry import PROMOTED, REWARD_MODEL
 
 from .harness import SESSION_SETUP_BUDGET_S, Backend, LabelStudioServer, connect, create_project
 from .harness import wait_for as _wait_for

@@ -7,10 +7,10 @@ import logging
 
 import pytest
 
-from ml_backend import cli
 from ml_backend.app import create_app
-from ml_backend.config import BackendConfig
 from ml_backend.server import exposure_warning
+from rlhf_cli import main as cli
+from rlhf_core.config import BackendConfig
 
 
 def test_index_needs_basic_auth_like_every_endpoint_but_health(tmp_path):

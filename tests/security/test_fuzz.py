@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ml_backend.app import create_app
-from ml_backend.config import BackendConfig
+from rlhf_core.config import BackendConfig
 
 from .test_webhook_origin import table_rows
 

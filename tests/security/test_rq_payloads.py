@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import redis_server
 
-from ml_backend.config import BackendConfig
-from trainer.dispatch import QUEUE_NAME, notify_workers
+from rlhf_core.config import BackendConfig
+from rlhf_core.notify import QUEUE_NAME, notify_workers
 
 PASSWORD = "redis-pass-0123456789"
 WORKER_TIMEOUT_S = 600
@@ -46,7 +46,7 @@ def run_worker(data_dir: Path, redis_url: str) -> subprocess.CompletedProcess:
     """`rlhf-backend worker --once` (an RQ worker in burst mode) on the shared store."""
     env = {**os.environ, "RLHF_DATA_DIR": str(data_dir), "RLHF_REDIS_URL": redis_url}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    argv = [sys.executable, "-m", "ml_backend.cli", "worker", "--once"]
+    argv = [sys.executable, "-m", "rlhf_cli.main", "worker", "--once"]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
 
 

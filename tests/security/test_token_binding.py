@@ -17,8 +17,8 @@ import pytest
 from conftest import captured_body
 
 from ml_backend.app import create_app
-from ml_backend.config import BackendConfig, ConfigError
-from ml_backend.store import Store
+from rlhf_core.config import BackendConfig, ConfigError
+from rlhf_core.store import Store
 
 from .fake_label_studio import FakeLabelStudio
 
@@ -51,7 +51,7 @@ def preannotate(data_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "RLHF_SECRET_KEY"):
         env.pop(name, None)
-    argv = [sys.executable, "-m", "ml_backend.cli", "preannotate", "--project", str(PROJECT)]
+    argv = [sys.executable, "-m", "rlhf_cli.main", "preannotate", "--project", str(PROJECT)]
     argv += ["--data-dir", str(data_dir)]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
 

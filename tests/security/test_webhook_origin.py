@@ -13,7 +13,7 @@ import pytest
 from conftest import annotation_event, captured_body
 
 from ml_backend.app import create_app
-from ml_backend.config import BackendConfig
+from rlhf_core.config import BackendConfig
 
 from .fake_label_studio import FakeLabelStudio
 

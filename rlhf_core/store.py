@@ -140,7 +140,7 @@ class Store(ProjectStore, JobQueue):
     ) -> bool:
         """Store an annotation and its training records. Returns False for a stale delivery.
 
-        ``records`` are ``(kind, payload)`` pairs from :mod:`ml_backend.conversion`.
+        ``records`` are ``(kind, payload)`` pairs from :mod:`rlhf_core.conversion`.
         """
         key = _annotation_key(annotation.project_id, annotation.annotation_id)
         with self.db.write() as conn:

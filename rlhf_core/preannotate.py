@@ -7,9 +7,9 @@ For every unlabeled task of a project:
    teach the model most is written into the task's data fields named by the label config — one
    task update per task, so a crash never leaves a task half-written (on the arena's share of the
    tasks, one response from the served policy and one from an earlier version instead:
-   :mod:`ml_backend.arena`). Every task is then scored:
+   :mod:`rlhf_core.arena`). Every task is then scored:
    rewards, predicted choice, and the acquisition value of its most informative pair;
-2. the pool is ordered as the selection strategy would pick it (:func:`trainer.selection.
+2. the pool is ordered as the selection strategy would pick it (:func:`rlhf_core.selection.
    score_tasks`, the function behind ``/predict``'s scores and the simulator's batches: with the
    default, a near-duplicate of a task already near the front waits behind a different one, since
    a label on the first already told the model most of what the second would), and the
@@ -31,12 +31,12 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from ml_backend.arena import Arena
-from ml_backend.conversion import field_text
-from ml_backend.label_schema import RLHFSchema
-from ml_backend.predict import Candidates, build_prediction, most_informative_pair, task_candidates
-from trainer.acquisition import Posterior
-from trainer.selection import score_tasks
+from rlhf_core.acquisition import Posterior
+from rlhf_core.arena import Arena
+from rlhf_core.conversion import field_text
+from rlhf_core.label_schema import RLHFSchema
+from rlhf_core.predict import Candidates, build_prediction, most_informative_pair, task_candidates
+from rlhf_core.selection import score_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def preannotate_project(
     arena: Arena | None = None,
 ) -> PreannotateReport:
     """``arena``: pit the served policy against earlier versions on a share of the prompt-only
-    tasks (:mod:`ml_backend.arena`); None: every candidate comes from the served policy."""
+    tasks (:mod:`rlhf_core.arena`); None: every candidate comes from the served policy."""
     version = models.served_version(project_id)
     posterior = models.posterior(project_id)
     report = PreannotateReport(model_version=version)

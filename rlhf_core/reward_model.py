@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from trainer.acquisition import Posterior, bald, entropy, prior_precision
-from trainer.device import dtype_kwargs, pick_device, pick_dtype
-from trainer.fields import documented
+from rlhf_core.acquisition import Posterior, bald, entropy, prior_precision
+from rlhf_core.device import dtype_kwargs, pick_device, pick_dtype
+from rlhf_core.fields import documented
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class RewardModelConfig:
     seed: int = documented(0, "Seed for the heads' and priors' initialisation.")
     # There is no ``finetune_backbone``: nothing trained the backbone, and the design rests on it
     # being frozen (heads retrain in seconds on cached embeddings, a promotion re-scores the pool
-    # without the encoder, and trainer.embedding_store's vectors stay valid across versions).
+    # without the encoder, and rlhf_core.embedding_store's vectors stay valid across versions).
 
     def __post_init__(self) -> None:
         if not self.backbone:
@@ -228,7 +228,7 @@ class Scores:
         return _sigmoid(r[i] - r[j])
 
     def pair(self, i: int, j: int) -> PairPreference:
-        p_heads = self.head_probs(i, j)[None, :]  # (1, K), the shape trainer.acquisition takes
+        p_heads = self.head_probs(i, j)[None, :]  # (1, K), the shape rlhf_core.acquisition takes
         return PairPreference(
             prob=float(p_heads.mean()),
             epistemic_std=float(p_heads.std()),
@@ -277,7 +277,7 @@ class RewardModel(nn.Module):
         self.version = version
         self.provenance = dict(provenance or {})
         # The Laplace precision (H, H) of a linear reward on the labelled pairs, set by training;
-        # None: no labels yet, the prior (trainer.acquisition.Posterior).
+        # None: no labels yet, the prior (rlhf_core.acquisition.Posterior).
         self.posterior_precision: np.ndarray | None = None
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._use_token_types = "token_type_ids" in tokenizer.model_input_names
@@ -461,7 +461,7 @@ class RewardModel(nn.Module):
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per item, the per-head rewards (n_i, K) and the embeddings (n_i, H) of its responses,
         from one batched backbone pass (the embeddings tell near-duplicate pairs apart). With a
-        :class:`trainer.embedding_store.EmbeddingStore`, only texts it lacks are encoded."""
+        :class:`rlhf_core.embedding_store.EmbeddingStore`, only texts it lacks are encoded."""
         if not items:
             return [], []
         prompts = [prompt for prompt, responses in items for _ in responses]

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.config import BackendConfig
-from trainer.registry import (
+from rlhf_core.config import BackendConfig
+from rlhf_core.registry import (
     BASE_VERSIONS,
     POLICY,
     PROMOTED,
@@ -42,18 +42,18 @@ def release_memory() -> None:
 
 
 def reward_model_config(config: BackendConfig) -> Any:
-    from trainer.reward_model import RewardModelConfig
+    from rlhf_core.reward_model import RewardModelConfig
 
     return RewardModelConfig(backbone=config.reward_backbone, num_heads=config.reward_heads)
 
 
 def embedding_store_path(config: BackendConfig) -> Path:
-    """The per-machine embedding cache (trainer.embedding_store): a cache, not the store."""
+    """The per-machine embedding cache (rlhf_core.embedding_store): a cache, not the store."""
     return config.data_dir / "cache" / "embeddings.sqlite"
 
 
 def policy_config(config: BackendConfig, model: str | None = None) -> Any:
-    from trainer.policy import PolicyConfig
+    from rlhf_core.policy import PolicyConfig
 
     return PolicyConfig(
         model=model if model is not None else config.policy_model,
@@ -64,6 +64,23 @@ def policy_config(config: BackendConfig, model: str | None = None) -> Any:
     )
 
 
+def load_version(config: BackendConfig, version: ModelVersion, device: str | None = None) -> Any:
+    """The model a registry version names: its checkpoint, or, for the base version (no path,
+    what :meth:`Registry.served` answers when nothing is promoted), the base model the
+    configuration describes (the reward backbone with fresh heads; ``RLHF_POLICY_MODEL``).
+    ``device``: None picks the best the machine has."""
+    if version.kind == REWARD_MODEL:
+        from rlhf_core.reward_model import RewardModel
+
+        if version.path is None:
+            return RewardModel.create(reward_model_config(config), device=device)
+        return RewardModel.load(version.path, device=device)
+    from rlhf_core.policy import Policy
+
+    path = str(version.path) if version.path is not None else None
+    return Policy.load(policy_config(config, path), config.data_dir / "cache", device=device)
+
+
 class ModelServer:
     def __init__(self, config: BackendConfig, registry: Registry) -> None:
         self.config = config
@@ -71,15 +88,14 @@ class ModelServer:
         self._lock = threading.Lock()
         self._reward: dict[int, tuple[str, Any]] = {}  # project -> (version, RewardModel)
         self._policy: dict[int, tuple[str, Any]] = {}  # project -> (version, Policy)
-        self._base_reward: Any = None
-        self._base_policy: Any = None
+        self._base: dict[str, Any] = {}  # kind -> the base model, built once
         self._other_policy: tuple[str, Any] | None = None  # an earlier version (the arena's)
-        self._embeddings: Any = None  # trainer.embedding_store.EmbeddingStore, opened lazily
+        self._embeddings: Any = None  # rlhf_core.embedding_store.EmbeddingStore, opened lazily
 
     def embedding_store(self) -> Any:
         """This process's handle on the embedding cache (opened on first use)."""
         if self._embeddings is None:
-            from trainer.embedding_store import EmbeddingStore
+            from rlhf_core.embedding_store import EmbeddingStore
 
             with self._lock:
                 if self._embeddings is None:
@@ -104,19 +120,17 @@ class ModelServer:
         with self._lock:
             current = self._reward.get(project_id)
             if current is None or current[0] != served.version:
-                current = (served.version, self._load_reward(served))
+                current = (served.version, self._load(served))
                 self._reward[project_id] = current  # one assignment: the swap
                 logger.info("project %s: serving reward model %s", project_id, served.version)
         return current
 
-    def _load_reward(self, served: ModelVersion) -> Any:
-        from trainer.reward_model import RewardModel
-
-        if served.path is None:
-            if self._base_reward is None:
-                self._base_reward = RewardModel.create(reward_model_config(self.config))
-            return self._base_reward
-        return RewardModel.load(served.path)
+    def _load(self, version: ModelVersion) -> Any:
+        if not version.is_base:
+            return load_version(self.config, version)
+        if version.kind not in self._base:
+            self._base[version.kind] = load_version(self.config, version)
+        return self._base[version.kind]
 
     def policy(self, project_id: int) -> tuple[str, Any]:
         served = self.registry.served(project_id, POLICY)
@@ -126,19 +140,10 @@ class ModelServer:
         with self._lock:
             current = self._policy.get(project_id)
             if current is None or current[0] != served.version:
-                current = (served.version, self._load_policy(served))
+                current = (served.version, self._load(served))
                 self._policy[project_id] = current
                 logger.info("project %s: serving policy %s", project_id, served.version)
         return current
-
-    def _load_policy(self, served: ModelVersion) -> Any:
-        from trainer.policy import Policy
-
-        if served.path is None:
-            if self._base_policy is None:
-                self._base_policy = Policy.load(policy_config(self.config), self.cache_dir)
-            return self._base_policy
-        return Policy.load(policy_config(self.config, str(served.path)), self.cache_dir)
 
     def head_rewards(self, project_id: int, items: list[tuple[str, list[str]]]) -> list[np.ndarray]:
         """Per-head rewards (n_i, K) for every item, from one batched backbone pass."""
@@ -154,7 +159,7 @@ class ModelServer:
         return model.score_and_embed(items, self.embedding_store())
 
     def posterior(self, project_id: int) -> Any:
-        """The served reward model's Laplace posterior (trainer.selection measures against it)."""
+        """The served reward model's Laplace posterior (rlhf_core.selection measures against it)."""
         _, model = self.reward_model(project_id)
         return model.posterior()
 
@@ -174,7 +179,7 @@ class ModelServer:
             found = self.registry.get(project_id, POLICY, version)
             if found is None:
                 raise LookupError(f"project {project_id} has no policy version {version!r}")
-            self._other_policy = (key, self._load_policy(found))
+            self._other_policy = (key, self._load(found))
         return self._other_policy[1].generate(prompts, n)
 
     def arena_opponents(self, project_id: int) -> list[str]:

@@ -1,7 +1,7 @@
 """The policy: a causal language model that writes candidate responses for annotators to judge.
 
 Any Hugging Face causal LM works (an id in the local cache or a directory). With no model
-configured, a tiny random GPT-2 is built once under the cache directory (``trainer.tiny``): it
+configured, a tiny random GPT-2 is built once under the cache directory (``rlhf_core.tiny``): it
 writes gibberish, but the whole pipeline runs offline and in tests.
 
 Generation is batched: prompts are tokenized once, sorted by length, left-padded (a decoder
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainer.device import dtype_kwargs, pick_device, pick_dtype
-from trainer.fields import documented
-from trainer.tiny import TINY_POLICY_NAME, ensure_tiny_causal_lm
+from rlhf_core.device import dtype_kwargs, pick_device, pick_dtype
+from rlhf_core.fields import documented
+from rlhf_core.tiny import TINY_POLICY_NAME, ensure_tiny_causal_lm
 
 logger = logging.getLogger(__name__)
 

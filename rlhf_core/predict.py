@@ -6,8 +6,8 @@ project's control tags (Pairwise ``selected``, Ranker order, a Rating per respon
 preference Choice).
 
 ``score`` follows Label Studio's convention that the Data Manager and uncertainty sampling show
-the LOWEST score first. It comes from :func:`trainer.selection.score_tasks`, the one selection
-function: the same call orders the pool after a promotion (``ml_backend.preannotate``) and picks
+the LOWEST score first. It comes from :func:`rlhf_core.selection.score_tasks`, the one selection
+function: the same call orders the pool after a promotion (``rlhf_core.preannotate``) and picks
 the simulator's batches, so the tasks of a request sort in the order the strategy would have them
 labelled. With one task, ``score = 1 − u``, ``u`` in [0, 1] the value of the task's most
 informative pair (for the default, the information a label would carry about the reward
@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.conversion import field_text, list_item_texts
-from ml_backend.errors import AnnotationMismatch
-from ml_backend.label_schema import TEXT_OBJECTS, RLHFSchema, TextField
-from trainer.acquisition import Posterior, prior_precision
-from trainer.selection import score_tasks, task_pairs
+from rlhf_core.acquisition import Posterior, prior_precision
+from rlhf_core.conversion import field_text, list_item_texts
+from rlhf_core.errors import AnnotationMismatch
+from rlhf_core.label_schema import TEXT_OBJECTS, RLHFSchema, TextField
+from rlhf_core.selection import score_tasks, task_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def build_prediction(
     score: float,
 ) -> dict[str, Any]:
     """One Label Studio prediction for a task, from its responses' per-head rewards (n, K) and
-    its selection ``score`` (:func:`trainer.selection.score_tasks`)."""
+    its selection ``score`` (:func:`rlhf_core.selection.score_tasks`)."""
     rewards = head_rewards.mean(axis=1)  # (n,)
     result: list[dict[str, Any]] = []
     for control in schema.pairwise:
@@ -227,7 +227,7 @@ def predict_in_time(
     """Predictions scored ``chunk`` tasks at a time while ``budget_s`` seconds (None: no limit)
     leave room for one more: a chunk is started only if the slowest chunk so far still fits, so
     the answer comes near the budget even when the machine is slow. The first chunk always runs.
-    The tasks reached are then scored together by :func:`trainer.selection.score_tasks`.
+    The tasks reached are then scored together by :func:`rlhf_core.selection.score_tasks`.
     """
     started = time.monotonic()
     slowest = 0.0

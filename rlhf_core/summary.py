@@ -12,13 +12,13 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from ml_backend.arena import comparisons, reward_model_win_rates
-from ml_backend.conversion import preference_pairs
-from ml_backend.leaderboard import Comparison, leaderboard
-from ml_backend.store import JOB_QUEUED, JOB_RUNNING, Store
+from rlhf_core.arena import comparisons, reward_model_win_rates
+from rlhf_core.conversion import preference_pairs
+from rlhf_core.leaderboard import Comparison, leaderboard
 
 # The registry is the trainer's; reading it is the only thing the HTTP face needs from there.
-from trainer.registry import POLICY, REWARD_MODEL, ModelVersion, Registry
+from rlhf_core.registry import POLICY, REWARD_MODEL, ModelVersion, Registry
+from rlhf_core.store import JOB_QUEUED, JOB_RUNNING, Store
 
 WILSON_Z = 1.96
 

@@ -1,7 +1,7 @@
 """The policy leaderboard: a Bradley–Terry fit over policy versions from human choices.
 
 Each comparison is one human verdict on two responses written by two policy versions
-(:mod:`ml_backend.arena`). The model is a logistic regression, as Chatbot Arena fits it:
+(:mod:`rlhf_core.arena`). The model is a logistic regression, as Chatbot Arena fits it:
 
     P(a beats b) = σ(θ_a − θ_b + γ · Δlen),   Δlen = (len_a − len_b) / (len_a + len_b)
 

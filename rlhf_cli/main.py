@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ml_backend.config import BackendConfig, ConfigError, markdown_table
+from rlhf_core.config import BackendConfig, ConfigError, markdown_table
 
 LOG_FORMAT = "[%(asctime)s] [%(levelname)s] [%(name)s::%(funcName)s::%(lineno)d] %(message)s"
 
@@ -32,9 +32,9 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
     import threading
 
     from ml_backend.server import exposure_warning, run_gunicorn
-    from ml_backend.store import Store
-    from ml_backend.vault import Vault
     from rlhf_core.db import database_for
+    from rlhf_core.store import Store
+    from rlhf_core.vault import Vault
     from trainer.worker import supervise
 
     warning = exposure_warning(config)
@@ -45,7 +45,7 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
     Store(database_for(config)).initialize(seal=vault.token_sealer(config))
     stop = threading.Event()
     if config.embedded_worker:
-        command = [sys.executable, "-m", "ml_backend.cli", "worker"]
+        command = [sys.executable, "-m", "rlhf_cli.main", "worker"]
         env = {**os.environ, "RLHF_DATA_DIR": str(config.data_dir)}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         threading.Thread(
@@ -103,7 +103,7 @@ def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) 
         if job is None:
             print(f"a {kind} job for project {args.project} is already queued", file=sys.stderr)
         else:
-            from trainer.dispatch import notify_workers
+            from rlhf_core.notify import notify_workers
 
             notify_workers(config, job.job_id, "cli")
             print(f"queued {kind} job {job.job_id} for project {args.project}")
@@ -127,7 +127,7 @@ def _enqueue_or_run(config: BackendConfig, args: argparse.Namespace, kind: str) 
 
 
 def _train_across_ranks(config: BackendConfig, store: Any, project_id: int) -> int:
-    """``accelerate launch ... -m ml_backend.cli train``: rank 0 claims and records the job,
+    """``accelerate launch ... -m rlhf_cli.main train``: rank 0 claims and records the job,
     every rank trains the policy (trainer/distributed.py)."""
     from trainer.distributed import join_launched_ranks
     from trainer.jobs import train_job
@@ -155,7 +155,7 @@ def _train_across_ranks(config: BackendConfig, store: Any, project_id: int) -> i
 
 
 def _print_outcome(store: Any, job_id: int) -> int:
-    from ml_backend.store import JOB_DONE
+    from rlhf_core.store import JOB_DONE
 
     finished = store.job(job_id)
     assert finished is not None
@@ -178,8 +178,8 @@ def _train(config: BackendConfig, args: argparse.Namespace) -> int:
 
 
 def _simulate(config: BackendConfig, args: argparse.Namespace) -> int:
-    from ml_backend.serving import reward_model_config
-    from trainer.reward_model import RewardModel
+    from rlhf_core.reward_model import RewardModel
+    from rlhf_core.serving import reward_model_config
     from trainer.simulate import SimulationInputError, load_inputs, plot_curves, simulate
 
     try:
@@ -207,9 +207,9 @@ def _simulate(config: BackendConfig, args: argparse.Namespace) -> int:
 
 def _known_project_store(config: BackendConfig, project_id: int) -> Any:
     """The store, or None (with the reason printed) when the project is not connected here."""
-    from ml_backend.store import Store
-    from ml_backend.vault import Vault
     from rlhf_core.db import database_for
+    from rlhf_core.store import Store
+    from rlhf_core.vault import Vault
 
     seal = Vault.for_config(config).token_sealer(config)
     store = Store(database_for(config)).initialize(seal=seal)
@@ -290,8 +290,8 @@ def _reconcile(config: BackendConfig, args: argparse.Namespace) -> int:
     """Read the project's annotations from Label Studio and store what is missing or changed.
 
     Runs here, whether or not the service runs (the store takes concurrent writers)."""
-    from ml_backend.reconcile import reconcile_project
     from trainer.label_studio_sync import project_tasks
+    from trainer.reconcile import reconcile_project
 
     store = _known_project_store(config, args.project)
     if store is None:
@@ -308,9 +308,9 @@ def _reconcile(config: BackendConfig, args: argparse.Namespace) -> int:
 
 def _status(config: BackendConfig, args: argparse.Namespace) -> int:
     """What is served, what Label Studio shows, and the syncs still pending (JSON)."""
+    from rlhf_core.registry import POLICY, REWARD_MODEL
     from trainer.jobs import registry_for
     from trainer.label_studio_sync import project_tasks
-    from trainer.registry import POLICY, REWARD_MODEL
 
     store = _known_project_store(config, args.project)
     if store is None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from ml_backend.errors import LabelConfigTooLarge, UnsupportedLabelConfig
+from rlhf_core.errors import LabelConfigTooLarge, UnsupportedLabelConfig
 
 TEXT_OBJECTS = ("Text", "HyperText", "Paragraphs")
 TIE = -1

@@ -14,7 +14,7 @@ annotator) so that nothing a human said is anonymous or unattributable:
 
 Example, with the pairwise template and ``selected: right``:
 
->>> from ml_backend.label_schema import parse_label_config
+>>> from rlhf_core.label_schema import parse_label_config
 >>> schema = parse_label_config(
 ...     '<View><Text name="prompt" value="$prompt"/>'
 ...     '<Pairwise name="comparison" toName="answer1,answer2"/>'
@@ -32,7 +32,7 @@ Example, with the pairwise template and ``selected: right``:
 Ties are kept (``tie: True``; ``chosen``/``rejected`` are then just the two responses in config
 order). A comparison with an empty response (a prompt-only task whose responses were not
 generated yet) yields no preference. Cancelled (skipped) annotations produce no records; that
-is decided in ``ml_backend.intake``, not here.
+is decided in ``rlhf_core.intake``, not here.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from dataclasses import asdict, dataclass
 from itertools import accumulate, combinations
 from typing import Any
 
-from ml_backend.config import BackendConfig
-from ml_backend.errors import AnnotationMismatch
-from ml_backend.label_schema import TIE, RankerControl, RLHFSchema, TextField
+from rlhf_core.config import BackendConfig
+from rlhf_core.errors import AnnotationMismatch
+from rlhf_core.label_schema import TIE, RankerControl, RLHFSchema, TextField
 
 logger = logging.getLogger(__name__)
 

@@ -11,17 +11,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from ml_backend.config import BackendConfig
-from ml_backend.conversion import Provenance, convert
-from ml_backend.errors import (
+from rlhf_core.config import BackendConfig
+from rlhf_core.conversion import Provenance, convert
+from rlhf_core.errors import (
     AnnotationMismatch,
     BadRequest,
     LabelConfigTooLarge,
     NotFound,
     UnsupportedLabelConfig,
 )
-from ml_backend.label_schema import check_label_config, parse_label_config
-from ml_backend.store import IncomingAnnotation, Store
+from rlhf_core.label_schema import check_label_config, parse_label_config
+from rlhf_core.store import IncomingAnnotation, Store
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ml_backend.config import BackendConfig, ConfigError
+from rlhf_core.config import BackendConfig, ConfigError
 
 logger = logging.getLogger(__name__)
 

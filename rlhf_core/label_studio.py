@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 from label_studio_sdk.client import LabelStudio
 
-from ml_backend.config import BackendConfig
-from ml_backend.trust import WEBHOOK_SECRET_HEADER, Connection
+from rlhf_core.config import BackendConfig
+from rlhf_core.credentials import WEBHOOK_SECRET_HEADER, Connection
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ serving reward model gave it.
 
 Annotators label these tasks like any other (their labels train the models as usual). Every
 preference record whose two texts came from two different versions is also a verdict between
-those versions; :func:`comparisons` finds them and :mod:`ml_backend.leaderboard` fits the
+those versions; :func:`comparisons` finds them and :mod:`rlhf_core.leaderboard` fits the
 ratings. :func:`reward_model_win_rates` gives the reward model's own verdicts on the same pairs.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.leaderboard import Comparison
+from rlhf_core.leaderboard import Comparison
 
 # (policy version, prompts, n) -> n responses per prompt from that version
 GenerateWith = Callable[[str, list[str], int], list[list[str]]]

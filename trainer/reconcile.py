@@ -2,7 +2,7 @@
 
 Webhooks are the fast path; this is the one that never misses. It reads every annotation of the
 project through Label Studio's API (tasks and annotations, paged), stores through the webhook
-intake (:func:`ml_backend.intake.handle_event`) those the store lacks or holds in an older
+intake (:func:`rlhf_core.intake.handle_event`) those the store lacks or holds in an older
 state, and tombstones those Label Studio no longer has. Annotations made before the backend was
 connected, while it was down, or whose webhook was lost arrive this way. Running it twice in a
 row changes nothing the second time.
@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ml_backend.intake import ANNOTATION_UPDATED, handle_event, ls_timestamp
-from ml_backend.store import Store
+from rlhf_core.intake import ANNOTATION_UPDATED, handle_event, ls_timestamp
+from rlhf_core.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ prior, and the same code picks a batch spread over the pool.
 Strategies:
 
 * ``eig``: greedy expected information gain under the Laplace posterior
-  (:class:`trainer.acquisition.Posterior`). After each pick the posterior is updated as if that
+  (:class:`rlhf_core.acquisition.Posterior`). After each pick the posterior is updated as if that
   pair were labelled (a rank-one update of the covariance, weight ``p(1 - p)``), so the next pick
   is what is still unknown *given the batch so far*: a greedy D-optimal batch design. A
   near-duplicate of a picked pair, or a second pair in a region the batch already covers, loses
@@ -18,7 +18,7 @@ Strategies:
 * ``batch``: greedy on the ensemble's margin, discounted by cosine similarity to pairs already
   picked (the default until the world-family benchmark showed it spending labels on coin flips).
 * ``random``, ``entropy``, ``margin``, ``variance``, ``bald``: one value per pair
-  (:mod:`trainer.acquisition`), best first.
+  (:mod:`rlhf_core.acquisition`), best first.
 * ``default``: ``eig``. ``adaptive`` (:class:`AdaptiveMix`) needs its share carried from batch to
   batch, which the simulator does and the service does not yet (it would start every pool order
   at the initial share); on the benchmark it did not beat ``eig`` either (BENCHMARKS.md).
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trainer.acquisition import (
+from rlhf_core.acquisition import (
     EPS,
     STRATEGIES,
     Posterior,
@@ -65,7 +65,7 @@ class Candidates:
     """What selection sees of P candidate pairs (a, b).
 
     ``p_heads`` (P, K): each head's P(a beats b); ``features`` (P, D): ``LN(e_a) - LN(e_b)``
-    (:func:`trainer.acquisition.pair_features`); ``posterior``: the reward model's Laplace
+    (:func:`rlhf_core.acquisition.pair_features`); ``posterior``: the reward model's Laplace
     posterior over the weights of a linear reward on those features.
     """
 

@@ -69,9 +69,9 @@ STRATEGIES: dict[str, Callable[..., np.ndarray]] = {
     "variance": variance,
     "bald": bald,
 }
-# ``batch`` (trainer.selection) picks by margin, discounted for near-duplicates in a batch; one
+# ``batch`` (rlhf_core.selection) picks by margin, discounted for near-duplicates in a batch; one
 # pair on its own is worth its margin. ``acquisition("default")`` is that single-pair value; the
-# selection default (``adaptive``, trainer.selection) measures against the Laplace posterior.
+# selection default (``adaptive``, rlhf_core.selection) measures against the Laplace posterior.
 BATCH_VALUE = "margin"
 
 
