@@ -76,7 +76,11 @@ def _migrate(config: BackendConfig, args: argparse.Namespace) -> int:
 
 
 def _worker(config: BackendConfig, args: argparse.Namespace) -> int:
+    from rlhf_core.db import database_for
+    from rlhf_core.migrate import upgrade
     from trainer.worker import Worker, default_chores, default_handlers
+
+    upgrade(database_for(config))  # the schema first, whichever way jobs arrive
 
     if config.redis_url:  # jobs arrive through RQ (trainer/dispatch.py)
         from trainer.dispatch import run_rq_worker

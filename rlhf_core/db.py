@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Float, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
@@ -197,6 +198,31 @@ class Database:
                 yield conn
 
     @contextmanager
+    def erasing_write(self) -> Iterator[Connection]:
+        """A write transaction whose deleted or overwritten values leave the database files, not
+        only the tables. On SQLite the freed pages are zeroed (``secure_delete``) and the WAL is
+        truncated after the commit; on PostgreSQL old row versions go at the next VACUUM."""
+        if self.is_postgresql:
+            with self.write() as conn:
+                yield conn
+            return
+        with self.engine.connect() as conn:
+            dbapi = conn.connection.dbapi_connection  # outside any transaction: autocommit
+            assert dbapi is not None
+            dbapi.execute("PRAGMA secure_delete=ON")
+            try:
+                with conn.execution_options(rlhf_write=True).begin():
+                    yield conn
+                busy = dbapi.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                dbapi.execute("PRAGMA secure_delete=OFF")
+        if busy:  # another connection is reading: the WAL is reused, not yet emptied
+            logger.warning(
+                "the WAL could not be truncated now (another process is reading); its old "
+                "pages are overwritten as the WAL is reused"
+            )
+
+    @contextmanager
     def read(self) -> Iterator[Connection]:
         """A read-only transaction. Its statements see one snapshot (SQLite; PostgreSQL at
         REPEATABLE READ), so a reader never sees half of a promotion."""
@@ -291,8 +317,4 @@ def database_for(config: Any, checkpoint_every_s: float | None = None) -> Databa
 
 def upsert(database: Database, table: Any) -> Any:
     """``INSERT ... ON CONFLICT`` for the database's dialect (the same API on both)."""
-    if database.is_postgresql:
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table)
+    return postgresql.insert(table) if database.is_postgresql else sqlite.insert(table)

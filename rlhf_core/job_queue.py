@@ -23,7 +23,7 @@ from sqlalchemy import Connection, RowMapping, exists, func, insert, select, upd
 from sqlalchemy.exc import IntegrityError
 
 from rlhf_core.db import Database, db_now
-from rlhf_core.schema import annotations, counters, jobs
+from rlhf_core.schema import annotations_table, counters, jobs
 
 logger = logging.getLogger(__name__)
 
@@ -288,10 +288,10 @@ def _usable_changes_since_last_job(conn: Connection, project_id: int, kind: str)
     ).scalar()
     count = conn.execute(
         select(func.count()).where(
-            annotations.c.project_id == project_id,
-            annotations.c.deleted == 0,
-            annotations.c.kinds != "",
-            annotations.c.seq > (since or 0),
+            annotations_table.c.project_id == project_id,
+            annotations_table.c.deleted == 0,
+            annotations_table.c.kinds != "",
+            annotations_table.c.seq > (since or 0),
         )
     ).scalar_one()
     return int(count)

@@ -2,7 +2,7 @@
 
 Label configs are stored once per content hash and shared by projects and annotations; a config
 nothing refers to any more is collected. Tokens and webhook secrets are stored sealed
-(``ml_backend.vault``): this module keeps their columns, never their plaintext.
+(``rlhf_core.vault``): this module keeps their columns, never their plaintext.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, and_, case, delete, exists, func, select, update
 
 from rlhf_core.db import Database, db_now, upsert
-from rlhf_core.schema import annotations, label_configs, projects
+from rlhf_core.schema import annotations_table, label_configs, projects
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class Project:
     project_id: int
     label_config: str
     hostname: str | None  # the Label Studio URL the token came with
-    token_sealed: str | None  # encrypted (ml_backend.vault); None when not stored
+    token_sealed: str | None  # encrypted (rlhf_core.vault); None when not stored
     webhook_secret_sealed: str | None  # None for a project never connected through /setup
     model_version: str | None
 
@@ -171,8 +171,8 @@ class ProjectStore:
 
     def seal_plaintext_tokens(self, seal: Callable[[str], str | None]) -> int:
         """Encrypt the Label Studio tokens an early version stored in plaintext (None from
-        ``seal`` drops a token); returns how many. On SQLite the freed plaintext is overwritten
-        in the file and the WAL emptied."""
+        ``seal`` drops a token); returns how many. The plaintext leaves the files too
+        (:meth:`~rlhf_core.db.Database.erasing_write`)."""
         with self.db.read() as conn:
             rows = conn.execute(
                 select(projects.c.project_id, projects.c.access_token).where(
@@ -181,18 +181,13 @@ class ProjectStore:
             ).all()
         if not rows:
             return 0
-        with self.db.write() as conn:
-            if not self.db.is_postgresql:
-                conn.exec_driver_sql("PRAGMA secure_delete=ON")
+        with self.db.erasing_write() as conn:
             for project_id, token in rows:
                 conn.execute(
                     update(projects)
                     .where(projects.c.project_id == project_id)
                     .values(token_sealed=seal(token), access_token=None)
                 )
-        if not self.db.is_postgresql:
-            with self.db.engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         logger.info(
             "encrypted the Label Studio tokens of %d projects stored in plaintext", len(rows)
         )
@@ -227,7 +222,7 @@ def collect_config(conn: Connection, digest: str) -> None:
             and_(
                 label_configs.c.config_hash == digest,
                 ~exists().where(projects.c.config_hash == digest),
-                ~exists().where(annotations.c.config_hash == digest),
+                ~exists().where(annotations_table.c.config_hash == digest),
             )
         )
     )

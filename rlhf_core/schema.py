@@ -48,7 +48,7 @@ projects = Table(
     Column("webhook_secret_sealed", Text),  # the secret on the project's webhook, encrypted
 )
 
-annotations = Table(
+annotations_table = Table(
     "annotations",
     metadata,
     Column("annotation_id", ID, nullable=False),
@@ -67,9 +67,9 @@ annotations = Table(
     # Label Studio numbers annotations per instance: the project is part of the key.
     PrimaryKeyConstraint("project_id", "annotation_id"),
 )
-Index("annotations_project", annotations.c.project_id, annotations.c.deleted)
-Index("annotations_changes", annotations.c.project_id, annotations.c.seq)
-Index("annotations_config", annotations.c.config_hash)
+Index("annotations_project", annotations_table.c.project_id, annotations_table.c.deleted)
+Index("annotations_changes", annotations_table.c.project_id, annotations_table.c.seq)
+Index("annotations_config", annotations_table.c.config_hash)
 
 records = Table(
     "records",

@@ -54,7 +54,7 @@ from rlhf_core.projects import (
     config_hash,
     put_config,
 )
-from rlhf_core.schema import annotations, arena_responses, counters, records, task_models
+from rlhf_core.schema import annotations_table, arena_responses, counters, records, task_models
 
 __all__ = [
     "JOB_DONE",
@@ -148,9 +148,9 @@ class Store(ProjectStore, JobQueue):
             current = (
                 conn.execute(
                     select(
-                        annotations.c.deleted,
-                        annotations.c.ls_updated_at,
-                        annotations.c.config_hash,
+                        annotations_table.c.deleted,
+                        annotations_table.c.ls_updated_at,
+                        annotations_table.c.config_hash,
                     ).where(key)
                 )
                 .mappings()
@@ -176,14 +176,14 @@ class Store(ProjectStore, JobQueue):
             }
             if current is None:
                 conn.execute(
-                    insert(annotations).values(
+                    insert(annotations_table).values(
                         annotation_id=annotation.annotation_id,
                         project_id=annotation.project_id,
                         **values,
                     )
                 )
             else:
-                conn.execute(update(annotations).where(key).values(**values))
+                conn.execute(update(annotations_table).where(key).values(**values))
             _replace_records(conn, annotation.annotation_id, annotation.project_id, records)
             if current is not None and current["config_hash"] not in (None, digest):
                 collect_config(conn, current["config_hash"])
@@ -194,7 +194,7 @@ class Store(ProjectStore, JobQueue):
         with self.db.write() as conn:
             self.db.lock(conn, *CONTENT_LOCK)
             for annotation_id in annotation_ids:
-                statement = upsert(self.db, annotations).values(
+                statement = upsert(self.db, annotations_table).values(
                     annotation_id=annotation_id,
                     project_id=project_id,
                     deleted=1,
@@ -203,7 +203,10 @@ class Store(ProjectStore, JobQueue):
                 )
                 conn.execute(
                     statement.on_conflict_do_update(
-                        index_elements=[annotations.c.project_id, annotations.c.annotation_id],
+                        index_elements=[
+                            annotations_table.c.project_id,
+                            annotations_table.c.annotation_id,
+                        ],
                         set_={
                             "deleted": 1,
                             "kinds": "",
@@ -217,9 +220,9 @@ class Store(ProjectStore, JobQueue):
     def annotations(self, project_id: int) -> list[StoredAnnotation]:
         """Live (not deleted) annotations of a project, in id order."""
         query = (
-            select(annotations)
-            .where(annotations.c.project_id == project_id, annotations.c.deleted == 0)
-            .order_by(annotations.c.annotation_id)
+            select(annotations_table)
+            .where(annotations_table.c.project_id == project_id, annotations_table.c.deleted == 0)
+            .order_by(annotations_table.c.annotation_id)
         )
         with self.db.read() as conn:
             rows = conn.execute(query).mappings().all()
@@ -252,9 +255,9 @@ class Store(ProjectStore, JobQueue):
         counts: dict[str, int] = {}
         with self.db.read() as conn:
             rows = conn.execute(
-                select(annotations.c.kinds, func.count())
-                .where(annotations.c.deleted == 0)
-                .group_by(annotations.c.kinds)
+                select(annotations_table.c.kinds, func.count())
+                .where(annotations_table.c.deleted == 0)
+                .group_by(annotations_table.c.kinds)
             ).all()
         for kinds, n in rows:
             for kind in kinds.split(",") if kinds else ["none"]:
@@ -265,9 +268,15 @@ class Store(ProjectStore, JobQueue):
         """Live annotations per annotator: (labels given, of which skipped)."""
         with self.db.read() as conn:
             rows = conn.execute(
-                select(annotations.c.annotator, func.count(), func.sum(annotations.c.was_cancelled))
-                .where(annotations.c.project_id == project_id, annotations.c.deleted == 0)
-                .group_by(annotations.c.annotator)
+                select(
+                    annotations_table.c.annotator,
+                    func.count(),
+                    func.sum(annotations_table.c.was_cancelled),
+                )
+                .where(
+                    annotations_table.c.project_id == project_id, annotations_table.c.deleted == 0
+                )
+                .group_by(annotations_table.c.annotator)
             ).all()
         return {row[0]: (int(row[1]), int(row[2] or 0)) for row in rows}
 
@@ -277,11 +286,13 @@ class Store(ProjectStore, JobQueue):
         query = (
             select(records.c.payload)
             .join(
-                annotations,
-                (annotations.c.project_id == records.c.project_id)
-                & (annotations.c.annotation_id == records.c.annotation_id),
+                annotations_table,
+                (annotations_table.c.project_id == records.c.project_id)
+                & (annotations_table.c.annotation_id == records.c.annotation_id),
             )
-            .where(annotations.c.project_id == project_id, annotations.c.task_id == task_id)
+            .where(
+                annotations_table.c.project_id == project_id, annotations_table.c.task_id == task_id
+            )
         )
         with self.db.read() as conn:
             payloads = conn.execute(query).scalars().all()
@@ -304,20 +315,21 @@ class Store(ProjectStore, JobQueue):
         PostgreSQL the old row versions are gone from the files after the next VACUUM. Returns
         the annotation ids that held the task.
         """
-        with self.db.write() as conn:
-            if not self.db.is_postgresql:
-                conn.exec_driver_sql("PRAGMA secure_delete=ON")
+        with self.db.erasing_write() as conn:
             self.db.lock(conn, *CONTENT_LOCK)
             ids = list(
                 conn.execute(
-                    select(annotations.c.annotation_id)
-                    .where(annotations.c.project_id == project_id, annotations.c.task_id == task_id)
-                    .order_by(annotations.c.annotation_id)
+                    select(annotations_table.c.annotation_id)
+                    .where(
+                        annotations_table.c.project_id == project_id,
+                        annotations_table.c.task_id == task_id,
+                    )
+                    .order_by(annotations_table.c.annotation_id)
                 ).scalars()
             )
             for annotation_id in ids:
                 conn.execute(
-                    update(annotations)
+                    update(annotations_table)
                     .where(_annotation_key(project_id, annotation_id))
                     .values(
                         deleted=1,
@@ -333,22 +345,7 @@ class Store(ProjectStore, JobQueue):
             for table in (task_models, arena_responses):
                 task = (table.c.project_id == project_id) & (table.c.task_id == task_id)
                 conn.execute(delete(table).where(task))
-        if not self.db.is_postgresql:
-            self._truncate_wal(task_id)
         return ids
-
-    def _truncate_wal(self, task_id: int) -> None:
-        with self.db.engine.connect() as conn:
-            try:
-                busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").scalar()
-            finally:
-                conn.exec_driver_sql("PRAGMA secure_delete=OFF")
-        if busy:  # another connection is reading: the WAL is reused, not yet emptied
-            logger.warning(
-                "forgot task %s, but the WAL could not be truncated now (another process "
-                "is reading); its old pages are overwritten as the WAL is reused",
-                task_id,
-            )
 
     def note_task_models(
         self,
@@ -430,7 +427,9 @@ class Store(ProjectStore, JobQueue):
 
 
 def _annotation_key(project_id: int, annotation_id: int) -> Any:
-    return (annotations.c.project_id == project_id) & (annotations.c.annotation_id == annotation_id)
+    return (annotations_table.c.project_id == project_id) & (
+        annotations_table.c.annotation_id == annotation_id
+    )
 
 
 def _replace_records(

@@ -18,6 +18,7 @@ def test_readme_configuration_table_matches_the_dataclass():
 # Every variable, with a valid value that is not its default, and the value it must become.
 EVERY_VARIABLE = {
     "RLHF_DATA_DIR": ("/tmp/x", Path("/tmp/x")),
+    "RLHF_DATABASE_URL": ("postgresql://rlhf@db:5432/rlhf", "postgresql://rlhf@db:5432/rlhf"),
     "RLHF_HOST": ("127.0.0.1", "127.0.0.1"),
     "RLHF_PORT": ("9999", 9999),
     "RLHF_WORKERS": ("3", 3),
@@ -80,6 +81,7 @@ def test_from_env_reads_every_variable_with_its_type():
         ({"RLHF_TRAIN_EVERY": "-1"}, "RLHF_TRAIN_EVERY"),
         ({"RLHF_MIN_HELDOUT_PAIRS": "0"}, "RLHF_MIN_HELDOUT_PAIRS"),
         ({"RLHF_RECONCILE_EVERY_S": "-1"}, "RLHF_RECONCILE_EVERY_S"),
+        ({"RLHF_DATABASE_URL": "mysql://db/rlhf"}, "RLHF_DATABASE_URL"),
     ],
 )
 def test_bad_values_are_rejected_with_the_variable_named(env, message):

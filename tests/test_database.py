@@ -105,6 +105,16 @@ def test_migrations_started_at_once_by_several_processes_all_succeed(postgres):
     assert {out.strip() for out, _ in outcomes} == {head_revision()}
 
 
+def test_migrate_command_makes_the_default_store_and_is_idempotent(tmp_path, capsys):
+    argv = ["migrate", "--data-dir", str(tmp_path)]
+    assert main(argv) == 0 and main(argv) == 0
+    assert capsys.readouterr().out.count(f"schema at revision {head_revision()}") == 2
+    with sqlite3.connect(tmp_path / "store.sqlite3") as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            (head_revision(),)
+        ]
+
+
 # -- a store written before migrations existed -------------------------------------------------
 
 
@@ -176,6 +186,21 @@ def test_a_store_written_before_migrations_is_upgraded_in_place_keeping_every_ro
     assert not store.upsert_annotation(annotation(6), preference(6))
     assert [a.annotation_id for a in store.annotations(1)] == [5, 7]
     Store(path).initialize()  # and opening it again changes nothing
+
+
+def test_plaintext_tokens_of_an_old_store_are_sealed_and_leave_the_files(tmp_path):
+    path = tmp_path / "store.sqlite3"
+    pre_alembic_store(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE projects SET access_token = 'plain-token-4242', token_sealed = NULL")
+
+    store = Store(path).initialize(seal=lambda token: f"sealed({len(token)})")
+
+    assert store.project(1).token_sealed == "sealed(16)"
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT access_token FROM projects").fetchall() == [(None,)]
+    for file in tmp_path.glob("store.sqlite3*"):
+        assert b"plain-token-4242" not in file.read_bytes(), file.name
 
 
 # -- copying a SQLite store into PostgreSQL ----------------------------------------------------
@@ -376,7 +401,7 @@ def test_annotation_writes_from_many_threads_get_distinct_change_numbers(databas
         thread.join(timeout=60)
 
     with store.db.read() as conn:
-        seqs = conn.execute(select(schema.annotations.c.seq)).scalars().all()
+        seqs = conn.execute(select(schema.annotations_table.c.seq)).scalars().all()
         count = conn.execute(select(func.count()).select_from(schema.records)).scalar_one()
     assert len(seqs) == len(set(seqs)) == 40 and count == 40
     assert store.enqueue_training(1, "annotations", min_new=40) is not None
@@ -423,9 +448,9 @@ def test_two_servers_with_their_own_data_dirs_share_one_postgresql(
 
     with Database(url).read() as conn:
         rows = conn.execute(
-            select(schema.annotations.c.annotation_id, schema.annotations.c.task_id).where(
-                schema.annotations.c.project_id == 1
-            )
+            select(
+                schema.annotations_table.c.annotation_id, schema.annotations_table.c.task_id
+            ).where(schema.annotations_table.c.project_id == 1)
         ).all()
         project = conn.execute(select(schema.projects).where(schema.projects.c.project_id == 1))
         [project] = project.mappings().all()
