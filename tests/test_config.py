@@ -58,7 +58,6 @@ EVERY_VARIABLE = {
     "RLHF_WEBHOOK_SECRET": ("w" * 16, "w" * 16),
     "LOG_LEVEL": ("DEBUG", "DEBUG"),
     "RLHF_ARTIFACT_DIR": ("/mnt/shared/artifacts", "/mnt/shared/artifacts"),
-    "RLHF_DATABASE_URL": ("postgresql://rlhf@db:5432/rlhf", "postgresql://rlhf@db:5432/rlhf"),
 }
 
 
