@@ -87,6 +87,22 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> str:
     return digest
 
 
+def remove_leftovers(directory: str | Path) -> list[Path]:
+    """Delete the scratch directories that writers killed mid-write left in ``directory``.
+
+    Only for a directory nobody is writing to now (a project's, while its one training job
+    runs): a live writer's scratch directory looks the same.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    leftovers = [p for p in directory.iterdir() if p.name.startswith(".") and TMP_MARK in p.name]
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+        logger.info("removed %s, left by a writer that did not finish", leftover)
+    return leftovers
+
+
 def verify(path: str | Path, expected_sha256: str | None) -> None:
     """Refuse an artifact whose content is not what was recorded when it was written.
 

@@ -13,6 +13,7 @@ from rlhf_core.artifacts import (
     ArtifactIntegrityError,
     ArtifactMissing,
     content_hash,
+    remove_leftovers,
     verify,
     write_atomically,
 )
@@ -102,6 +103,16 @@ def test_write_atomically_replaces_a_leftover_of_a_crashed_attempt(tmp_path: Pat
     assert not (target / "leftover.bin").exists()
     assert digest == content_hash(target)
     assert [p.name for p in tmp_path.iterdir()] == ["rm-0001"]
+
+
+def test_leftovers_of_killed_writers_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    write_atomically(tmp_path / "rm-0001", write_checkpoint)
+    killed = tmp_path / ".rm-0002.tmp-0123456789ab"  # as write_atomically names its scratch
+    write_checkpoint(killed)
+    (tmp_path / ".hidden-but-not-scratch").mkdir()
+    assert remove_leftovers(tmp_path) == [killed]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-not-scratch", "rm-0001"]
+    assert remove_leftovers(tmp_path / "no-such-project") == []
 
 
 def test_verify_accepts_the_artifact_as_written(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_core.artifacts import write_atomically
+from rlhf_core.artifacts import remove_leftovers, write_atomically
 from rlhf_core.config import BackendConfig
 from rlhf_core.conversion import preference_pairs
 from rlhf_core.db import database_for
@@ -96,6 +96,8 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
     if len(records) < MIN_PAIRS:
         return {"trained": False, "reason": f"{len(records)} preference pairs; need {MIN_PAIRS}"}
     result: dict[str, Any] = {}
+    if ranks.is_main:  # this job holds the project's one training: no one else writes there
+        remove_leftovers(registry.project_dir(job.project_id))
     earlier = {v.kind: v for v in registry.recorded_by_job(job.project_id, job.job_id)}
     if any(v.status == PROMOTED for v in earlier.values()):  # crashed after its promotion
         after_promotion(config, registry, job.project_id)
