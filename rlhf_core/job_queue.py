@@ -61,29 +61,11 @@ class JobQueue:
     def enqueue_job(self, project_id: int, kind: str, trigger: str, min_new: int = 0) -> Job | None:
         with self.db.write() as conn:
             self.db.lock(conn, "enqueue", project_id, kind)  # coalescing across machines
-            waiting = conn.execute(
-                select(jobs.c.job_id).where(
-                    jobs.c.project_id == project_id,
-                    jobs.c.kind == kind,
-                    jobs.c.status == JOB_QUEUED,
-                )
-            ).first()
-            if waiting is not None:
+            if _has_job(conn, project_id, kind, JOB_QUEUED):
                 return None
             if min_new > 0 and _usable_changes_since_last_job(conn, project_id, kind) < min_new:
                 return None
-            job_id = conn.execute(
-                insert(jobs)
-                .values(
-                    project_id=project_id,
-                    kind=kind,
-                    status=JOB_QUEUED,
-                    trigger=trigger,
-                    seq_at_enqueue=current_seq(conn),
-                    created_at=db_now(),
-                )
-                .returning(jobs.c.job_id)
-            ).scalar_one()
+            job_id = _insert_job(conn, project_id, kind, trigger, status=JOB_QUEUED)
         logger.info("queued %s job %s for project %s (%s)", kind, job_id, project_id, trigger)
         return self.job(job_id)
 
@@ -137,31 +119,19 @@ class JobQueue:
         """A job run right here (the CLI): recorded as running unless one already runs."""
         try:
             with self.db.write() as conn:
-                running = conn.execute(
-                    select(jobs.c.job_id).where(
-                        jobs.c.project_id == project_id,
-                        jobs.c.kind == kind,
-                        jobs.c.status == JOB_RUNNING,
-                    )
-                ).first()
-                if running is not None:
+                if _has_job(conn, project_id, kind, JOB_RUNNING):
                     return None
-                job_id = conn.execute(
-                    insert(jobs)
-                    .values(
-                        project_id=project_id,
-                        kind=kind,
-                        status=JOB_RUNNING,
-                        trigger=trigger,
-                        attempts=1,
-                        worker=worker,
-                        seq_at_enqueue=current_seq(conn),
-                        created_at=db_now(),
-                        started_at=db_now(),
-                        heartbeat_at=db_now(),
-                    )
-                    .returning(jobs.c.job_id)
-                ).scalar_one()
+                job_id = _insert_job(
+                    conn,
+                    project_id,
+                    kind,
+                    trigger,
+                    status=JOB_RUNNING,
+                    attempts=1,
+                    worker=worker,
+                    started_at=db_now(),
+                    heartbeat_at=db_now(),
+                )
         except IntegrityError:  # a worker elsewhere claimed one in the meantime
             return None
         return self.job(job_id)
@@ -272,6 +242,27 @@ class JobQueue:
             for key in ("progress", "result"):
                 job[key] = json.loads(job[key]) if job[key] else None
         return history
+
+
+def _insert_job(conn: Connection, project_id: int, kind: str, trigger: str, **values: Any) -> int:
+    statement = insert(jobs).values(
+        project_id=project_id,
+        kind=kind,
+        trigger=trigger,
+        seq_at_enqueue=current_seq(conn),
+        created_at=db_now(),
+        **values,
+    )
+    return int(conn.execute(statement.returning(jobs.c.job_id)).scalar_one())
+
+
+def _has_job(conn: Connection, project_id: int, kind: str, status: str) -> bool:
+    found = conn.execute(
+        select(jobs.c.job_id).where(
+            jobs.c.project_id == project_id, jobs.c.kind == kind, jobs.c.status == status
+        )
+    ).first()
+    return found is not None
 
 
 def current_seq(conn: Connection) -> int:

@@ -191,7 +191,8 @@ def _key_annotations_by_project(bind: sa.Connection) -> None:
     columns = [c["name"] for c in sa.inspect(bind).get_columns("annotations")]
     op.rename_table("annotations", "annotations_by_id")
     for index in sa.inspect(bind).get_indexes("annotations_by_id"):
-        op.drop_index(index["name"])
+        if index["name"]:
+            op.drop_index(index["name"])
     op.create_table("annotations", *_tables()["annotations"])
     listed = ", ".join(columns)
     op.execute(f"INSERT INTO annotations({listed}) SELECT {listed} FROM annotations_by_id")
