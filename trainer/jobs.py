@@ -38,7 +38,7 @@ from rlhf_core.serving import (
 )
 from rlhf_core.store import Job, Store
 from trainer.distributed import ONE_PROCESS, Ranks
-from trainer.label_studio_sync import drain_syncs, preannotate, project_tasks
+from trainer.label_studio_sync import after_promotion, preannotate, project_tasks
 from trainer.policy_training import (
     FeedbackExample,
     PolicyTrainingConfig,
@@ -431,15 +431,6 @@ def _evaluate(model: Any, cache: EmbeddingCache, pairs: list[Pair]) -> Evaluatio
     return evaluate(
         pairs, preference_probabilities(model.head_rewards, cache.matrix(), chosen, rejected)
     )
-
-
-def after_promotion(config: BackendConfig, registry: Registry, project_id: int) -> None:
-    """Label Studio follows the served version (a promotion, or a pin): its sync is queued
-    unless one is pending, and tried now; a worker retries a failure."""
-    served = registry.served_version(project_id)
-    if all(s.model_version != served for s in registry.pending_syncs(project_id)):
-        registry.queue_sync(project_id)
-    drain_syncs(config, registry, project_id)
 
 
 def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
