@@ -429,7 +429,17 @@ def _log_export(registry: Registry, project_id: int, export: DatasetExport) -> N
 
 
 def exports_log(registry: Registry, project_id: int) -> Path:
-    return registry.models_dir.parent / "exports" / f"project-{project_id}.jsonl"
+    """The project's log of exports, beside its checkpoints (RLHF_ARTIFACT_DIR, which several
+    machines may share)."""
+    return registry.models_dir / "exports" / f"project-{project_id}.jsonl"
+
+
+def exports_logs(config: BackendConfig, registry: Registry, project_id: int) -> list[Path]:
+    """Every log of the project's exports: also the one kept in RLHF_DATA_DIR/exports before
+    RLHF_ARTIFACT_DIR existed."""
+    name = f"project-{project_id}.jsonl"
+    logs = [config.data_dir / "exports" / name, exports_log(registry, project_id)]
+    return [log for log in logs if log.is_file()]
 
 
 # -- a version as Hugging Face checkpoints --------------------------------------------------------
