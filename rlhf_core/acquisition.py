@@ -59,7 +59,7 @@ def bald(p_heads: np.ndarray, rng: np.random.Generator | None = None) -> np.ndar
 
 def random(p_heads: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
     rng = rng or np.random.default_rng()
-    return rng.random(p_heads.shape[0])
+    return rng.random(len(p_heads))
 
 
 STRATEGIES: dict[str, Callable[..., np.ndarray]] = {

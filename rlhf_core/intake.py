@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeGuard
 
 from rlhf_core.config import BackendConfig
 from rlhf_core.conversion import Provenance, convert
@@ -241,7 +241,7 @@ def ls_timestamp(annotation: dict[str, Any]) -> str:
     return moment.isoformat(timespec="microseconds") + "Z"
 
 
-def _is_id(value: Any) -> bool:
+def _is_id(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID
 
 

@@ -234,7 +234,9 @@ class LabelStudioTasks:
         self.page_size = page_size
 
     def unlabeled_tasks(self, project_id: int) -> Iterator[dict[str, Any]]:
-        for task in self.ls.tasks.list(project=project_id, fields="all", page_size=self.page_size):
+        # label-studio-sdk annotates tasks.list as returning SyncPagerExt[T] with T unbound.
+        listed: Any = self.ls.tasks.list(project=project_id, fields="all", page_size=self.page_size)
+        for task in listed:
             if not task.is_labeled:
                 yield {
                     "id": task.id,

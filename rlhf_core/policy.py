@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,10 @@ from torch import Tensor, nn
 from rlhf_core.device import dtype_kwargs, pick_device, pick_dtype
 from rlhf_core.fields import documented
 from rlhf_core.tiny import TINY_POLICY_NAME, ensure_tiny_causal_lm
+
+if TYPE_CHECKING:
+    # What AutoModelForCausalLM loads, as transformers types it: a PreTrainedModel that generates.
+    from transformers.models.auto.modeling_auto import _BaseModelWithGenerate as CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +87,7 @@ class PolicyConfig:
 class Policy:
     """A causal LM and its tokenizer, ready to sample candidates. Build with :meth:`load`."""
 
-    def __init__(self, config: PolicyConfig, model: nn.Module, tokenizer: Any, version: str):
+    def __init__(self, config: PolicyConfig, model: CausalLM, tokenizer: Any, version: str):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -116,7 +120,8 @@ class Policy:
                 f"cannot load the policy {source!r}: {e}. Give a local directory or a model id "
                 "that is in the Hugging Face cache (the backend runs offline)."
             ) from e
-        model = model.to(device).eval()
+        # transformers wraps PreTrainedModel.to in functools.wraps, whose stub never binds self.
+        model = model.to(device).eval()  # type: ignore[arg-type]
         version = f"{name}@{_fingerprint(source, model)}"
         logger.info("loaded policy %s on %s", version, device)
         return cls(config, model, tokenizer, version)
@@ -213,7 +218,7 @@ def _prompt_limit(config: PolicyConfig, model: nn.Module) -> int:
     return min(config.max_prompt_length, room)
 
 
-def _fingerprint(source: str, model: nn.Module) -> str:
+def _fingerprint(source: str, model: CausalLM) -> str:
     """The hub commit when known; else a hash of the config and the weight files.
 
     Weights are hashed whole up to ``FULL_HASH_BYTES`` (the tiny model, small fine-tunes);

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from torch import Tensor, nn
 from rlhf_core.acquisition import Posterior, bald, entropy, prior_precision
 from rlhf_core.device import dtype_kwargs, pick_device, pick_dtype
 from rlhf_core.fields import documented
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +144,9 @@ class EnsembleHeads(nn.Module):
     random function of the same shape (buffers: saved with the checkpoint, never trained). Layer
     norm makes the prior's scale independent of the backbone's embedding scale.
     """
+
+    prior_w1: Tensor  # frozen buffers (register_buffer): saved, never trained
+    prior_w2: Tensor
 
     def __init__(
         self,
@@ -260,7 +266,7 @@ class RewardModel(nn.Module):
     def __init__(
         self,
         config: RewardModelConfig,
-        backbone: nn.Module,
+        backbone: PreTrainedModel,
         tokenizer: Any,
         heads: EnsembleHeads,
         *,
@@ -543,7 +549,7 @@ class RewardModel(nn.Module):
 
 def _load_backbone(
     source: str, config: RewardModelConfig, device: torch.device
-) -> tuple[nn.Module, Any]:
+) -> tuple[PreTrainedModel, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     try:
@@ -565,7 +571,7 @@ def _load_backbone(
     return backbone.to(device).eval(), tokenizer
 
 
-def _heads_for(backbone: nn.Module, config: RewardModelConfig) -> EnsembleHeads:
+def _heads_for(backbone: PreTrainedModel, config: RewardModelConfig) -> EnsembleHeads:
     return EnsembleHeads(
         _hidden_size(backbone),
         config.num_heads,
@@ -575,7 +581,7 @@ def _heads_for(backbone: nn.Module, config: RewardModelConfig) -> EnsembleHeads:
     )
 
 
-def _hidden_size(backbone: nn.Module) -> int:
+def _hidden_size(backbone: PreTrainedModel) -> int:
     cfg = backbone.config
     return int(getattr(cfg, "hidden_size", None) or cfg.d_model)
 

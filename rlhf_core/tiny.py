@@ -36,6 +36,7 @@ from transformers import (
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
@@ -197,7 +198,7 @@ def ensure_tiny_encoder(cache_dir: str | Path, seed: int = 0) -> Path:
     return target
 
 
-def _save(path: str | Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> Path:
+def _save(path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> Path:
     path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

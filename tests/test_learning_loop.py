@@ -39,8 +39,7 @@ def tiny_backbone(tmp_path_factory):
 
 @pytest.fixture
 def ls():
-    with FakeLabelStudio() as fake:
-        fake.add_project(1)
+    with FakeLabelStudio(projects=[1]) as fake:
         yield fake
 
 

@@ -41,7 +41,7 @@ from rlhf_core.serving import (
 )
 from rlhf_core.store import Job, Store
 from trainer.distributed import ONE_PROCESS, Ranks
-from trainer.label_studio_sync import drain_syncs, preannotate, project_tasks
+from trainer.label_studio_sync import after_promotion, preannotate, project_tasks
 from trainer.policy_training import (
     FeedbackExample,
     PolicyTrainingConfig,
@@ -439,15 +439,6 @@ def _save_atomically(path: Path, save: Callable[[Path], None]) -> None:
     save(tmp)
     shutil.rmtree(path, ignore_errors=True)  # a leftover from a crash before it was recorded
     tmp.rename(path)
-
-
-def after_promotion(config: BackendConfig, registry: Registry, project_id: int) -> None:
-    """Label Studio follows the served version (a promotion, or a pin): its sync is queued
-    unless one is pending, and tried now; a worker retries a failure."""
-    served = registry.served_version(project_id)
-    if all(s.model_version != served for s in registry.pending_syncs(project_id)):
-        registry.queue_sync(project_id)
-    drain_syncs(config, registry, project_id)
 
 
 def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:

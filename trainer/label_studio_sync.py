@@ -89,6 +89,15 @@ def _arena(config: BackendConfig, store: Store, models: ModelServer, project_id:
     )
 
 
+def after_promotion(config: BackendConfig, registry: Registry, project_id: int) -> None:
+    """Label Studio follows the served version (a promotion, or a pin): its sync is queued
+    unless one is pending, and tried now; a worker retries a failure."""
+    served = registry.served_version(project_id)
+    if all(s.model_version != served for s in registry.pending_syncs(project_id)):
+        registry.queue_sync(project_id)
+    drain_syncs(config, registry, project_id)
+
+
 def drain_syncs(
     config: BackendConfig, registry: Registry, project_id: int | None = None
 ) -> list[dict[str, Any]]:

@@ -2,8 +2,8 @@
 
 A pin makes an earlier or a rejected version the served one, with the reason recorded in the
 registry; Label Studio then follows through the same path a promotion takes
-(:func:`trainer.jobs.after_promotion`: a Label Studio sync in the outbox, tried at once and
-retried by the workers until Label Studio shows the served version).
+(:func:`trainer.label_studio_sync.after_promotion`: a Label Studio sync in the outbox, tried at
+once and retried by the workers until Label Studio shows the served version).
 
 Retention (``RLHF_KEEP_VERSIONS``): after each promotion, the checkpoint directories of versions
 that are neither served, pinned, nor among the newest N of their kind are deleted. Their registry
@@ -29,6 +29,7 @@ from rlhf_core.registry import (
     directory_bytes,
 )
 from rlhf_core.store import Store
+from trainer.label_studio_sync import after_promotion
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ def pin(
     config: BackendConfig, store: Store, registry: Registry, project_id: int, text: str, reason: str
 ) -> dict[str, Any]:
     """Serve the versions named by ``text`` from now on; Label Studio follows."""
-    from trainer.jobs import after_promotion
-
     if not reason.strip():
         raise VersionError("say why (--reason): the registry keeps it next to the pin")
     for kind, entry in resolve(registry, project_id, text).items():
@@ -100,8 +99,6 @@ def pin(
 
 def unpin(config: BackendConfig, store: Store, registry: Registry, project_id: int) -> dict:
     """Back to the last promoted versions; Label Studio follows."""
-    from trainer.jobs import after_promotion
-
     removed = registry.unpin(project_id)
     if removed:
         after_promotion(config, registry, project_id)

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 from conftest import captured_body
+from fake_label_studio import FakeLabelStudio
 
 from ml_backend.app import create_app
 from rlhf_core.config import BackendConfig, ConfigError
 from rlhf_core.store import Store
-
-from .fake_label_studio import FakeLabelStudio
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"  # a legacy Label Studio token's shape
 PROJECT = 5
@@ -28,16 +27,14 @@ PROJECT = 5
 
 @pytest.fixture
 def own_host():
-    fake = FakeLabelStudio()
-    yield fake
-    fake.stop()
+    with FakeLabelStudio(projects=[PROJECT]) as fake:
+        yield fake
 
 
 @pytest.fixture
 def other_host():
-    fake = FakeLabelStudio()
-    yield fake
-    fake.stop()
+    with FakeLabelStudio(projects=[PROJECT]) as fake:
+        yield fake
 
 
 def setup_body(hostname: str | None, token: str | None) -> dict:

@@ -11,11 +11,10 @@ import time
 
 import pytest
 from conftest import annotation_event, captured_body
+from fake_label_studio import FakeLabelStudio
 
 from ml_backend.app import create_app
 from rlhf_core.config import BackendConfig
-
-from .fake_label_studio import FakeLabelStudio
 
 HEADER = "X-RLHF-Webhook-Secret"
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -24,13 +23,12 @@ BACKEND = "http://localhost"  # the Flask test client's address: where Label Stu
 
 @pytest.fixture
 def label_studio():
-    fake = FakeLabelStudio(ml_backend_urls=[BACKEND])
-    # Label Studio's own webhook, made when the model was connected: no headers.
-    fake.webhooks.append(
-        {"id": 1, "project": 1, "url": BACKEND + "/webhook", "headers": {}, "is_active": True}
-    )
-    yield fake
-    fake.stop()
+    with FakeLabelStudio(projects=[1], ml_backend_urls=[BACKEND]) as fake:
+        # Label Studio's own webhook, made when the model was connected: no headers.
+        fake.webhooks.append(
+            {"id": 1, "project": 1, "url": BACKEND + "/webhook", "headers": {}, "is_active": True}
+        )
+        yield fake
 
 
 def wait_for(probe, timeout_s: float = 30.0):
