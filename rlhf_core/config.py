@@ -180,7 +180,8 @@ class BackendConfig:
     job_stale_after_s: float = _setting(
         60.0,
         "RLHF_JOB_STALE_AFTER_S",
-        "A running job whose worker sent no heartbeat for this long is picked up again.",
+        "A running job whose worker sent no heartbeat for this long is picked up again (workers "
+        "beat every quarter of this, at most every 5 s; on the database's clock).",
     )
     embedded_worker: int = _setting(
         1, "RLHF_EMBEDDED_WORKER", "`serve` also runs one job worker process (0: no, use `worker`)."

@@ -80,6 +80,7 @@ def test_from_env_reads_every_variable_with_its_type():
         ({"RLHF_TRAIN_EVERY": "-1"}, "RLHF_TRAIN_EVERY"),
         ({"RLHF_MIN_HELDOUT_PAIRS": "0"}, "RLHF_MIN_HELDOUT_PAIRS"),
         ({"RLHF_RECONCILE_EVERY_S": "-1"}, "RLHF_RECONCILE_EVERY_S"),
+        ({"RLHF_JOB_STALE_AFTER_S": "0"}, "RLHF_JOB_STALE_AFTER_S"),
         ({"RLHF_DATABASE_URL": "mysql://db/rlhf"}, "RLHF_DATABASE_URL"),
     ],
 )
