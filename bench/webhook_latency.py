@@ -1,6 +1,20 @@
 """Webhook intake latency over HTTP against a real ``rlhf-backend serve``.
 
     python bench/webhook_latency.py --requests 2000 --threads 4
+    python bench/webhook_latency.py --requests 2000 --threads 4 \
+        --database-url sqlite --database-url postgresql
+
+``--database-url`` (repeat it to compare databases in one run, each with a fresh server and
+data dir): ``sqlite`` (the default: the store file in the data dir), ``sqlite:full`` (the same
+with ``RLHF_STORE_SYNC=full``: an fsync per commit, as PostgreSQL's default does), a
+``postgresql://`` URL of yours (each run gets a fresh database created on that server), or
+``postgresql`` (a throwaway cluster started here from Debian's ``postgresql`` package, with
+PostgreSQL's default durability: fsync and synchronous_commit on), or
+``postgresql:NAME=VALUE[,...]`` (a database of that cluster whose sessions have these settings,
+e.g. ``postgresql:synchronous_commit=off``). All the servers are up together, and each phase
+is split into ``--rounds`` rounds in which the databases take turns, so a change in the
+machine's load falls on each of them alike; the webhook p99 on each PostgreSQL over each
+SQLite's is printed per phase (target: at most 2).
 
 Starts the server (gunicorn, the configured number of workers, default 2; the embedded job
 worker off unless ``--with-worker``) on a free loopback port with a temporary data dir, connects
@@ -41,6 +55,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 TARGET_P99_MS = 50.0
+MAX_P99_RATIO = 2.0  # PostgreSQL's webhook p99 against SQLite's, same run
 WARMUP = 50
 
 BENCH_WEBHOOK_SECRET = "bench-webhook-secret-0123456789"
@@ -59,7 +74,14 @@ def free_port() -> int:
 class Server:
     """``rlhf-backend serve`` in its own process group, stopped with the group."""
 
-    def __init__(self, data_dir: Path, workers: int | None, with_worker: bool) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        workers: int | None,
+        with_worker: bool,
+        database_url: str,
+        store_sync: str = "normal",
+    ) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = open(data_dir / "server.log", "wb")  # noqa: SIM115 (closed in stop)
         script = Path(sys.executable).parent / "rlhf-backend"
@@ -85,6 +107,8 @@ class Server:
             "LOG_LEVEL": "WARNING",
             "RLHF_EMBEDDED_WORKER": "1" if with_worker else "0",
             "RLHF_WEBHOOK_SECRET": BENCH_WEBHOOK_SECRET,  # webhooks sent as Label Studio's would be
+            "RLHF_DATABASE_URL": database_url,
+            "RLHF_STORE_SYNC": store_sync,
         }
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.process = subprocess.Popen(
@@ -179,6 +203,7 @@ class Result:
     latencies_ms: list[float]
     wall_s: float
     failed: int  # attempts that got no answer (connection reset), sent again
+    database: str = "sqlite"
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -188,7 +213,8 @@ class Result:
         n = len(self.latencies_ms)
         p50, p95, p99 = (self.percentile(q) for q in (50, 95, 99))
         return (
-            f"| {self.name} | {self.clients} | {n} | {p50:.1f} | {p95:.1f} | {p99:.1f} | "
+            f"| {self.database} | {self.name} | {self.clients} | {n} | "
+            f"{p50:.1f} | {p95:.1f} | {p99:.1f} | "
             f"{max(self.latencies_ms):.1f} | {statistics.fmean(self.latencies_ms):.1f} | "
             f"{n / self.wall_s:.0f} | {self.failed} | {'yes' if p99 < TARGET_P99_MS else 'NO'} |"
         )
@@ -237,11 +263,147 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def stored_count(data_dir: Path) -> int:
+def stored_count(database_url: str) -> int:
     sys.path.insert(0, str(ROOT))
     from rlhf_core.store import Store
 
-    return len(Store(data_dir / "store.sqlite3").annotations(1))
+    return len(Store(database_url).annotations(1))
+
+
+class Databases:
+    """The databases named on the command line, each made fresh for its run."""
+
+    def __init__(self) -> None:
+        self.cluster: Any = None  # tests/postgres.py's PostgresServer, started on first use
+
+    def fresh(self, spec: str, data_dir: Path) -> str:
+        if spec in ("sqlite", "sqlite:full"):
+            return f"sqlite:///{data_dir / 'store.sqlite3'}"
+        if spec.split(":", 1)[0] == "postgresql" and "://" not in spec:
+            url = self._cluster().create_database("bench")
+            settings = spec.split(":", 1)[1].split(",") if ":" in spec else []
+            return _with_settings(url, dict(item.split("=", 1) for item in settings))
+        return _new_database(spec)
+
+    def _cluster(self) -> Any:
+        """A throwaway PostgreSQL cluster (tests/postgres.py) with its default durability."""
+        if self.cluster is None:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from postgres import PostgresServer, find_binaries
+
+            binaries = find_binaries()
+            if binaries is None:
+                raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
+            self.cluster = PostgresServer(binaries, free_port()).start(durable=True)
+        return self.cluster
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+
+
+def _new_database(server_url: str) -> str:
+    """A new database on the PostgreSQL server of ``server_url``; returns its URL."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"rlhf_bench_{os.getpid()}_{time.monotonic_ns()}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def _with_settings(url: str, settings: dict[str, str]) -> str:
+    """``url``, its database set to give each session these settings (``ALTER DATABASE``)."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        for name, value in settings.items():
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                    sql.Identifier(conn.info.dbname), sql.Identifier(name), sql.Literal(value)
+                )
+            )
+    return url
+
+
+def label(spec: str) -> str:
+    """How a database is named in the results: a server URL by its host, never its password."""
+    if "://" not in spec:
+        return spec
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(spec)
+    return f"{parsed.get_backend_name()} at {parsed.host}:{parsed.port or 5432}"
+
+
+@dataclass
+class Target:
+    """One database under test: its server, on a data dir of its own."""
+
+    spec: str
+    data_dir: Path
+    database_url: str
+    server: Server
+    startup_s: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return label(self.spec)
+
+
+def start_targets(
+    args: argparse.Namespace, databases: Databases, root: Path, targets: list[Target]
+) -> None:
+    """A server for each database (added to ``targets`` as it starts), set up and warmed."""
+    for k, spec in enumerate(args.database_url or ["sqlite"]):
+        data_dir = root / f"{k}-{spec.split(':', 1)[0]}"
+        data_dir.mkdir()
+        url = databases.fresh(spec, data_dir)
+        sync = "full" if spec == "sqlite:full" else "normal"
+        server = Server(data_dir, args.workers, args.with_worker, url, sync)
+        targets.append(Target(spec, data_dir, url, server))
+    for target in targets:
+        target.startup_s = target.server.wait_healthy()
+        setup = captured("01_setup")
+        del setup["hostname"], setup["access_token"]
+        requests.post(f"{target.server.url}/setup", json=setup, timeout=30).raise_for_status()
+        run_phase(target.server.url, "warm-up", webhooks(1, WARMUP), 1, args.keep_alive)
+
+
+def run_rounds(args: argparse.Namespace, targets: list[Target]) -> list[Result]:
+    """Each phase in ``args.rounds`` rounds, the databases taking turns (the first of one round
+    goes last in the next), so a change in the machine's load falls on all of them alike."""
+    results: dict[tuple[str, str], Result] = {}
+    per_round = [len(part) for part in _split(list(range(args.requests)), args.rounds)]
+    first = {"sequential": 100_000, "concurrent": 200_000}
+    for round_index, n in enumerate(per_round):
+        turn = targets[round_index % len(targets) :] + targets[: round_index % len(targets)]
+        for phase, clients in (("sequential", 1), ("concurrent", args.threads)):
+            start_id = first[phase] + sum(per_round[:round_index])
+            for target in turn:
+                part = run_phase(
+                    target.server.url, phase, webhooks(start_id, n), clients, args.keep_alive
+                )
+                key = (target.name, phase)
+                if key not in results:
+                    results[key] = Result(phase, clients, [], 0.0, 0, target.name)
+                results[key].latencies_ms += part.latencies_ms
+                results[key].wall_s += part.wall_s
+                results[key].failed += part.failed
+    for target in targets:
+        expected = WARMUP // 2 + sum(2 * (n // 2 + n % 2) for n in per_round)
+        stored = stored_count(target.database_url)
+        if stored != expected:
+            raise SystemExit(f"{target.name}: store holds {stored} annotations, not {expected}")
+    return [results[(t.name, phase)] for t in targets for phase in ("sequential", "concurrent")]
+
+
+def _split(items: list[int], parts: int) -> list[list[int]]:
+    size, extra = divmod(len(items), parts)
+    cuts = [size * k + min(k, extra) for k in range(parts + 1)]
+    return [items[cuts[k] : cuts[k + 1]] for k in range(parts)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,55 +417,81 @@ def main(argv: list[str] | None = None) -> int:
         "--with-worker", action="store_true", help="also run the embedded job worker"
     )
     parser.add_argument("--keep-alive", action="store_true", help="reuse one connection per client")
+    parser.add_argument(
+        "--database-url",
+        action="append",
+        metavar="URL",
+        help="sqlite (default), postgresql (a throwaway cluster started here) or a "
+        "postgresql:// server URL; repeat to compare in one run",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="split each phase into this many rounds, the databases taking turns",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when a p99 misses the target")
     args = parser.parse_args(argv)
 
+    if len(set(args.database_url or ["sqlite"])) != len(args.database_url or ["sqlite"]):
+        parser.error("name each database once")
+    databases = Databases()
     with tempfile.TemporaryDirectory(prefix="webhook-bench-") as tmp:
-        data_dir = Path(tmp)
-        server = Server(data_dir, args.workers, args.with_worker)
+        targets: list[Target] = []
         try:
-            startup_s = server.wait_healthy()
-            setup = captured("01_setup")
-            del setup["hostname"], setup["access_token"]
-            requests.post(f"{server.url}/setup", json=setup, timeout=30).raise_for_status()
+            start_targets(args, databases, Path(tmp), targets)
             load_before = load_average()
-            keep = args.keep_alive
-            run_phase(server.url, "warm-up", webhooks(1, WARMUP), 1, keep)
-            n = args.requests
-            results = [
-                run_phase(server.url, "sequential", webhooks(100_000, n), 1, keep),
-                run_phase(server.url, "concurrent", webhooks(200_000, n), args.threads, keep),
-            ]
+            results = run_rounds(args, targets)
             load_after = load_average()
-            expected = WARMUP // 2 + 2 * (n // 2 + n % 2)
-            if stored_count(data_dir) != expected:
-                raise SystemExit(
-                    f"store holds {stored_count(data_dir)} annotations, not {expected}"
-                )
         except BaseException:
-            server.log.flush()
-            tail = (data_dir / "server.log").read_text(errors="replace")[-4000:]
-            print(f"server log (tail):\n{tail}", file=sys.stderr)
+            for target in targets:
+                target.server.log.flush()
+                tail = (target.data_dir / "server.log").read_text(errors="replace")[-4000:]
+                print(f"{target.name} server log (tail):\n{tail}", file=sys.stderr)
             raise
         finally:
-            server.stop()
+            for target in targets:
+                target.server.stop()
+            databases.stop()
 
     info = machine()
     print(f"machine: {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}")
     print(
-        f"server: healthy after {startup_s:.0f} s; workers: {args.workers or 'default'}; "
+        f"workers: {args.workers or 'default'}; "
         f"connections: {'kept alive per client' if args.keep_alive else 'one per webhook'}"
     )
-    print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}\n")
+    for target in targets:
+        print(f"{target.name}: server healthy after {target.startup_s:.0f} s")
+    print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
+    print(f"{args.rounds} rounds, the databases taking turns in each")
     print(
-        "| phase | clients | requests | p50 ms | p95 ms | p99 ms | max ms | mean ms | req/s "
-        f"| resets | p99 < {TARGET_P99_MS:.0f} ms |"
+        "\n| database | phase | clients | requests | p50 ms | p95 ms | p99 ms | max ms | mean ms "
+        f"| req/s | resets | p99 < {TARGET_P99_MS:.0f} ms |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for result in results:
         print(result.row())
+    for line in p99_ratios(results):
+        print(line)
     missed = [r for r in results if r.percentile(99) >= TARGET_P99_MS or r.failed]
     return 1 if args.check and missed else 0
+
+
+def p99_ratios(results: list[Result]) -> list[str]:
+    """Each phase's p99 on each PostgreSQL over its p99 on each SQLite (target: at most 2)."""
+    lines = []
+    for result in results:
+        if result.database.startswith("sqlite"):
+            continue
+        for baseline in results:
+            if baseline.database.startswith("sqlite") and baseline.name == result.name:
+                ratio = result.percentile(99) / baseline.percentile(99)
+                verdict = "within" if ratio <= MAX_P99_RATIO else "OVER"
+                lines.append(
+                    f"{result.name}: {result.database} p99 / {baseline.database} p99 = "
+                    f"{ratio:.2f} ({verdict} the {MAX_P99_RATIO:g}x target)"
+                )
+    return lines
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ml_backend import dashboard
-from ml_backend.metrics import CONTENT_TYPE, Metrics, action_label, method_label
+from ml_backend.metrics import CONTENT_TYPE, Metrics, action_label, kind_label, method_label
 from ml_backend.trust import admit_webhook
 from rlhf_core.config import BackendConfig
 from rlhf_core.credentials import WEBHOOK_SECRET_HEADER, Credentials
+from rlhf_core.db import database_for
 from rlhf_core.errors import BackendError, BadRequest, NotFound, TooLarge, Unauthorized
 from rlhf_core.intake import MAX_ID, handle_event
 from rlhf_core.label_schema import check_label_config
@@ -41,14 +42,16 @@ class Services:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         vault = Vault.for_config(config)
-        self.store = Store(config.db_path, config.store_sync, checkpoint_every_s=1.0).initialize(
-            seal=vault.token_sealer(config)
-        )
+        database = database_for(config, checkpoint_every_s=1.0)
+        self.store = Store(database).initialize(seal=vault.token_sealer(config))
         self.credentials = Credentials(config, self.store, vault)
-        self.registry = Registry(config.db_path, config.data_dir / "models")
-        self.models = ModelServer(config, self.registry)
+        self.registry = Registry(database, config.artifacts_path)
         self.metrics = Metrics(self.store, self.registry)
+        self.models = ModelServer(config, self.registry, on_refused=self._count_refused)
         self.webhook_sync = WebhookSync(config)
+
+    def _count_refused(self, kind: str) -> None:
+        self.metrics.artifacts_refused.labels(kind_label(kind)).inc()
 
     def model_version(self, project_id: int | None = None) -> str:
         """The served version of a project (the base version before any training)."""

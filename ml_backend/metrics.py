@@ -55,6 +55,10 @@ def method_label(method: str) -> str:
     return method if method in HTTP_METHODS else OTHER
 
 
+def kind_label(kind: str) -> str:
+    return kind if kind in (REWARD_MODEL, POLICY) else OTHER
+
+
 class Metrics:
     def __init__(self, store: Store, models: Registry) -> None:
         self.registry = CollectorRegistry()
@@ -75,6 +79,13 @@ class Metrics:
             "rlhf_webhook_events",
             "Webhook events received, by action",
             ["action"],
+            registry=self.registry,
+        )
+        self.artifacts_refused = Counter(
+            "rlhf_artifacts_refused",
+            "Loads of a model checkpoint refused because its content differs from the hash "
+            "recorded when it was written (the previous version or the base model kept serving)",
+            ["kind"],
             registry=self.registry,
         )
         self._store_collector = StoreCollector(store, models)

@@ -32,6 +32,7 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
     import threading
 
     from ml_backend.server import exposure_warning, run_gunicorn
+    from rlhf_core.db import database_for
     from rlhf_core.store import Store
     from rlhf_core.vault import Vault
     from trainer.worker import supervise
@@ -41,7 +42,7 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning(warning)
     # The schema and the key file are created once, before any fork.
     vault = Vault.for_config(config)
-    Store(config.db_path, config.store_sync).initialize(seal=vault.token_sealer(config)).close()
+    Store(database_for(config)).initialize(seal=vault.token_sealer(config))
     stop = threading.Event()
     if config.embedded_worker:
         command = [sys.executable, "-m", "rlhf_cli.main", "worker"]
@@ -56,8 +57,30 @@ def _serve(config: BackendConfig, args: argparse.Namespace) -> int:
         stop.set()
 
 
+def _migrate(config: BackendConfig, args: argparse.Namespace) -> int:
+    """Bring the database to the newest schema, or (``--from``) copy a SQLite store into it."""
+    from rlhf_core.db import Database, DatabaseUrlError, database_for
+    from rlhf_core.migrate import MigrationError, copy_store, upgrade
+
+    try:
+        target = database_for(config)
+        if args.source is None:
+            print(f"{target!r}: schema at revision {upgrade(target)}")
+            return 0
+        counts = copy_store(Database(args.source), target)
+    except (DatabaseUrlError, MigrationError) as exc:
+        print(f"rlhf-backend migrate: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"into": repr(target), "copied": counts}, indent=2))
+    return 0
+
+
 def _worker(config: BackendConfig, args: argparse.Namespace) -> int:
+    from rlhf_core.db import database_for
+    from rlhf_core.migrate import upgrade
     from trainer.worker import Worker, default_chores, default_handlers
+
+    upgrade(database_for(config))  # the schema first, whichever way jobs arrive
 
     if config.redis_url:  # jobs arrive through RQ (trainer/dispatch.py)
         from trainer.dispatch import run_rq_worker
@@ -184,11 +207,12 @@ def _simulate(config: BackendConfig, args: argparse.Namespace) -> int:
 
 def _known_project_store(config: BackendConfig, project_id: int) -> Any:
     """The store, or None (with the reason printed) when the project is not connected here."""
+    from rlhf_core.db import database_for
     from rlhf_core.store import Store
     from rlhf_core.vault import Vault
 
     seal = Vault.for_config(config).token_sealer(config)
-    store = Store(config.db_path, config.store_sync).initialize(seal=seal)
+    store = Store(database_for(config)).initialize(seal=seal)
     if store.project(project_id) is None:
         print(
             f"rlhf-backend: project {project_id} is unknown here: connect this backend to it "
@@ -329,6 +353,11 @@ def _print_config(config: BackendConfig, args: argparse.Namespace) -> int:
 COMMANDS = {
     "serve": (_serve, "Run the HTTP service (gunicorn) Label Studio connects to."),
     "worker": (_worker, "Run training and pre-annotation jobs from the store."),
+    "migrate": (
+        _migrate,
+        "Bring the database (RLHF_DATABASE_URL) to the newest schema; --from copies a SQLite "
+        "store into it.",
+    ),
     "preannotate": (_preannotate, "Generate candidates and predictions for a project's tasks."),
     "train": (_train, "Retrain the reward model and policy of a project now."),
     "simulate": (_simulate, "Replay active learning against a hidden oracle (JSONL files)."),
@@ -364,6 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--data-dir", help="override RLHF_DATA_DIR")
         if name == "worker":
             sub.add_argument("--once", action="store_true", help="exit when the queue is empty")
+            sub.add_argument("--data-dir", help="override RLHF_DATA_DIR")
+        if name == "migrate":
+            sub.add_argument(
+                "--from",
+                dest="source",
+                help="sqlite:///PATH/store.sqlite3: copy that store into RLHF_DATABASE_URL "
+                "(which must hold no store yet)",
+            )
             sub.add_argument("--data-dir", help="override RLHF_DATA_DIR")
         if name == "simulate":
             sub.add_argument("--pool", required=True, help="POOL.jsonl: id, prompt, responses")

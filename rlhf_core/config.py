@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 MIN_SECRET_CHARS = 32
+DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://", "postgresql+psycopg://")
 STRATEGY_NAMES = (
     "default",
     "random",
@@ -42,7 +43,16 @@ class BackendConfig:
     data_dir: Path = _setting(
         Path("data"),
         "RLHF_DATA_DIR",
-        "Directory for the annotation store (SQLite), model registry and metrics files.",
+        "This machine's directory: the SQLite store (unless RLHF_DATABASE_URL names another "
+        "database), model checkpoints (unless RLHF_ARTIFACT_DIR names another directory), caches "
+        "and metrics files.",
+    )
+    artifact_dir: str = _setting(
+        "",
+        "RLHF_ARTIFACT_DIR",
+        "Directory of the model checkpoints (each written under a scratch name and renamed into "
+        "place; its content hash is checked on load). With several machines, a volume they all "
+        "mount at this same path. Unset: RLHF_DATA_DIR/models.",
     )
     host: str = _setting("0.0.0.0", "RLHF_HOST", "Address `rlhf-backend serve` binds to.")
     port: int = _setting(9090, "RLHF_PORT", "Port `rlhf-backend serve` listens on.")
@@ -144,6 +154,14 @@ class BackendConfig:
         "Workers read every connected project's annotations from Label Studio this often "
         "(`rlhf-backend reconcile`), storing what webhooks missed (0: only after /setup).",
     )
+    database_url: str = _setting(
+        "",
+        "RLHF_DATABASE_URL",
+        "Database of the store, job queue and model registry: sqlite:///PATH (embedded, one "
+        "machine) or postgresql://USER[:PASSWORD]@HOST:PORT/DB (a plain libpq URL; several "
+        "machines). Unset: sqlite:///RLHF_DATA_DIR/store.sqlite3. The schema is migrated at "
+        "start (`rlhf-backend migrate`).",
+    )
     store_sync: str = _setting(
         "normal",
         "RLHF_STORE_SYNC",
@@ -154,8 +172,8 @@ class BackendConfig:
         "",
         "RLHF_REDIS_URL",
         "Redis URL (e.g. redis://host:6379/0): queued jobs also go to RQ, so `rlhf-backend "
-        "worker` processes on other machines (sharing RLHF_DATA_DIR) take them. Unset: workers "
-        "poll the store.",
+        "worker` processes on other machines (on the same database) take them at once. Unset: "
+        "workers poll the store.",
     )
     job_max_attempts: int = _setting(
         3, "RLHF_JOB_MAX_ATTEMPTS", "Runs of a failing job before it is marked failed."
@@ -163,7 +181,8 @@ class BackendConfig:
     job_stale_after_s: float = _setting(
         60.0,
         "RLHF_JOB_STALE_AFTER_S",
-        "A running job whose worker sent no heartbeat for this long is picked up again.",
+        "A running job whose worker sent no heartbeat for this long is picked up again (workers "
+        "beat every quarter of this, at most every 5 s; on the database's clock).",
     )
     embedded_worker: int = _setting(
         1, "RLHF_EMBEDDED_WORKER", "`serve` also runs one job worker process (0: no, use `worker`)."
@@ -236,6 +255,8 @@ class BackendConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_env_name(name)} must be a positive integer.")
+        if self.job_stale_after_s <= 0:
+            raise ConfigError("RLHF_JOB_STALE_AFTER_S must be a positive number of seconds.")
         if self.predict_time_budget_s <= 0:
             raise ConfigError("RLHF_PREDICT_TIME_BUDGET_S must be positive.")
         if not 0.0 < self.top_p <= 1.0:
@@ -244,6 +265,10 @@ class BackendConfig:
             raise ConfigError("RLHF_TEMPERATURE must be positive.")
         if self.strategy not in STRATEGY_NAMES:
             raise ConfigError(f"RLHF_STRATEGY must be one of {', '.join(STRATEGY_NAMES)}.")
+        if self.database_url and not self.database_url.startswith(DATABASE_SCHEMES):
+            raise ConfigError(
+                "RLHF_DATABASE_URL must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB."
+            )
         if self.store_sync not in ("normal", "full"):
             raise ConfigError("RLHF_STORE_SYNC must be normal or full.")
         if self.policy_training not in ("dpo", "grpo", "off"):
@@ -281,8 +306,18 @@ class BackendConfig:
         return bool(self.basic_auth_user)
 
     @property
+    def artifacts_path(self) -> Path:
+        """Where the model registry's checkpoints live (RLHF_ARTIFACT_DIR)."""
+        return Path(self.artifact_dir) if self.artifact_dir else self.data_dir / "models"
+
+    @property
     def db_path(self) -> Path:
+        """The default SQLite store in the data directory (RLHF_DATABASE_URL unset)."""
         return self.data_dir / "store.sqlite3"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.db_path}"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BackendConfig:

@@ -1,8 +1,9 @@
 """The model registry: every trained version of a project's reward model and policy.
 
 A version is a directory under ``<data_dir>/models/project-<id>/<version>/`` (the checkpoint,
-which carries its own config and provenance) plus a row in the store's SQLite file with its
-config, training-data snapshot, metrics, creation time and status. ``rm-untrained``
+which carries its own config and provenance) plus a row of ``model_versions`` in the store's
+database (:mod:`rlhf_core.db`) with its config, training-data snapshot, metrics, creation time,
+status and the checkpoint's content hash. ``rm-untrained``
 (untrained heads: every prediction says so) and ``policy-base`` (the configured base policy)
 exist implicitly from the start.
 
@@ -19,6 +20,8 @@ transaction (:meth:`Registry.promote`), which also writes a row to the Label Stu
 (``label_studio_syncs``): the sync of the project's ``model_version`` and re-scored predictions
 that a worker retries until Label Studio confirms it (:mod:`trainer.label_studio_sync`). A crash
 at any point therefore leaves either nothing promoted or the promotion plus its pending sync.
+Promotion times come from the database's clock, so the order of promotions made on different
+machines is the order they happened in, whatever each machine's clock says.
 """
 
 from __future__ import annotations
@@ -26,62 +29,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sqlite3
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import Connection, RowMapping, delete, func, insert, select, update
+
+from rlhf_core.db import Database, as_database, db_now, upsert
+from rlhf_core.schema import label_studio_syncs, model_pins, model_versions
 
 REWARD_MODEL, POLICY = "rm", "policy"
 BASE_VERSIONS = {REWARD_MODEL: "rm-untrained", POLICY: "policy-base"}
 CANDIDATE, PROMOTED, REJECTED = "candidate", "promoted", "rejected"
 
-SCHEMA = (
-    """
-CREATE TABLE IF NOT EXISTS model_versions (
-    project_id INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    number INTEGER NOT NULL,
-    version TEXT NOT NULL,
-    path TEXT NOT NULL,
-    status TEXT NOT NULL,
-    reason TEXT,
-    config TEXT NOT NULL,
-    data_snapshot TEXT NOT NULL,
-    metrics TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    promoted_at REAL,
-    PRIMARY KEY (project_id, kind, number)
-)""",
-    # The outbox: one row per promotion, done once Label Studio shows its model_version.
-    """
-CREATE TABLE IF NOT EXISTS label_studio_syncs (
-    sync_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    project_id INTEGER NOT NULL,
-    model_version TEXT NOT NULL,
-    status TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    created_at REAL NOT NULL,
-    next_attempt_at REAL NOT NULL,
-    done_at REAL
-)""",
-    "CREATE INDEX IF NOT EXISTS label_studio_syncs_status"
-    " ON label_studio_syncs(status, project_id)",
-)
 SYNC_PENDING, SYNC_DONE, SYNC_SUPERSEDED = "pending", "done", "superseded"
 SYNC_RETRY_DELAYS_S = (5.0, 15.0, 60.0, 300.0, 900.0)  # then every 15 minutes, for ever
-
-PINS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS model_pins (
-    project_id INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    version TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    pinned_at REAL NOT NULL,
-    PRIMARY KEY (project_id, kind)
-)
-"""
 
 
 @dataclass(frozen=True)
@@ -106,6 +68,7 @@ class ModelVersion:
     data_snapshot: dict[str, Any]
     metrics: dict[str, Any]
     created_at: float
+    artifact_sha256: str | None = None  # the checkpoint's content hash (None: not recorded)
 
     @property
     def is_base(self) -> bool:
@@ -117,32 +80,25 @@ def served_version_string(reward_model: str, policy: str) -> str:
 
 
 class Registry:
-    """Versions and promotions, shared by every process through the store's SQLite file."""
+    """Versions and promotions, shared by every process (and machine) through the database.
 
-    def __init__(self, db_path: Path, models_dir: Path) -> None:
-        self.db_path = Path(db_path)
+    ``target``: a :class:`~rlhf_core.db.Database`, a database URL, or a SQLite file's path; the
+    schema is the store's (``Store.initialize`` / ``rlhf-backend migrate`` make it)."""
+
+    def __init__(self, target: Database | str | Path, models_dir: Path) -> None:
+        self.db = as_database(target)
         self.models_dir = Path(models_dir)
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA busy_timeout=30000")
-        for statement in SCHEMA:
-            conn.execute(statement)
-        conn.execute(PINS_SCHEMA)
-        return conn
 
     def new_version_dir(self, project_id: int, kind: str) -> tuple[str, Path]:
         """Reserve the next version name; the trainer writes the checkpoint there."""
-        with self._connect() as conn:
-            row = conn.execute(
-                "SELECT MAX(number) FROM model_versions WHERE project_id = ? AND kind = ?",
-                (project_id, kind),
-            ).fetchone()
-        number = (row[0] or 0) + 1
-        version = f"{kind}-{number:04d}"
-        path = self.project_dir(project_id) / version
-        return version, path
+        with self.db.read() as conn:
+            number = conn.execute(
+                select(func.max(model_versions.c.number)).where(
+                    model_versions.c.project_id == project_id, model_versions.c.kind == kind
+                )
+            ).scalar()
+        version = f"{kind}-{(number or 0) + 1:04d}"
+        return version, self.project_dir(project_id) / version
 
     def record(
         self,
@@ -155,74 +111,63 @@ class Registry:
         metrics: dict[str, Any],
         status: str = CANDIDATE,
         reason: str | None = None,
+        artifact_sha256: str | None = None,
     ) -> ModelVersion:
-        number = int(version.rsplit("-", 1)[1])
-        now = time.time()
-        conn = self._connect()
-        try:
+        with self.db.write() as conn:
             conn.execute(
-                """INSERT INTO model_versions(project_id, kind, number, version, path, status,
-                       reason, config, data_snapshot, metrics, created_at, promoted_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    project_id,
-                    kind,
-                    number,
-                    version,
-                    str(path),
-                    status,
-                    reason,
-                    json.dumps(config),
-                    json.dumps(data_snapshot),
-                    json.dumps(metrics),
-                    now,
-                    now if status == PROMOTED else None,
-                ),
+                insert(model_versions).values(
+                    project_id=project_id,
+                    kind=kind,
+                    number=int(version.rsplit("-", 1)[1]),
+                    version=version,
+                    path=str(path),
+                    status=status,
+                    reason=reason,
+                    config=json.dumps(config),
+                    data_snapshot=json.dumps(data_snapshot),
+                    metrics=json.dumps(metrics),
+                    created_at=db_now(),
+                    promoted_at=db_now() if status == PROMOTED else None,
+                    artifact_sha256=artifact_sha256,
+                )
             )
-        finally:
-            conn.close()
         found = self.get(project_id, kind, version)
         assert found is not None
         return found
 
+    def set_artifact_sha256(self, project_id: int, kind: str, version: str, digest: str) -> None:
+        """Record the content hash of a version's checkpoint (written after it was recorded)."""
+        with self.db.write() as conn:
+            conn.execute(
+                update(model_versions)
+                .where(_named(project_id, kind, version))
+                .values(artifact_sha256=digest)
+            )
+
     def get(self, project_id: int, kind: str, version: str) -> ModelVersion | None:
         if version == BASE_VERSIONS[kind]:
             return _base(project_id, kind)
-        conn = self._connect()
-        try:
-            row = conn.execute(
-                "SELECT * FROM model_versions WHERE project_id = ? AND kind = ? AND version = ?",
-                (project_id, kind, version),
-            ).fetchone()
-        finally:
-            conn.close()
+        with self.db.read() as conn:
+            row = (
+                conn.execute(select(model_versions).where(_named(project_id, kind, version)))
+                .mappings()
+                .first()
+            )
         return _version(row) if row else None
 
     def served(self, project_id: int, kind: str) -> ModelVersion:
         """The pinned version of ``kind``, else the newest promoted one, else the base version."""
-        conn = self._connect()
-        try:
+        with self.db.read() as conn:
             return _served(conn, project_id, kind)
-        finally:
-            conn.close()
 
     def last_promoted(self, project_id: int, kind: str) -> ModelVersion:
         """The newest promoted version of ``kind``, or the base version (pins aside)."""
-        conn = self._connect()
-        try:
+        with self.db.read() as conn:
             return _last_promoted(conn, project_id, kind)
-        finally:
-            conn.close()
 
     def served_version(self, project_id: int) -> str:
-        conn = self._connect()
-        try:  # one read transaction: never half of a promotion
-            conn.execute("BEGIN")
-            version = _served_version(conn, project_id)
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        return version
+        with self.db.read() as conn:  # one snapshot: never half of a promotion
+            return _served_version(conn, project_id)
 
     def promote(self, project_id: int, versions: dict[str, str]) -> str:
         """Make recorded candidates (``kind -> version``) served, all at once, and queue the
@@ -231,120 +176,93 @@ class Registry:
         Older pending syncs of the project are superseded: Label Studio need only show the
         newest served version.
         """
-        now = time.time()
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for kind, version in versions.items():
-                    updated = conn.execute(
-                        """UPDATE model_versions SET status = ?, promoted_at = ?
-                           WHERE project_id = ? AND kind = ? AND version = ?""",
-                        (PROMOTED, now, project_id, kind, version),
-                    ).rowcount
-                    if updated != 1:
-                        raise LookupError(f"project {project_id}: no recorded {version} to promote")
-                served = _served_version(conn, project_id)
-                _queue_sync(conn, project_id, served, now)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
+        with self.db.write() as conn:
+            self.db.lock(conn, "registry", project_id)
+            for kind, version in versions.items():
+                updated = conn.execute(
+                    update(model_versions)
+                    .where(_named(project_id, kind, version))
+                    .values(status=PROMOTED, promoted_at=db_now())
+                ).rowcount
+                if updated != 1:
+                    raise LookupError(f"project {project_id}: no recorded {version} to promote")
+            served = _served_version(conn, project_id)
+            _queue_sync(conn, project_id, served)
         return served
 
     def queue_sync(self, project_id: int) -> str:
         """Queue a Label Studio sync of the served version (e.g. a project connected anew)."""
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self.db.write() as conn:
+            self.db.lock(conn, "registry", project_id)
             served = _served_version(conn, project_id)
-            _queue_sync(conn, project_id, served, time.time())
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
+            _queue_sync(conn, project_id, served)
         return served
 
     def pending_syncs(self, project_id: int | None = None, due: bool = False) -> list[Sync]:
         """Syncs not yet confirmed by Label Studio (with ``due``: only those to try now)."""
-        query, params = "SELECT * FROM label_studio_syncs WHERE status = ?", [SYNC_PENDING]
+        query = select(label_studio_syncs).where(label_studio_syncs.c.status == SYNC_PENDING)
         if project_id is not None:
-            query, params = query + " AND project_id = ?", [*params, project_id]
+            query = query.where(label_studio_syncs.c.project_id == project_id)
         if due:
-            query, params = query + " AND next_attempt_at <= ?", [*params, time.time()]
-        conn = self._connect()
-        try:
-            rows = conn.execute(query + " ORDER BY sync_id", params).fetchall()
-        finally:
-            conn.close()
+            query = query.where(label_studio_syncs.c.next_attempt_at <= db_now())
+        with self.db.read() as conn:
+            rows = conn.execute(query.order_by(label_studio_syncs.c.sync_id)).mappings().all()
         return [_sync(row) for row in rows]
 
     def sync_failed(self, sync_id: int, error: str) -> None:
         """Record a failed attempt; the next one waits longer (SYNC_RETRY_DELAYS_S)."""
-        conn = self._connect()
-        try:
-            attempts = conn.execute(
-                "SELECT attempts FROM label_studio_syncs WHERE sync_id = ?", (sync_id,)
-            ).fetchone()[0]
+        this = label_studio_syncs.c.sync_id == sync_id
+        with self.db.write() as conn:
+            attempts = conn.execute(select(label_studio_syncs.c.attempts).where(this)).scalar_one()
             delay = SYNC_RETRY_DELAYS_S[min(attempts, len(SYNC_RETRY_DELAYS_S) - 1)]
             conn.execute(
-                """UPDATE label_studio_syncs SET attempts = attempts + 1, error = ?,
-                       next_attempt_at = ? WHERE sync_id = ?""",
-                (error, time.time() + delay, sync_id),
+                update(label_studio_syncs)
+                .where(this)
+                .values(
+                    attempts=label_studio_syncs.c.attempts + 1,
+                    error=error,
+                    next_attempt_at=db_now() + delay,
+                )
             )
-        finally:
-            conn.close()
 
     def sync_confirmed(self, sync_id: int) -> None:
-        conn = self._connect()
-        try:
+        with self.db.write() as conn:
             conn.execute(
-                """UPDATE label_studio_syncs SET status = ?, attempts = attempts + 1,
-                       error = NULL, done_at = ? WHERE sync_id = ? AND status = ?""",
-                (SYNC_DONE, time.time(), sync_id, SYNC_PENDING),
+                update(label_studio_syncs)
+                .where(
+                    label_studio_syncs.c.sync_id == sync_id,
+                    label_studio_syncs.c.status == SYNC_PENDING,
+                )
+                .values(
+                    status=SYNC_DONE,
+                    attempts=label_studio_syncs.c.attempts + 1,
+                    error=None,
+                    done_at=db_now(),
+                )
             )
-        finally:
-            conn.close()
 
     def versions(self, project_id: int, kind: str | None = None) -> list[ModelVersion]:
-        query = "SELECT * FROM model_versions WHERE project_id = ?"
-        params: tuple[Any, ...] = (project_id,)
+        query = select(model_versions).where(model_versions.c.project_id == project_id)
         if kind:
-            query, params = query + " AND kind = ?", (*params, kind)
-        conn = self._connect()
-        try:
-            rows = conn.execute(query + " ORDER BY kind, number", params).fetchall()
-        finally:
-            conn.close()
-        return [_version(row) for row in rows]
+            query = query.where(model_versions.c.kind == kind)
+        query = query.order_by(model_versions.c.kind, model_versions.c.number)
+        with self.db.read() as conn:
+            return [_version(row) for row in conn.execute(query).mappings()]
 
     def recorded_by_job(self, project_id: int, job_id: int) -> list[ModelVersion]:
         """Versions an earlier attempt of training job ``job_id`` recorded (its retry resumes)."""
-        conn = self._connect()
-        try:
-            rows = conn.execute(
-                """SELECT * FROM model_versions WHERE project_id = ?
-                   AND json_extract(data_snapshot, '$.job') = ? ORDER BY kind, number""",
-                (project_id, job_id),
-            ).fetchall()
-        finally:
-            conn.close()
-        return [_version(row) for row in rows]
+        return [v for v in self.versions(project_id) if v.data_snapshot.get("job") == job_id]
 
     def set_status(
         self, project_id: int, kind: str, version: str, status: str, reason: str
     ) -> None:
-        conn = self._connect()
-        try:
+        values: dict[str, Any] = {"status": status, "reason": reason}
+        if status == PROMOTED:
+            values["promoted_at"] = db_now()
+        with self.db.write() as conn:
             conn.execute(
-                """UPDATE model_versions SET status = ?, reason = ?,
-                       promoted_at = CASE WHEN ? = 'promoted' THEN ? ELSE promoted_at END
-                   WHERE project_id = ? AND kind = ? AND version = ?""",
-                (status, reason, status, time.time(), project_id, kind, version),
+                update(model_versions).where(_named(project_id, kind, version)).values(**values)
             )
-        finally:
-            conn.close()
 
     def project_dir(self, project_id: int) -> Path:
         return self.models_dir / f"project-{project_id}"
@@ -355,62 +273,82 @@ class Registry:
 
     def pin(self, project_id: int, kind: str, version: str, reason: str) -> Pin:
         """Serve ``version`` of ``kind`` from now on, whatever is promoted later."""
-        conn = self._connect()
-        try:
+        statement = upsert(self.db, model_pins).values(
+            project_id=project_id, kind=kind, version=version, reason=reason, pinned_at=db_now()
+        )
+        new = statement.excluded
+        with self.db.write() as conn:
+            self.db.lock(conn, "registry", project_id)
             conn.execute(
-                """INSERT OR REPLACE INTO model_pins(project_id, kind, version, reason, pinned_at)
-                   VALUES (?, ?, ?, ?, ?)""",
-                (project_id, kind, version, reason, time.time()),
+                statement.on_conflict_do_update(
+                    index_elements=[model_pins.c.project_id, model_pins.c.kind],
+                    set_={"version": new.version, "reason": new.reason, "pinned_at": new.pinned_at},
+                )
             )
-        finally:
-            conn.close()
         return self.pins(project_id)[kind]
 
     def unpin(self, project_id: int) -> list[Pin]:
         """Drop the project's pins (the last promoted versions serve again); returns them."""
         removed = list(self.pins(project_id).values())
-        conn = self._connect()
-        try:
-            conn.execute("DELETE FROM model_pins WHERE project_id = ?", (project_id,))
-        finally:
-            conn.close()
+        with self.db.write() as conn:
+            self.db.lock(conn, "registry", project_id)
+            conn.execute(delete(model_pins).where(model_pins.c.project_id == project_id))
         return removed
 
     def pins(self, project_id: int) -> dict[str, Pin]:
-        conn = self._connect()
-        try:
+        with self.db.read() as conn:
             rows = conn.execute(
-                "SELECT * FROM model_pins WHERE project_id = ? ORDER BY kind", (project_id,)
-            ).fetchall()
-        finally:
-            conn.close()
-        return {
-            row["kind"]: Pin(row["kind"], row["version"], row["reason"], row["pinned_at"])
-            for row in rows
-        }
+                select(model_pins)
+                .where(model_pins.c.project_id == project_id)
+                .order_by(model_pins.c.kind)
+            ).mappings()
+            return {
+                row["kind"]: Pin(row["kind"], row["version"], row["reason"], row["pinned_at"])
+                for row in rows
+            }
 
 
-def _last_promoted(conn: sqlite3.Connection, project_id: int, kind: str) -> ModelVersion:
-    row = conn.execute(
-        """SELECT * FROM model_versions WHERE project_id = ? AND kind = ? AND status = ?
-           ORDER BY promoted_at DESC, number DESC LIMIT 1""",
-        (project_id, kind, PROMOTED),
-    ).fetchone()
+def _named(project_id: int, kind: str, version: str) -> Any:
+    return (
+        (model_versions.c.project_id == project_id)
+        & (model_versions.c.kind == kind)
+        & (model_versions.c.version == version)
+    )
+
+
+def _last_promoted(conn: Connection, project_id: int, kind: str) -> ModelVersion:
+    row = (
+        conn.execute(
+            select(model_versions)
+            .where(
+                model_versions.c.project_id == project_id,
+                model_versions.c.kind == kind,
+                model_versions.c.status == PROMOTED,
+            )
+            .order_by(model_versions.c.promoted_at.desc(), model_versions.c.number.desc())
+            .limit(1)
+        )
+        .mappings()
+        .first()
+    )
     return _version(row) if row else _base(project_id, kind)
 
 
-def _pinned(conn: sqlite3.Connection, project_id: int, kind: str) -> ModelVersion | None:
-    pin = conn.execute(
-        "SELECT version FROM model_pins WHERE project_id = ? AND kind = ?", (project_id, kind)
-    ).fetchone()
-    if pin is None:
+def _pinned(conn: Connection, project_id: int, kind: str) -> ModelVersion | None:
+    pinned = conn.execute(
+        select(model_pins.c.version).where(
+            model_pins.c.project_id == project_id, model_pins.c.kind == kind
+        )
+    ).scalar()
+    if pinned is None:
         return None
-    if pin[0] == BASE_VERSIONS[kind]:
+    if pinned == BASE_VERSIONS[kind]:
         return _base(project_id, kind)
-    row = conn.execute(
-        "SELECT * FROM model_versions WHERE project_id = ? AND kind = ? AND version = ?",
-        (project_id, kind, pin[0]),
-    ).fetchone()
+    row = (
+        conn.execute(select(model_versions).where(_named(project_id, kind, pinned)))
+        .mappings()
+        .first()
+    )
     return _version(row) if row else None
 
 
@@ -440,30 +378,38 @@ class Sync:
         return dict(self.__dict__)
 
 
-def _served(conn: sqlite3.Connection, project_id: int, kind: str) -> ModelVersion:
+def _served(conn: Connection, project_id: int, kind: str) -> ModelVersion:
     """The pinned version of ``kind``, else the newest promoted one, else the base version."""
     return _pinned(conn, project_id, kind) or _last_promoted(conn, project_id, kind)
 
 
-def _served_version(conn: sqlite3.Connection, project_id: int) -> str:
+def _served_version(conn: Connection, project_id: int) -> str:
     return served_version_string(
         _served(conn, project_id, REWARD_MODEL).version, _served(conn, project_id, POLICY).version
     )
 
 
-def _queue_sync(conn: sqlite3.Connection, project_id: int, version: str, now: float) -> None:
+def _queue_sync(conn: Connection, project_id: int, version: str) -> None:
     conn.execute(
-        "UPDATE label_studio_syncs SET status = ? WHERE project_id = ? AND status = ?",
-        (SYNC_SUPERSEDED, project_id, SYNC_PENDING),
+        update(label_studio_syncs)
+        .where(
+            label_studio_syncs.c.project_id == project_id,
+            label_studio_syncs.c.status == SYNC_PENDING,
+        )
+        .values(status=SYNC_SUPERSEDED)
     )
     conn.execute(
-        """INSERT INTO label_studio_syncs(project_id, model_version, status, created_at,
-               next_attempt_at) VALUES (?, ?, ?, ?, ?)""",
-        (project_id, version, SYNC_PENDING, now, now),
+        insert(label_studio_syncs).values(
+            project_id=project_id,
+            model_version=version,
+            status=SYNC_PENDING,
+            created_at=db_now(),
+            next_attempt_at=db_now(),
+        )
     )
 
 
-def _sync(row: sqlite3.Row) -> Sync:
+def _sync(row: RowMapping) -> Sync:
     return Sync(
         sync_id=row["sync_id"],
         project_id=row["project_id"],
@@ -490,7 +436,7 @@ def _base(project_id: int, kind: str) -> ModelVersion:
     )
 
 
-def _version(row: sqlite3.Row) -> ModelVersion:
+def _version(row: RowMapping) -> ModelVersion:
     return ModelVersion(
         project_id=row["project_id"],
         kind=row["kind"],
@@ -502,4 +448,5 @@ def _version(row: sqlite3.Row) -> ModelVersion:
         data_snapshot=json.loads(row["data_snapshot"]),
         metrics=json.loads(row["metrics"]),
         created_at=row["created_at"],
+        artifact_sha256=row["artifact_sha256"],
     )

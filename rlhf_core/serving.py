@@ -14,11 +14,14 @@ import ctypes
 import gc
 import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rlhf_core.artifacts import ArtifactError, verify
 from rlhf_core.config import BackendConfig
 from rlhf_core.registry import (
     BASE_VERSIONS,
@@ -31,6 +34,8 @@ from rlhf_core.registry import (
 )
 
 logger = logging.getLogger(__name__)
+
+REFUSAL_RETRY_S = 60.0  # a refused checkpoint is checked again after this (a copy may complete)
 
 
 def release_memory() -> None:
@@ -65,10 +70,11 @@ def policy_config(config: BackendConfig, model: str | None = None) -> Any:
 
 
 def load_version(config: BackendConfig, version: ModelVersion, device: str | None = None) -> Any:
-    """The model a registry version names: its checkpoint, or, for the base version (no path,
-    what :meth:`Registry.served` answers when nothing is promoted), the base model the
-    configuration describes (the reward backbone with fresh heads; ``RLHF_POLICY_MODEL``).
-    ``device``: None picks the best the machine has."""
+    """The model a registry version names: its checkpoint, once its content is proven to be
+    what was recorded when it was written (else :class:`~rlhf_core.artifacts.ArtifactError`),
+    or, for the base version (no path), the base model the configuration describes."""
+    if version.path is not None:
+        verify(version.path, version.artifact_sha256)
     if version.kind == REWARD_MODEL:
         from rlhf_core.reward_model import RewardModel
 
@@ -82,13 +88,28 @@ def load_version(config: BackendConfig, version: ModelVersion, device: str | Non
 
 
 class ModelServer:
-    def __init__(self, config: BackendConfig, registry: Registry) -> None:
+    """The models this process serves, per project and kind.
+
+    A served version whose checkpoint fails its content check is refused: the process keeps
+    serving the version it had loaded (or the base model), logs why, calls ``on_refused`` (the
+    app counts it in ``/metrics``) and checks the checkpoint again after ``REFUSAL_RETRY_S``.
+    :meth:`served_version` names what is actually served, so predictions say so too.
+    """
+
+    def __init__(
+        self,
+        config: BackendConfig,
+        registry: Registry,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
         self.registry = registry
         self._lock = threading.Lock()
-        self._reward: dict[int, tuple[str, Any]] = {}  # project -> (version, RewardModel)
-        self._policy: dict[int, tuple[str, Any]] = {}  # project -> (version, Policy)
+        # kind -> project -> (version, model): the reward model and the policy served
+        self._loaded: dict[str, dict[int, tuple[str, Any]]] = {REWARD_MODEL: {}, POLICY: {}}
         self._base: dict[str, Any] = {}  # kind -> the base model, built once
+        self._refused: dict[tuple[int, str], tuple[str, float]] = {}  # -> (version, when)
+        self._on_refused = on_refused
         self._other_policy: tuple[str, Any] | None = None  # an earlier version (the arena's)
         self._embeddings: Any = None  # rlhf_core.embedding_store.EmbeddingStore, opened lazily
 
@@ -107,22 +128,81 @@ class ModelServer:
         return self.config.data_dir / "cache"
 
     def served_version(self, project_id: int) -> str:
+        """The versions this process serves: the registry's, but a refused one's stand-in. The
+        reward model is loaded first (every caller scores with it), so predictions name the
+        stand-in of a refused checkpoint from the first one on."""
+        self.reward_model(project_id)
         return served_version_string(
-            self.registry.served(project_id, REWARD_MODEL).version,
-            self.registry.served(project_id, POLICY).version,
+            self._serving(project_id, REWARD_MODEL), self._serving(project_id, POLICY)
         )
 
+    def _serving(self, project_id: int, kind: str) -> str:
+        served = self.registry.served(project_id, kind).version
+        refused = self._refused.get((project_id, kind))
+        if refused is None or refused[0] != served:
+            return served
+        kept = self._loaded[kind].get(project_id)
+        return kept[0] if kept is not None else BASE_VERSIONS[kind]
+
     def reward_model(self, project_id: int) -> tuple[str, Any]:
-        served = self.registry.served(project_id, REWARD_MODEL)
-        current = self._reward.get(project_id)
+        return self._model(project_id, REWARD_MODEL)
+
+    def policy(self, project_id: int) -> tuple[str, Any]:
+        return self._model(project_id, POLICY)
+
+    def _model(self, project_id: int, kind: str) -> tuple[str, Any]:
+        """(version, model) of ``kind`` for the project: the served version, loaded once and
+        swapped in with one assignment; a refused version's stand-in meanwhile."""
+        loaded = self._loaded[kind]
+        served = self.registry.served(project_id, kind)
+        current = loaded.get(project_id)
         if current is not None and current[0] == served.version:
             return current
+        if current is not None and self._refusal_stands(project_id, served):
+            return current
         with self._lock:
-            current = self._reward.get(project_id)
-            if current is None or current[0] != served.version:
+            current = loaded.get(project_id)
+            if current is not None and current[0] == served.version:
+                return current
+            try:
                 current = (served.version, self._load(served))
-                self._reward[project_id] = current  # one assignment: the swap
-                logger.info("project %s: serving reward model %s", project_id, served.version)
+            except ArtifactError as exc:
+                current = self._refuse(project_id, served, exc, current)
+            else:
+                self._refused.pop((project_id, kind), None)
+                logger.info("project %s: serving %s", project_id, served.version)
+            loaded[project_id] = current  # one assignment: the swap
+        return current
+
+    def _refusal_stands(self, project_id: int, served: ModelVersion) -> bool:
+        refused = self._refused.get((project_id, served.kind))
+        if refused is None or refused[0] != served.version:
+            return False
+        return time.monotonic() - refused[1] < REFUSAL_RETRY_S
+
+    def _refuse(
+        self,
+        project_id: int,
+        served: ModelVersion,
+        error: ArtifactError,
+        current: tuple[str, Any] | None,
+    ) -> tuple[str, Any]:
+        """Keep the version loaded before (or the base model) in place of ``served``."""
+        kind = served.kind
+        if current is None:
+            base = self.registry.get(project_id, kind, BASE_VERSIONS[kind])
+            assert base is not None
+            current = (base.version, self._load(base))
+        self._refused[(project_id, kind)] = (served.version, time.monotonic())
+        logger.error(
+            "project %s: refused to load %s (%s); serving %s instead until it loads",
+            project_id,
+            served.version,
+            error,
+            current[0],
+        )
+        if self._on_refused is not None:
+            self._on_refused(kind)
         return current
 
     def _load(self, version: ModelVersion) -> Any:
@@ -131,19 +211,6 @@ class ModelServer:
         if version.kind not in self._base:
             self._base[version.kind] = load_version(self.config, version)
         return self._base[version.kind]
-
-    def policy(self, project_id: int) -> tuple[str, Any]:
-        served = self.registry.served(project_id, POLICY)
-        current = self._policy.get(project_id)
-        if current is not None and current[0] == served.version:
-            return current
-        with self._lock:
-            current = self._policy.get(project_id)
-            if current is None or current[0] != served.version:
-                current = (served.version, self._load(served))
-                self._policy[project_id] = current
-                logger.info("project %s: serving policy %s", project_id, served.version)
-        return current
 
     def head_rewards(self, project_id: int, items: list[tuple[str, list[str]]]) -> list[np.ndarray]:
         """Per-head rewards (n_i, K) for every item, from one batched backbone pass."""

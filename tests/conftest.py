@@ -329,3 +329,39 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """End-to-end tests last: their Label Studio and backends (with embedded workers that may
     still be training) stay up until the session ends, and would slow every test after them."""
     items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+
+
+# -- databases: SQLite and a real PostgreSQL ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server for the session (tests/postgres.py); skipped where it is not
+    installed, except in CI (CI=true or RLHF_REQUIRE_POSTGRES=1), where that fails."""
+    from postgres import PostgresServer, require_binaries
+
+    server = PostgresServer(require_binaries(), free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database of this test: a SQLite file in ``tmp_path``, or a database
+    of its own on the session's PostgreSQL server."""
+    from rlhf_core.db import Database
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgres").create_database()
+    yield url
+    Database(url).dispose()
+
+
+@pytest.fixture
+def db_config(tmp_path: Path, database_url: str) -> BackendConfig:
+    """``app_config`` on the database of ``database_url`` (both backends)."""
+    return BackendConfig(
+        data_dir=tmp_path, webhook_secret=TEST_WEBHOOK_SECRET, database_url=database_url
+    )

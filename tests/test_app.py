@@ -1,4 +1,7 @@
-"""The HTTP protocol Label Studio speaks, against the captured 1.23.2 requests."""
+"""The HTTP protocol Label Studio speaks, against the captured 1.23.2 requests.
+
+The tests on the ``config`` fixture (setup, predict, webhook intake, jobs, metrics) run on SQLite
+and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ def capture(name: str) -> dict:
 
 
 @pytest.fixture
-def config(tmp_path):
-    return BackendConfig(data_dir=tmp_path, webhook_secret=TEST_WEBHOOK_SECRET)
+def config(db_config):
+    return db_config
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ def test_readme_configuration_table_matches_the_dataclass():
 # Every variable, with a valid value that is not its default, and the value it must become.
 EVERY_VARIABLE = {
     "RLHF_DATA_DIR": ("/tmp/x", Path("/tmp/x")),
+    "RLHF_DATABASE_URL": ("postgresql://rlhf@db:5432/rlhf", "postgresql://rlhf@db:5432/rlhf"),
     "RLHF_HOST": ("127.0.0.1", "127.0.0.1"),
     "RLHF_PORT": ("9999", 9999),
     "RLHF_WORKERS": ("3", 3),
@@ -56,6 +57,7 @@ EVERY_VARIABLE = {
     "RLHF_SECRET_KEY": ("k" * 32, "k" * 32),
     "RLHF_WEBHOOK_SECRET": ("w" * 16, "w" * 16),
     "LOG_LEVEL": ("DEBUG", "DEBUG"),
+    "RLHF_ARTIFACT_DIR": ("/mnt/shared/artifacts", "/mnt/shared/artifacts"),
 }
 
 
@@ -78,8 +80,19 @@ def test_from_env_reads_every_variable_with_its_type():
         ({"RLHF_TRAIN_EVERY": "-1"}, "RLHF_TRAIN_EVERY"),
         ({"RLHF_MIN_HELDOUT_PAIRS": "0"}, "RLHF_MIN_HELDOUT_PAIRS"),
         ({"RLHF_RECONCILE_EVERY_S": "-1"}, "RLHF_RECONCILE_EVERY_S"),
+        ({"RLHF_JOB_STALE_AFTER_S": "0"}, "RLHF_JOB_STALE_AFTER_S"),
+        ({"RLHF_DATABASE_URL": "mysql://db/rlhf"}, "RLHF_DATABASE_URL"),
     ],
 )
 def test_bad_values_are_rejected_with_the_variable_named(env, message):
     with pytest.raises(ConfigError, match=message):
         BackendConfig.from_env(env)
+
+
+def test_artifacts_live_under_the_data_dir_unless_rlhf_artifact_dir_names_a_volume(tmp_path):
+    assert BackendConfig(data_dir=tmp_path).artifacts_path == tmp_path / "models"
+    shared = tmp_path / "shared"
+    config = BackendConfig.from_env(
+        {"RLHF_DATA_DIR": str(tmp_path), "RLHF_ARTIFACT_DIR": str(shared)}
+    )
+    assert config.artifacts_path == shared

@@ -149,5 +149,6 @@ def test_store_sync_setting_reaches_sqlite(tmp_path, setting, pragma):
 
     app = create_app(BackendConfig(data_dir=tmp_path, store_sync=setting))
     store = app.extensions["rlhf"].store
-    assert store._connection().execute("PRAGMA synchronous").fetchone()[0] == pragma
-    assert store._connection().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with store.db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == pragma
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"

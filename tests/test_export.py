@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rlhf_cli.main import main
+from rlhf_core.artifacts import content_hash
 from rlhf_core.config import BackendConfig
 from rlhf_core.conversion import preference_pairs
 from rlhf_core.registry import POLICY, PROMOTED
@@ -302,7 +303,7 @@ def test_unknown_project_is_refused(tmp_path, capsys):
 # -- a version as Hugging Face checkpoints ---------------------------------------------------
 
 
-def test_exported_version_loads_with_transformers_alone(tmp_path, tiny_backbone):
+def test_exported_version_loads_with_transformers_alone(tmp_path, tiny_backbone, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = BackendConfig(
@@ -355,6 +356,9 @@ def test_exported_version_loads_with_transformers_alone(tmp_path, tiny_backbone)
         ]
     )
     assert code == 0
+    # Written whole under a scratch name and renamed into place; its hash says what was written.
+    assert json.loads(capsys.readouterr().out)["sha256"] == content_hash(out)
+    assert [p.name for p in out.parent.iterdir() if ".tmp-" in p.name] == []
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -386,6 +390,11 @@ def test_exported_version_loads_with_transformers_alone(tmp_path, tiny_backbone)
     assert torch.allclose(
         exported.head_rewards("q1", responses).double(), torch.tensor(expected), atol=1e-4
     )
+
+    # An export never lands on top of other files.
+    again = ["export", "--project", "1", "--version", version, "--out", str(out)]
+    assert main([*again, "--data-dir", str(config.data_dir)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
 
 
 def test_exporting_an_unknown_version_names_the_known_ones(populated, tmp_path, capsys):

@@ -17,6 +17,8 @@ from rlhf_core.serving import embedding_store_path
 from rlhf_core.store import JOB_TRAIN
 from tests.conftest import TEST_WEBHOOK_SECRET, annotation_event
 from tests.test_export import xml
+from trainer.export import exports_log
+from trainer.forget import exported_files_with_task
 from trainer.jobs import registry_for, train_job
 
 SECRET = "my passport number is X1234567"
@@ -147,3 +149,15 @@ def test_forgetting_an_unknown_project_is_refused(app_config, capsys):
         == 2
     )
     assert "project 4 is unknown" in capsys.readouterr().err
+
+
+def test_exports_are_logged_beside_the_checkpoints_and_an_older_log_is_still_read(tmp_path):
+    config = BackendConfig(data_dir=tmp_path / "data", artifact_dir=str(tmp_path / "shared"))
+    registry = registry_for(config)
+    assert exports_log(registry, 1) == tmp_path / "shared" / "exports" / "project-1.jsonl"
+    older = tmp_path / "older-export.jsonl"  # logged where exports were logged before
+    older.write_text(json.dumps({"task": 3}) + "\n")
+    legacy = config.data_dir / "exports" / "project-1.jsonl"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text(json.dumps({"files": [str(older)], "tasks": [3]}) + "\n")
+    assert exported_files_with_task(config, registry, 1, 3) == [str(older)]

@@ -1,5 +1,6 @@
 """The learning loop end to end against a fake Label Studio (a real HTTP server on loopback):
-reconcile from Label Studio's API, atomic promotion with its outbox, and a crash at every phase."""
+reconcile from Label Studio's API, atomic promotion with its outbox, and a crash at every phase.
+Every test runs on SQLite and on PostgreSQL (``config_for``)."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def label_in_label_studio(ls: FakeLabelStudio, n: int, seed: int = 0) -> None:
 
 
 def connected_store(config: BackendConfig, ls: FakeLabelStudio) -> Store:
-    store = Store(config.db_path).initialize()
+    store = Store(config.resolved_database_url).initialize()
     connect(config, store, 1, ls)
     return store
 
@@ -82,12 +83,24 @@ def connect(config: BackendConfig, store: Store, project_id: int, ls: FakeLabelS
     Credentials(config, store, Vault.for_config(config)).connect(project_id, CONFIG, ls.url, TOKEN)
 
 
+@pytest.fixture
+def config_for(tmp_path, database_url, monkeypatch):
+    """``config_for(**settings)``: a config on this test's database (SQLite, then PostgreSQL),
+    which the commands the test runs read from the environment too."""
+    monkeypatch.setenv("RLHF_DATABASE_URL", database_url)
+
+    def config(**settings) -> BackendConfig:
+        return BackendConfig(data_dir=tmp_path, database_url=database_url, **settings)
+
+    return config
+
+
 # -- reconcile -------------------------------------------------------------------------------
 
 
-def test_reconcile_adds_updates_removes_and_is_idempotent(tmp_path, ls):
+def test_reconcile_adds_updates_removes_and_is_idempotent(tmp_path, ls, config_for):
     label_in_label_studio(ls, 5)
-    config = BackendConfig(data_dir=tmp_path)
+    config = config_for()
     store = connected_store(config, ls)
     tasks = LabelStudioTasks(client(Connection(ls.url, TOKEN)), page_size=2)  # three pages
 
@@ -108,9 +121,9 @@ def test_reconcile_adds_updates_removes_and_is_idempotent(tmp_path, ls):
     assert reconcile_project(store, 1, tasks).as_dict() == {"added": 0, "updated": 0, "removed": 0}
 
 
-def test_reconcile_removes_nothing_when_label_studio_cannot_be_read(tmp_path, ls):
+def test_reconcile_removes_nothing_when_label_studio_cannot_be_read(tmp_path, ls, config_for):
     label_in_label_studio(ls, 3)
-    config = BackendConfig(data_dir=tmp_path)
+    config = config_for()
     store = connected_store(config, ls)
     tasks = LabelStudioTasks(client(Connection(ls.url, TOKEN)))
     reconcile_project(store, 1, tasks)
@@ -120,9 +133,9 @@ def test_reconcile_removes_nothing_when_label_studio_cannot_be_read(tmp_path, ls
     assert len(store.records(1)) == 3
 
 
-def test_reconcile_command_prints_the_counts_as_its_last_line(tmp_path, ls, capsys):
+def test_reconcile_command_prints_the_counts_as_its_last_line(tmp_path, ls, config_for, capsys):
     label_in_label_studio(ls, 4)
-    connected_store(BackendConfig(data_dir=tmp_path), ls)
+    connected_store(config_for(), ls)
     argv = ["reconcile", "--project", "1", "--data-dir", str(tmp_path)]
     assert main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -135,13 +148,13 @@ def test_reconcile_command_prints_the_counts_as_its_last_line(tmp_path, ls, caps
     }
 
 
-def test_setup_queues_a_reconcile_that_a_worker_runs(tmp_path, ls):
+def test_setup_queues_a_reconcile_that_a_worker_runs(tmp_path, ls, config_for):
     label_in_label_studio(ls, 3)  # annotated before the backend was connected
-    config = BackendConfig(data_dir=tmp_path, train_every=0)
+    config = config_for(train_every=0)
     http = create_app(config).test_client()
     body = {"project": "1.1", "schema": CONFIG, "hostname": ls.url, "access_token": TOKEN}
     assert http.post("/setup", json=body).status_code == 200
-    store = Store(config.db_path)
+    store = Store(config.resolved_database_url)
     assert [(j.kind, j.status) for j in store.jobs(1)] == [(JOB_RECONCILE, "queued")]
     assert Worker(config, default_handlers(config)).run(once=True) == 1
     [job] = store.jobs(1)
@@ -156,9 +169,8 @@ def test_setup_queues_a_reconcile_that_a_worker_runs(tmp_path, ls):
 
 
 @pytest.fixture
-def loop_config(tmp_path, tiny_backbone):
-    return BackendConfig(
-        data_dir=tmp_path,
+def loop_config(config_for, tiny_backbone):
+    return config_for(
         reward_backbone=tiny_backbone,
         reward_heads=4,
         max_new_tokens=6,
@@ -290,8 +302,8 @@ def test_status_shows_served_shown_and_pending_until_the_sync_is_confirmed(
     assert status["in_sync"] and status["pending_syncs"] == []
 
 
-def test_workers_queue_a_reconcile_of_every_project_on_schedule(tmp_path, ls):
-    config = BackendConfig(data_dir=tmp_path, reconcile_every_s=0.01)
+def test_workers_queue_a_reconcile_of_every_project_on_schedule(tmp_path, ls, config_for):
+    config = config_for(reconcile_every_s=0.01)
     store = connected_store(config, ls)
     connect(config, store, 2, ls)
     chores = default_chores(config)

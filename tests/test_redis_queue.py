@@ -44,10 +44,13 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(ensure_tiny_encoder(tmp_path_factory.mktemp("models")))
 
 
-def start_worker(data_dir: Path, redis_url: str, backbone: str, cwd: Path) -> subprocess.Popen:
+def start_worker(
+    data_dir: Path, redis_url: str, backbone: str, cwd: Path, database_url: str = ""
+) -> subprocess.Popen:
     """`rlhf-backend worker --once` as on another machine: its own directory, the shared store."""
     cwd.mkdir(parents=True, exist_ok=True)
     env = {
+        "RLHF_DATABASE_URL": database_url,
         **os.environ,
         "RLHF_DATA_DIR": str(data_dir),
         "RLHF_REDIS_URL": redis_url,
@@ -119,17 +122,23 @@ def test_jobs_go_through_redis_to_workers_elsewhere(
     assert queued_tasks(redis_url) == 0
 
 
-def test_an_unreachable_redis_loses_no_job(tmp_path, redis_url, captured, tiny_backbone):
+def test_an_unreachable_redis_loses_no_job(
+    tmp_path, redis_url, captured, tiny_backbone, database_url
+):
+    """On SQLite the worker shares the data dir; on PostgreSQL it has its own, as on another
+    machine: the job reaches it through the database."""
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    client = create_app(BackendConfig(data_dir=tmp_path, redis_url=dead)).test_client()
+    config = BackendConfig(data_dir=tmp_path, redis_url=dead, database_url=database_url)
+    client = create_app(config).test_client()
     assert client.post("/setup", json=captured("01_setup")).status_code == 200
     answer = client.post("/webhook", json=captured("08_webhook_start_training"))
     assert answer.status_code == 200 and answer.get_json()["status"] == "queued"
-    store = Store(tmp_path / "store.sqlite3")
+    store = Store(database_url)
     [job] = [j for j in store.jobs(1) if j.kind == JOB_TRAIN]
     assert job.status == JOB_QUEUED
     # Redis is back: a worker starting up runs what the store holds, wake-up or not.
-    worker = start_worker(tmp_path, redis_url, tiny_backbone, tmp_path / "machine")
+    worker_dir = tmp_path if database_url.startswith("sqlite") else tmp_path / "other-machine"
+    worker = start_worker(worker_dir, redis_url, tiny_backbone, tmp_path / "machine", database_url)
     assert worker.wait(timeout=WORKER_TIMEOUT_S) == 0
     finished = store.job(job.job_id)
     assert finished.status == JOB_DONE

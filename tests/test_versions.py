@@ -1,4 +1,6 @@
-"""Pinning a version (`rlhf-backend serve-version`), unpinning, and retention of checkpoints."""
+"""Pinning a version (`rlhf-backend serve-version`), unpinning, and retention of checkpoints.
+
+Every test runs on SQLite and on PostgreSQL (``database_url``)."""
 
 from __future__ import annotations
 
@@ -18,9 +20,12 @@ from trainer.versions import apply_retention
 
 
 @pytest.fixture
-def config(tmp_path, tiny_backbone):
+def config(tmp_path, tiny_backbone, database_url, monkeypatch):
+    monkeypatch.setenv("RLHF_DATABASE_URL", database_url)  # for the commands these tests run
+    Store(database_url).initialize()
     return BackendConfig(
         data_dir=tmp_path,
+        database_url=database_url,
         reward_backbone=tiny_backbone,
         reward_heads=4,
         policy_training="off",
@@ -53,7 +58,7 @@ def label_studio_syncs(config: BackendConfig) -> list[str]:
 
 
 def test_pin_serves_an_earlier_version_and_unpin_returns(config, capsys):
-    store = Store(config.db_path).initialize()
+    store = Store(config.resolved_database_url).initialize()
     seed_annotations(store, 40)
     http = create_app(config).test_client()
     train(store, config)
@@ -91,7 +96,7 @@ def test_pin_serves_an_earlier_version_and_unpin_returns(config, capsys):
 
 
 def test_a_rejected_version_can_be_pinned(config, monkeypatch):
-    store = Store(config.db_path).initialize()
+    store = Store(config.resolved_database_url).initialize()
     seed_annotations(store, 40)
     train(store, config)
     import trainer.jobs as jobs
@@ -119,7 +124,7 @@ def test_a_rejected_version_can_be_pinned(config, monkeypatch):
     ],
 )
 def test_bad_pins_are_refused(config, capsys, args, message):
-    store = Store(config.db_path).initialize()
+    store = Store(config.resolved_database_url).initialize()
     seed_annotations(store, 20)
     train(store, config)
     assert serve_version(config, *args) == 2
@@ -158,7 +163,7 @@ def test_retention_deletes_exactly_the_unprotected_checkpoints(config):
 
 
 def test_a_pruned_version_cannot_be_pinned(config, capsys):
-    store = Store(config.db_path).initialize()
+    store = Store(config.resolved_database_url).initialize()
     store.upsert_project(1, CONFIG)
     registry = registry_for(config)
     fake_versions(registry, REWARD_MODEL, [PROMOTED] * 3)
@@ -176,7 +181,7 @@ def test_training_applies_retention_after_a_promotion(config, tiny_backbone, tmp
         promotion_tolerance=1.0,
         keep_versions=1,
     )
-    store = Store(config.db_path).initialize()
+    store = Store(config.resolved_database_url).initialize()
     seed_annotations(store, 20)
     train(store, config)
     train(store, config)

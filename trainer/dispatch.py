@@ -7,8 +7,8 @@ claims and runs every job the store has ready, exactly as a polling worker would
 message (Redis down for a moment) loses no job: the next wake-up or ``rlhf-backend worker --once``
 runs it, and two wake-ups for one job run it once.
 
-Workers on other machines reach the same store and model registry through a shared
-``RLHF_DATA_DIR`` (a network file system mounted at the same path).
+Workers on other machines reach the same store and model registry through the database
+(``RLHF_DATABASE_URL``, PostgreSQL) and the checkpoints through a shared ``RLHF_ARTIFACT_DIR``.
 
 Only a job id crosses Redis, as JSON: RQ's default serializer is pickle, which would let anyone
 who can write to Redis run code on the workers. The workers read JSON only and run nothing but

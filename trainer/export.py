@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import rlhf_core
+from rlhf_core.artifacts import write_atomically
 from rlhf_core.config import BackendConfig
 from rlhf_core.registry import POLICY, REWARD_MODEL, ModelVersion, Registry
 from rlhf_core.serving import load_version
@@ -428,7 +429,17 @@ def _log_export(registry: Registry, project_id: int, export: DatasetExport) -> N
 
 
 def exports_log(registry: Registry, project_id: int) -> Path:
-    return registry.models_dir.parent / "exports" / f"project-{project_id}.jsonl"
+    """The project's log of exports, beside its checkpoints (RLHF_ARTIFACT_DIR, which several
+    machines may share)."""
+    return registry.models_dir / "exports" / f"project-{project_id}.jsonl"
+
+
+def exports_logs(config: BackendConfig, registry: Registry, project_id: int) -> list[Path]:
+    """Every log of the project's exports: also the one kept in RLHF_DATA_DIR/exports before
+    RLHF_ARTIFACT_DIR existed."""
+    name = f"project-{project_id}.jsonl"
+    logs = [config.data_dir / "exports" / name, exports_log(registry, project_id)]
+    return [log for log in logs if log.is_file()]
 
 
 # -- a version as Hugging Face checkpoints --------------------------------------------------------
@@ -445,16 +456,26 @@ def export_version(
     except VersionError as exc:
         raise ExportError(str(exc)) from None
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(
+            f"{out} exists and is not empty: name a new directory (a version is exported whole, "
+            "under a scratch name renamed into place when complete)"
+        )
     written: dict[str, Any] = {"out": str(out)}
-    sections = []
-    if POLICY in found:
-        written["policy"] = _export_policy(config, found[POLICY], out)
-        sections.append(_policy_card(config, found[POLICY]))
-    if REWARD_MODEL in found:
-        written["reward_model"] = _export_reward_model(config, found[REWARD_MODEL], out)
-        sections.append(_reward_card(found[REWARD_MODEL]))
-    (out / CARD).write_text(_model_card(config, project_id, found, sections))
+
+    def write(scratch: Path) -> None:
+        sections = []
+        if POLICY in found:
+            _export_policy(config, found[POLICY], scratch)
+            written["policy"] = str(out)
+            sections.append(_policy_card(config, found[POLICY]))
+        if REWARD_MODEL in found:
+            _export_reward_model(config, found[REWARD_MODEL], scratch)
+            written["reward_model"] = str(out / "reward_model")
+            sections.append(_reward_card(found[REWARD_MODEL]))
+        (scratch / CARD).write_text(_model_card(config, project_id, found, sections))
+
+    written["sha256"] = write_atomically(out, write)  # rlhf_core.artifacts.content_hash
     written["disk_bytes"] = registry.disk_usage(project_id)
     return written
 

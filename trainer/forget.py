@@ -27,7 +27,7 @@ from rlhf_core.config import BackendConfig
 from rlhf_core.registry import Registry
 from rlhf_core.serving import embedding_store_path
 from rlhf_core.store import Store
-from trainer.export import HF_DIR, exports_log
+from trainer.export import HF_DIR, exports_logs
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,9 @@ def forget_task(
         "annotations": annotations,
         "texts_erased": len(texts),
         "embeddings_dropped": embeddings,
-        "exported_files_still_holding_it": exported_files_with_task(registry, project_id, task_id),
+        "exported_files_still_holding_it": exported_files_with_task(
+            config, registry, project_id, task_id
+        ),
         "versions_trained_on_it": trained_on,
         "label_studio": "the task itself is still in Label Studio: delete it there too",
     }
@@ -74,16 +76,16 @@ def forget_embeddings(path: Path, texts: set[str]) -> int:
     return dropped
 
 
-def exported_files_with_task(registry: Registry, project_id: int, task_id: int) -> list[str]:
+def exported_files_with_task(
+    config: BackendConfig, registry: Registry, project_id: int, task_id: int
+) -> list[str]:
     """Files of earlier exports that exist and still contain a row of ``task_id``."""
-    log = exports_log(registry, project_id)
-    if not log.exists():
-        return []
     files: dict[str, list[int]] = {}  # path -> tasks the export put there (the latest wins)
-    for line in log.read_text(encoding="utf-8").splitlines():
-        entry = json.loads(line)
-        for name in entry["files"]:
-            files[name] = entry["tasks"]
+    for log in exports_logs(config, registry, project_id):  # the older log first
+        for line in log.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            for name in entry["files"]:
+                files[name] = entry["tasks"]
     holding = []
     for name, tasks in sorted(files.items()):
         path = Path(name)

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import shutil
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rlhf_core.artifacts import remove_leftovers, write_atomically
 from rlhf_core.config import BackendConfig
 from rlhf_core.conversion import preference_pairs
+from rlhf_core.db import database_for
 from rlhf_core.embedding_store import EmbeddingStore
 from rlhf_core.registry import (
     CANDIDATE,
@@ -72,7 +70,7 @@ MIN_PAIRS = 2
 
 
 def registry_for(config: BackendConfig) -> Registry:
-    return Registry(config.db_path, config.data_dir / "models")
+    return Registry(database_for(config), config.artifacts_path)
 
 
 def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> dict[str, Any]:
@@ -81,7 +79,7 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
     Across several processes (:mod:`trainer.distributed`), rank 0 reads the store and trains the
     reward model; every rank trains the policy on rank 0's data; rank 0 gates and records.
     """
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     registry = registry_for(config)
     records, feedback = ranks.share(
         (
@@ -98,6 +96,8 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
     if len(records) < MIN_PAIRS:
         return {"trained": False, "reason": f"{len(records)} preference pairs; need {MIN_PAIRS}"}
     result: dict[str, Any] = {}
+    if ranks.is_main:  # this job holds the project's one training: no one else writes there
+        remove_leftovers(registry.project_dir(job.project_id))
     earlier = {v.kind: v for v in registry.recorded_by_job(job.project_id, job.job_id)}
     if any(v.status == PROMOTED for v in earlier.values()):  # crashed after its promotion
         after_promotion(config, registry, job.project_id)
@@ -264,7 +264,7 @@ def train_reward_model(
         "metrics": metrics,
         "data": snapshot,
     }
-    _save_atomically(path, lambda tmp: candidate.save(tmp, provenance))
+    digest = write_atomically(path, lambda tmp: candidate.save(tmp, provenance))
     registry.record(
         project_id,
         REWARD_MODEL,
@@ -275,6 +275,7 @@ def train_reward_model(
         metrics=metrics,
         status=CANDIDATE if gate.promote else REJECTED,
         reason=gate.reason,
+        artifact_sha256=digest,
     )
     logger.info(
         "project %s: %s %s (%s)",
@@ -356,7 +357,7 @@ def train_policy_version(
         "warm_start": served.version,
         "job": job_id,
     }
-    _save_atomically(path, lambda tmp: save_policy(candidate, tmp))
+    digest = write_atomically(path, lambda tmp: save_policy(candidate, tmp))
     registry.record(
         project_id,
         POLICY,
@@ -367,6 +368,7 @@ def train_policy_version(
         metrics=metrics,
         status=CANDIDATE if gate.promote else REJECTED,
         reason=gate.reason,
+        artifact_sha256=digest,
     )
     logger.info(
         "project %s: %s %s (%s)",
@@ -431,17 +433,8 @@ def _evaluate(model: Any, cache: EmbeddingCache, pairs: list[Pair]) -> Evaluatio
     )
 
 
-def _save_atomically(path: Path, save: Callable[[Path], None]) -> None:
-    """``save`` writes into a scratch directory that is renamed to ``path`` only when complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(path, ignore_errors=True)  # a leftover from a crash before it was recorded
-    tmp.rename(path)
-
-
 def preannotate_job(config: BackendConfig, job: Job) -> dict[str, Any]:
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     return preannotate(config, store, registry_for(config), job.project_id, progress=True)
 
 
@@ -449,6 +442,6 @@ def reconcile_job(config: BackendConfig, job: Job) -> dict[str, Any]:
     """Bring the store level with the project's annotations in Label Studio."""
     from trainer.reconcile import reconcile_project
 
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     tasks = project_tasks(config, store, job.project_id)
     return reconcile_project(store, job.project_id, tasks, config.train_every).as_dict()

@@ -15,6 +15,7 @@ from typing import Any
 
 from rlhf_core.arena import Arena
 from rlhf_core.config import BackendConfig
+from rlhf_core.db import database_for
 from rlhf_core.label_schema import parse_label_config
 from rlhf_core.label_studio import LabelStudioTasks, client
 from rlhf_core.registry import POLICY, REWARD_MODEL, Registry, Sync
@@ -108,7 +109,7 @@ def drain_syncs(
 
 
 def sync_once(config: BackendConfig, registry: Registry, sync: Sync) -> dict[str, Any]:
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     served = registry.served_version(sync.project_id)
     try:
         tasks = project_tasks(config, store, sync.project_id)

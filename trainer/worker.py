@@ -23,11 +23,12 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhf_core.config import BackendConfig
+from rlhf_core.db import database_for
 from rlhf_core.store import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RECONCILE, Job, Store
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_S = 5.0
+HEARTBEAT_S = 5.0  # at most; a quarter of RLHF_JOB_STALE_AFTER_S when that is shorter
 Handler = Callable[[Job], dict[str, Any]]
 Chore = Callable[[], None]
 
@@ -40,7 +41,7 @@ class Worker:
         chores: list[Chore] | None = None,
     ) -> None:
         self.config = config
-        self.store = Store(config.db_path, config.store_sync).initialize()
+        self.store = Store(database_for(config)).initialize()
         self.handlers = handlers
         self.chores = chores or []
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -102,8 +103,8 @@ class Worker:
 
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
         # Its own connection: this is another thread.
-        store = Store(self.config.db_path, self.config.store_sync)
-        while not done.wait(HEARTBEAT_S):
+        store = Store(database_for(self.config))
+        while not done.wait(heartbeat_interval_s(self.config)):
             store.heartbeat(job_id)
         store.close()
 
@@ -114,6 +115,11 @@ class Worker:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+
+
+def heartbeat_interval_s(config: BackendConfig) -> float:
+    """Beat often enough that a live job never looks stale, even with a short staleness."""
+    return min(HEARTBEAT_S, config.job_stale_after_s / 4)
 
 
 def default_handlers(config: BackendConfig) -> dict[str, Handler]:
@@ -133,7 +139,7 @@ def default_chores(config: BackendConfig) -> list[Chore]:
     from trainer.label_studio_sync import drain_syncs
 
     registry = registry_for(config)
-    store = Store(config.db_path, config.store_sync)
+    store = Store(database_for(config))
     last_reconcile = [time.monotonic()]
 
     def sync() -> None:

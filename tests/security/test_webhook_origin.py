@@ -40,9 +40,12 @@ def wait_for(probe, timeout_s: float = 30.0):
 
 
 def table_rows(store) -> dict:
-    conn = store._connection()
     tables = ["projects", "label_configs", "annotations", "records", "jobs"]
-    return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
+    with store.db.read() as conn:
+        return {
+            t: [tuple(row) for row in conn.exec_driver_sql(f"SELECT * FROM {t} ORDER BY 1")]
+            for t in tables
+        }
 
 
 @pytest.fixture
