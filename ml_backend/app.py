@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import time
+from collections import defaultdict
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
@@ -17,6 +18,7 @@ from ml_backend import dashboard
 from ml_backend.metrics import CONTENT_TYPE, Metrics, action_label, kind_label, method_label
 from ml_backend.trust import admit_webhook
 from rlhf_core.config import BackendConfig
+from rlhf_core.conversion import preference_pairs
 from rlhf_core.credentials import WEBHOOK_SECRET_HEADER, Credentials
 from rlhf_core.db import database_for
 from rlhf_core.errors import BackendError, BadRequest, NotFound, TooLarge, Unauthorized
@@ -46,7 +48,7 @@ class Services:
         self.store = Store(database).initialize(seal=vault.token_sealer(config))
         self.credentials = Credentials(config, self.store, vault)
         self.registry = Registry(database, config.artifacts_path)
-        self.metrics = Metrics(self.store, self.registry)
+        self.metrics = Metrics(self.store, self.registry, config.metrics_max_annotators)
         self.models = ModelServer(config, self.registry, on_refused=self._count_refused)
         self.webhook_sync = WebhookSync(config)
 
@@ -207,6 +209,8 @@ def _register_routes(app: Flask, services: Services) -> None:
                 services.config.strategy,
                 budget_s=services.config.predict_time_budget_s,
                 posterior=services.models.posterior(project_id),
+                labels=_labels_by_task(project_id, tasks),
+                contradiction=services.config.relook_contradiction,
             )
             answer: dict[str, Any] = {"results": timed.results}
             if timed.unreached:
@@ -215,6 +219,24 @@ def _register_routes(app: Flask, services: Services) -> None:
         finally:
             if len(tasks) > PREDICT_CHUNK:
                 release_memory()
+
+    def _labels_by_task(
+        project_id: int, tasks: list[dict[str, Any]]
+    ) -> dict[Any, list[dict[str, Any]]]:
+        """The stored preference pairs of the request's tasks, by task id (what decides whether
+        a task needs another look)."""
+        wanted = {task.get("id") for task in tasks} - {None}
+        found: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+        if not wanted:
+            return found
+        store = services.store
+        for record in preference_pairs(
+            [r for r in store.records(project_id, "preference") if r.get("task") in wanted],
+            [r for r in store.records(project_id, "ranking") if r.get("task") in wanted],
+            services.config.max_ranking_pairs,
+        ):
+            found[record["task"]].append(record)
+        return found
 
     def _hand_off(project_id: int, unreached: int) -> dict[str, Any]:
         """Tasks /predict had no time for go to the project's pre-annotation job, which uploads

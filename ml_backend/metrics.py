@@ -60,7 +60,7 @@ def kind_label(kind: str) -> str:
 
 
 class Metrics:
-    def __init__(self, store: Store, models: Registry) -> None:
+    def __init__(self, store: Store, models: Registry, max_annotators: int = 50) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "rlhf_http_requests",
@@ -88,7 +88,7 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
-        self._store_collector = StoreCollector(store, models)
+        self._store_collector = StoreCollector(store, models, max_annotators)
 
     def exposition(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -103,9 +103,10 @@ class Metrics:
 class StoreCollector(Collector):
     """Gauges computed from the store when Prometheus scrapes."""
 
-    def __init__(self, store: Store, models: Registry) -> None:
+    def __init__(self, store: Store, models: Registry, max_annotators: int = 50) -> None:
         self.store = store
         self.models = models
+        self.max_annotators = max_annotators
 
     def collect(self) -> Iterator[Metric]:
         stored = GaugeMetricFamily(
@@ -154,6 +155,7 @@ class StoreCollector(Collector):
             pending.add_metric([str(project_id)], len(self.models.pending_syncs(project_id)))
         yield pending
         yield from _gate_evidence(self.store, self.models)
+        yield from _reliability(self.store, self.models, self.max_annotators)
 
 
 GATE_GAUGES = {
@@ -207,3 +209,45 @@ def _training_progress(store: Store) -> Iterator[Metric]:
             if isinstance(value, int | float) and value == value:  # skip NaN (no ETA yet)
                 family.add_metric(labels, float(value))
     yield from families.values()
+
+
+def _reliability(store: Store, models: Registry, max_annotators: int) -> Iterator[Metric]:
+    """What the served reward model was trained with: each annotator's estimated reliability
+    (at most ``max_annotators`` per project, flagged ones first, then those with most labels,
+    so a crowd of thousands cannot flood Prometheus with series) and inter-annotator agreement.
+    Annotator ids are Label Studio's user ids, cut to 64 characters."""
+    reliability = GaugeMetricFamily(
+        "rlhf_annotator_reliability",
+        "Estimated probability that the annotator's label names the better response "
+        "(0.5: random clicks; below: A and B swapped)",
+        labels=["project", "annotator"],
+    )
+    flagged = GaugeMetricFamily(
+        "rlhf_annotator_flagged",
+        "An annotator the served reward model's training flagged (careless or swapped; value 1)",
+        labels=["project", "annotator", "flag"],
+    )
+    agreement = GaugeMetricFamily(
+        "rlhf_annotator_agreement",
+        "Inter-annotator agreement on comparisons judged more than once: percent (share of "
+        "agreeing pairs of verdicts) and Krippendorff's alpha",
+        labels=["project", "measure"],
+    )
+    for project_id in store.project_ids():
+        found = models.served(project_id, REWARD_MODEL).metrics.get("reliability") or {}
+        rows = sorted(
+            (found.get("annotators") or {}).values(),
+            key=lambda row: (not row.get("flag"), -row.get("labels", 0), row["annotator"]),
+        )
+        for row in rows[:max_annotators]:
+            labels = [str(project_id), str(row["annotator"])[:64]]
+            reliability.add_metric(labels, float(row["reliability"]))
+            if row.get("flag"):
+                flagged.add_metric([*labels, row["flag"]], 1)
+        for measure in ("percent", "alpha"):
+            value = (found.get("agreement") or {}).get(measure)
+            if isinstance(value, int | float):
+                agreement.add_metric([str(project_id), measure], float(value))
+    yield reliability
+    yield flagged
+    yield agreement

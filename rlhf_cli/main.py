@@ -180,17 +180,32 @@ def _train(config: BackendConfig, args: argparse.Namespace) -> int:
 def _simulate(config: BackendConfig, args: argparse.Namespace) -> int:
     from rlhf_core.reward_model import RewardModel
     from rlhf_core.serving import reward_model_config
-    from trainer.simulate import SimulationInputError, load_inputs, plot_curves, simulate
+    from trainer.simulate import (
+        SimulationInputError,
+        load_annotators,
+        load_inputs,
+        plot_curves,
+        simulate,
+    )
 
     try:
         pool, labels, evaluation = load_inputs(Path(args.pool), Path(args.labels), Path(args.eval))
+        annotators = load_annotators(Path(args.labels))
         if args.budget > len(pool):
             raise SimulationInputError(
                 f"--budget {args.budget} is larger than the pool ({len(pool)} pairs)"
             )
         model = RewardModel.create(reward_model_config(config))
         result = simulate(
-            model, pool, labels, evaluation, args.strategy, args.budget, args.batch_size, args.seed
+            model,
+            pool,
+            labels,
+            evaluation,
+            args.strategy,
+            args.budget,
+            args.batch_size,
+            args.seed,
+            annotators=annotators,
         )
     except (SimulationInputError, ValueError) as exc:
         print(f"rlhf-backend simulate: {exc}", file=sys.stderr)

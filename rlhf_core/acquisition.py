@@ -155,18 +155,30 @@ def information_gain(mean_logit: np.ndarray, variance: np.ndarray) -> np.ndarray
 
 
 def fit_logistic(
-    features: np.ndarray, targets: np.ndarray, precision: float, steps: int = 8
+    features: np.ndarray,
+    targets: np.ndarray,
+    precision: float,
+    steps: int = 8,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """The posterior mode of a linear Bradley–Terry reward, ``P(chosen) = sigmoid(w · x)``,
-    under the prior ``N(0, I / precision)``: Newton's method, (N, D) -> (D,)."""
+    under the prior ``N(0, I / precision)``: Newton's method, (N, D) -> (D,). ``weights`` (N,):
+    what each label counts (default 1)."""
     x = np.asarray(features, dtype=np.float64)
+    c = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64)
     w = np.zeros(x.shape[1])
     for _ in range(steps):
         p = 1.0 / (1.0 + np.exp(-(x @ w)))
-        gradient = x.T @ (p - targets) + precision * w
-        hessian = (x * (p * (1 - p))[:, None]).T @ x + precision * np.eye(x.shape[1])
+        gradient = x.T @ (c * (p - targets)) + precision * w
+        hessian = logistic_hessian(x, c * p * (1 - p), precision)
         w = w - np.linalg.solve(hessian, gradient)
     return w
+
+
+def logistic_hessian(features: np.ndarray, curvature: np.ndarray, precision: float) -> np.ndarray:
+    """``lambda I + sum_i c_i x_i x_i^T``: the negative log posterior's Hessian, (D, D)."""
+    x = np.asarray(features, dtype=np.float64)
+    return (x * curvature[:, None]).T @ x + precision * np.eye(x.shape[1])
 
 
 def brier_loss(w: np.ndarray, features: np.ndarray, targets: np.ndarray) -> float:

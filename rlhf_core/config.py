@@ -234,6 +234,26 @@ class BackendConfig:
         "earlier promoted version (one response each) for the dashboard's human-judged "
         "leaderboard (0: never).",
     )
+    annotator_reliability: bool = _setting(
+        True,
+        "RLHF_ANNOTATOR_RELIABILITY",
+        "Weigh each annotator's labels in reward training by their reliability, estimated from "
+        "gold, overlaps and agreement with a model fitted without them (a flagged A/B swapper's "
+        "labels are turned round); false: every label counts the same.",
+    )
+    relook_contradiction: float = _setting(
+        0.9,
+        "RLHF_RELOOK_CONTRADICTION",
+        "A task whose single label the reward model contradicts with at least this probability "
+        "(or whose annotators disagree) gets score 0 in /predict, so Label Studio shows it first "
+        "for another annotation (1: only disagreement).",
+    )
+    metrics_max_annotators: int = _setting(
+        50,
+        "RLHF_METRICS_MAX_ANNOTATORS",
+        "Annotators per project /metrics exports a reliability for (flagged ones first, then by "
+        "labels): bounds the label cardinality.",
+    )
     log_level: str = _setting("INFO", "LOG_LEVEL", "Python logging level.")
 
     def __post_init__(self) -> None:
@@ -300,6 +320,10 @@ class BackendConfig:
             raise ConfigError("RLHF_PROMOTION_TOLERANCE must be in [0, 1].")
         if not 0.0 <= self.arena_share <= 1.0:
             raise ConfigError("RLHF_ARENA_SHARE must be in [0, 1].")
+        if not 0.5 < self.relook_contradiction <= 1.0:
+            raise ConfigError("RLHF_RELOOK_CONTRADICTION must be in (0.5, 1].")
+        if self.metrics_max_annotators < 0:
+            raise ConfigError("RLHF_METRICS_MAX_ANNOTATORS must be 0 (none) or more.")
 
     @property
     def auth_enabled(self) -> bool:
@@ -339,6 +363,10 @@ def _env_name(field_name: str) -> str:
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:
     kind = type(f.default)
+    if kind is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{f.metadata['env']}={raw!r} must be true or false.")
+        return raw.lower() in ("true", "1")
     if kind is int:
         try:
             return int(raw)

@@ -61,6 +61,14 @@ class Provenance:
     task: int | None
     annotation: int
     annotator: int | None
+    ground_truth: bool = False  # Label Studio's gold mark; on the records only when set
+
+    def fields(self) -> dict[str, Any]:
+        """What every record of the annotation carries (``ground_truth`` only on gold)."""
+        found = asdict(self)
+        if not self.ground_truth:
+            del found["ground_truth"]
+        return found
 
 
 def convert(
@@ -75,7 +83,7 @@ def convert(
         if isinstance(item, dict) and isinstance(item.get("value"), dict):
             by_control[str(item.get("from_name"))] = item["value"]
     prompt = field_text(task_data, schema.prompt)
-    base = asdict(provenance)
+    base = provenance.fields()
 
     pairs = [*_pairwise_pairs(by_control, task_data, schema)]
     pairs += _choices_pairs(by_control, task_data, schema)

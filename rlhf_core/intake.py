@@ -170,7 +170,8 @@ def _store_annotation(
         ls_updated_at=ls_updated_at,
         label_config=project.label_config,
     )
-    records = [] if incoming.was_cancelled else _records(incoming)
+    gold = annotation.get("ground_truth") is True
+    records = [] if incoming.was_cancelled else _records(incoming, gold)
     if not store.upsert_annotation(incoming, records):
         logger.info("annotation %s: stale or deleted, kept the stored state", annotation_id)
         return IntakeResult(action, "stale", {"annotation": annotation_id, **kept})
@@ -185,8 +186,11 @@ def _store_annotation(
     return IntakeResult(action, "stored", detail)
 
 
-def _records(annotation: IncomingAnnotation) -> list[tuple[str, dict[str, Any]]]:
-    """Training records, or none when the annotation does not fit the config (it is still kept)."""
+def _records(
+    annotation: IncomingAnnotation, ground_truth: bool = False
+) -> list[tuple[str, dict[str, Any]]]:
+    """Training records, or none when the annotation does not fit the config (it is still kept).
+    ``ground_truth``: Label Studio marks the annotation as gold (its records then say so)."""
     try:
         schema = parse_label_config(annotation.label_config)
         provenance = Provenance(
@@ -194,6 +198,7 @@ def _records(annotation: IncomingAnnotation) -> list[tuple[str, dict[str, Any]]]
             annotation.task_id,
             annotation.annotation_id,
             annotation.annotator,
+            ground_truth,
         )
         return convert(annotation.result, annotation.task_data, schema, provenance)
     except (UnsupportedLabelConfig, AnnotationMismatch) as exc:

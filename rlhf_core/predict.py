@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
@@ -32,6 +32,7 @@ from rlhf_core.acquisition import Posterior, prior_precision
 from rlhf_core.conversion import field_text, list_item_texts
 from rlhf_core.errors import AnnotationMismatch
 from rlhf_core.label_schema import TEXT_OBJECTS, RLHFSchema, TextField
+from rlhf_core.reliability import Verdict, needs_another_look
 from rlhf_core.selection import score_tasks, task_pairs
 
 logger = logging.getLogger(__name__)
@@ -223,11 +224,17 @@ def predict_in_time(
     budget_s: float | None = None,
     chunk: int = PREDICT_CHUNK,
     posterior: Posterior | None = None,
+    labels: Mapping[Any, list[dict[str, Any]]] | None = None,
+    contradiction: float = 0.9,
 ) -> TimedPredictions:
     """Predictions scored ``chunk`` tasks at a time while ``budget_s`` seconds (None: no limit)
     leave room for one more: a chunk is started only if the slowest chunk so far still fits, so
     the answer comes near the budget even when the machine is slow. The first chunk always runs.
     The tasks reached are then scored together by :func:`rlhf_core.selection.score_tasks`.
+
+    ``labels``: the stored preference records by task id; a task whose labels disagree, or
+    whose single label the model contradicts with probability ``contradiction``, scores 0
+    (:func:`rlhf_core.reliability.needs_another_look`).
     """
     started = time.monotonic()
     slowest = 0.0
@@ -243,13 +250,40 @@ def predict_in_time(
     results: list[list[dict[str, Any]]] = [[] for _ in tasks]
     if scored:
         posterior = posterior or prior_posterior(scored[0][3].shape[1])
-        _, scores = score_tasks(strategy, [(r, e) for _, _, r, e in scored], posterior)
+        another_look = [
+            needs_another_look(
+                task_verdicts(candidates, (labels or {}).get(tasks[index].get("id"), [])),
+                head_rewards,
+                contradiction,
+            )
+            for index, candidates, head_rewards, _ in scored
+        ]
+        _, scores = score_tasks(
+            strategy,
+            [(r, e) for _, _, r, e in scored],
+            posterior,
+            another_look=another_look,
+        )
         for (index, candidates, head_rewards, _), score in zip(scored, scores):
             prediction = build_prediction(
                 schema, candidates, head_rewards, model_version, float(score)
             )
             results[index] = [prediction]
     return TimedPredictions(results, len(tasks) - reached)
+
+
+def task_verdicts(candidates: Candidates, records: list[dict[str, Any]]) -> list[Verdict]:
+    """The task's stored preference records as (chosen, rejected, tie) indices into its
+    responses; a record naming a text the task no longer shows is left out. Gold records
+    settle the task: none then (it needs no other look)."""
+    if any(record.get("ground_truth") for record in records):
+        return []
+    position = {text: i for i, text in reversed(list(enumerate(candidates.texts)))}
+    return [
+        (position[r["chosen"]], position[r["rejected"]], bool(r.get("tie")))
+        for r in records
+        if r.get("chosen") in position and r.get("rejected") in position
+    ]
 
 
 def _score_chunk(

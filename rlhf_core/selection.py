@@ -34,6 +34,7 @@ Strategies:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -353,12 +354,15 @@ def score_tasks(
     posterior: Posterior,
     limit: int = POOL_ORDER_LIMIT,
     mix: AdaptiveMix | None = None,
+    another_look: Sequence[bool] | None = None,
 ) -> tuple[list[tuple[int, int]], np.ndarray]:
     """Scores for a pool of tasks, lowest = label first: what ``/predict`` answers and the
     order the pre-annotation job writes. ``tasks``: per task, its responses' per-head rewards
     (n, K) and embeddings (n, H). Each task is represented by its most valuable pair (returned,
     as indices into its responses); the pool is then ordered by :func:`rank`. Deterministic:
-    the same pool gets the same scores in ``/predict`` and in the pool order."""
+    the same pool gets the same scores in ``/predict`` and in the pool order.
+    ``another_look``: per task, whether its labels call for another annotation
+    (:func:`rlhf_core.reliability.needs_another_look`); those come first (:func:`looks_first`)."""
     rng = np.random.default_rng(0)
     best_pairs: list[tuple[int, int]] = []
     p_rows, f_rows = [], []
@@ -371,4 +375,14 @@ def score_tasks(
     if not tasks:
         return [], np.zeros(0)
     pool = Candidates(np.stack(p_rows), np.stack(f_rows), posterior)
-    return best_pairs, pool_scores(strategy, pool, rng, limit, mix)
+    scores = pool_scores(strategy, pool, rng, limit, mix)
+    return best_pairs, looks_first(scores, another_look)
+
+
+def looks_first(scores: np.ndarray, another_look: Sequence[bool] | None) -> np.ndarray:
+    """Tasks whose annotators disagree, or whose one label the model strongly contradicts, score
+    0 and every other task at least ``SCORE_STEP``: Label Studio shows them first, for another
+    annotation, whatever the strategy thought of them."""
+    if another_look is None or not any(another_look):
+        return scores
+    return np.where(np.asarray(another_look, dtype=bool), 0.0, np.maximum(scores, SCORE_STEP))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,6 +41,7 @@ def project_summary(store: Store, registry: Registry, project_id: int) -> dict[s
         "versions": versions(registry, project_id),
         "jobs": jobs(store, project_id),
         "annotators": annotators(store, preferences, reward_model),
+        "agreement": project_agreement(preferences),
         "leaderboard": with_reward_model_rates(board["rows"], reward_model_win_rates(arena_rows)),
         "arena": {
             "tasks": len({row["task_id"] for row in arena_rows}),
@@ -150,18 +151,24 @@ def annotators(
     store: Store, preferences: list[dict[str, Any]], reward_model: ModelVersion
 ) -> list[dict[str, Any]]:
     """Per annotator: labels given (and skipped), preference pairs, agreement with the other
-    annotators on the pairs both judged, and the served reward model's held-out agreement."""
+    annotators on the pairs both judged (share and Cohen's κ), accuracy on gold pairs, the
+    served reward model's held-out agreement, and the reliability it was trained with."""
     pairs: dict[str, int] = defaultdict(int)
     for record in preferences:
         pairs[str(record.get("annotator"))] += 1
     agreement = inter_annotator_agreement(preferences)
+    kappa = annotator_kappa(preferences)
+    gold = gold_accuracy(preferences)
     with_model = (reward_model.metrics.get("heldout") or {}).get("per_annotator") or {}
+    reliability = (reward_model.metrics.get("reliability") or {}).get("annotators") or {}
     rows = []
     for annotator, (labels, skipped) in sorted(
         store.annotator_counts(reward_model.project_id).items(), key=lambda item: str(item[0])
     ):
         key = str(annotator)
         agreed, shared = agreement.get(key, (None, 0))
+        on_gold, gold_n = gold.get(key, (None, 0))
+        trusted = reliability.get(key) or {}
         rows.append(
             {
                 "annotator": annotator,
@@ -170,10 +177,31 @@ def annotators(
                 "pairs": pairs.get(key, 0),
                 "agreement": agreed,
                 "agreement_n": shared,
+                "kappa": kappa.get(key),
+                "gold_accuracy": on_gold,
+                "gold_n": gold_n,
                 "model_agreement": with_model.get(key),
+                "reliability": trusted.get("reliability"),
+                "flag": trusted.get("flag") or None,
             }
         )
     return rows
+
+
+TIE = "tie"
+
+
+def verdicts(preferences: Iterable[dict[str, Any]]) -> dict[tuple[Any, str, str], dict[str, str]]:
+    """Each comparison (task, and its two responses in text order) with every annotator's
+    verdict on it: ``first``, ``second`` or ``tie`` (in that order; a later record of the same
+    annotator on the same comparison replaces an earlier one)."""
+    found: dict[tuple[Any, str, str], dict[str, str]] = defaultdict(dict)
+    for record in preferences:
+        chosen, rejected = str(record.get("chosen")), str(record.get("rejected"))
+        low, high = sorted((chosen, rejected))
+        verdict = TIE if record.get("tie") else "first" if chosen == low else "second"
+        found[(record.get("task"), low, high)][str(record.get("annotator"))] = verdict
+    return found
 
 
 def inter_annotator_agreement(
@@ -181,18 +209,89 @@ def inter_annotator_agreement(
 ) -> dict[str, tuple[float, int]]:
     """Per annotator, the share of their verdicts that another annotator gave too on the same
     pair of responses of the same task (a tie is its own verdict), and how many such overlaps."""
-    verdicts: dict[tuple[Any, frozenset[str]], dict[str, str]] = defaultdict(dict)
-    for record in preferences:
-        chosen, rejected = str(record.get("chosen")), str(record.get("rejected"))
-        item = (record.get("task"), frozenset((chosen, rejected)))
-        verdicts[item][str(record.get("annotator"))] = "\0tie" if record.get("tie") else chosen
     agreed: dict[str, list[bool]] = defaultdict(list)
-    for by_annotator in verdicts.values():
+    for by_annotator in verdicts(preferences).values():
         for annotator, verdict in by_annotator.items():
             for other, theirs in by_annotator.items():
                 if other != annotator:
                     agreed[annotator].append(verdict == theirs)
     return {a: (round(sum(v) / len(v), 4), len(v)) for a, v in agreed.items()}
+
+
+def annotator_kappa(preferences: Iterable[dict[str, Any]]) -> dict[str, float | None]:
+    """Per annotator, Cohen's κ of their verdicts against the other annotators' on the same
+    comparisons: (observed − chance agreement) / (1 − chance), chance from the two sides'
+    verdict shares. None where chance agreement is 1 (κ undefined) or nothing overlaps."""
+    pairs: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for by_annotator in verdicts(preferences).values():
+        for annotator, verdict in by_annotator.items():
+            pairs[annotator] += [(verdict, t) for o, t in by_annotator.items() if o != annotator]
+    kappas: dict[str, float | None] = {}
+    for annotator, together in pairs.items():
+        observed = sum(mine == theirs for mine, theirs in together) / len(together)
+        mine = Counter(m for m, _ in together)
+        theirs = Counter(t for _, t in together)
+        chance = sum(mine[c] * theirs[c] for c in mine) / len(together) ** 2
+        kappas[annotator] = None if chance >= 1.0 else round((observed - chance) / (1 - chance), 4)
+    return kappas
+
+
+def project_agreement(preferences: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Agreement over every comparison at least two annotators judged: ``percent`` (the share
+    of agreeing pairs of verdicts) and Krippendorff's α for nominal data (1 − observed / expected
+    disagreement, from the coincidence matrix); ``items`` and ``labels`` they rest on.
+
+    Two annotators agree on tasks 1 and 2 and disagree on 3: coincidences (first, first) 2,
+    (second, second) 2, (first, second) 1, (second, first) 1; n = 6, 3 of each value; α =
+    1 − (6 − 1) · 2 / (3 · 3 + 3 · 3) = 0.4444.
+
+    >>> def label(task, chosen, rejected, annotator):
+    ...     return {"task": task, "chosen": chosen, "rejected": rejected, "annotator": annotator}
+    >>> project_agreement([label(1, "a", "b", 1), label(1, "a", "b", 2), label(2, "d", "c", 1),
+    ...                    label(2, "d", "c", 2), label(3, "e", "f", 1), label(3, "f", "e", 2)])
+    {'items': 3, 'labels': 6, 'percent': 0.6667, 'alpha': 0.4444}
+    """
+    coincidence: Counter[tuple[str, str]] = Counter()
+    agree = total = items = labels = 0
+    for by_annotator in verdicts(preferences).values():
+        values = list(by_annotator.values())
+        if len(values) < 2:
+            continue
+        items += 1
+        labels += len(values)
+        for i, mine in enumerate(values):
+            for j, theirs in enumerate(values):
+                if i != j:
+                    coincidence[mine, theirs] += 1.0 / (len(values) - 1)
+                    agree += mine == theirs
+                    total += 1
+    if not items:
+        return {"items": 0, "labels": 0, "percent": None, "alpha": None}
+    marginal: Counter[str] = Counter()
+    for (mine, _), count in coincidence.items():
+        marginal[mine] += count
+    n = sum(marginal.values())
+    observed = sum(c for (mine, theirs), c in coincidence.items() if mine != theirs)
+    expected = sum(marginal[c] * marginal[k] for c in marginal for k in marginal if c != k)
+    alpha = None if expected == 0 else round(1.0 - (n - 1) * observed / expected, 4)
+    return {"items": items, "labels": labels, "percent": round(agree / total, 4), "alpha": alpha}
+
+
+def gold_accuracy(preferences: Iterable[dict[str, Any]]) -> dict[str, tuple[float, int]]:
+    """Per annotator, the share of their verdicts on gold comparisons (those with a record of an
+    annotation Label Studio marks ``ground_truth``) that match the gold verdict, and how many.
+    The gold annotation itself is not scored; comparisons with conflicting gold are skipped."""
+    records = list(preferences)
+    gold = verdicts(r for r in records if r.get("ground_truth"))
+    scored = verdicts(r for r in records if not r.get("ground_truth"))
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for item, answers in gold.items():
+        if len(set(answers.values())) != 1:
+            continue
+        answer = next(iter(answers.values()))
+        for annotator, verdict in scored.get(item, {}).items():
+            hits[annotator].append(verdict == answer)
+    return {a: (round(sum(v) / len(v), 4), len(v)) for a, v in hits.items()}
 
 
 def with_reward_model_rates(

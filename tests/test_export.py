@@ -257,7 +257,10 @@ def test_inter_annotator_agreement_in_the_card(populated, tmp_path):
     deliver(client, 1, "pairwise", flipped, annotator=5)  # disagrees with both
     export(config, 1, tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "Between annotators: 0.333 over 3 pairs" in card
+    assert (
+        "Between annotators: 0.333 of pairs of verdicts agree, Krippendorff's α 0.000, on 1 "
+        in card
+    )
 
 
 def test_pairs_carry_the_versions_that_wrote_and_scored_the_task(populated, tmp_path):

@@ -374,16 +374,18 @@ def data_card(
 
 
 def _agreement_text(prefs: list[dict[str, Any]]) -> str:
-    """Between annotators: the share of verdicts (a tie is one) that another annotator also gave
-    on the same two responses of a task (the dashboard's measure, pooled over annotators)."""
-    from rlhf_core.summary import inter_annotator_agreement
+    """Between annotators: the share of pairs of verdicts (a tie is one) on the same two
+    responses of a task that agree, and Krippendorff's α (the dashboard's figures)."""
+    from rlhf_core.summary import project_agreement
 
-    per_annotator = inter_annotator_agreement(prefs).values()
-    n = sum(count for _, count in per_annotator)
-    if not n:
+    found = project_agreement(prefs)
+    if not found["items"]:
         return "Between annotators: not known (no two annotators compared the same responses)."
-    rate = sum(share * count for share, count in per_annotator) / n
-    return f"Between annotators: {rate:.3f} over {n // 2} pairs of verdicts on the same comparison."
+    alpha = "undefined" if found["alpha"] is None else f"{found['alpha']:.3f}"
+    return (
+        f"Between annotators: {found['percent']:.3f} of pairs of verdicts agree, "
+        f"Krippendorff's α {alpha}, on {found['items']} comparison(s) judged more than once."
+    )
 
 
 def _model_agreement_text(registry: Registry, project_id: int) -> str:

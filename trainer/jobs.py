@@ -32,11 +32,13 @@ from rlhf_core.registry import (
     ModelVersion,
     Registry,
 )
+from rlhf_core.reliability import Reliability
 from rlhf_core.serving import (
     embedding_store_path,
     load_version,
 )
 from rlhf_core.store import Job, Store
+from rlhf_core.summary import project_agreement
 from trainer.distributed import ONE_PROCESS, Ranks
 from trainer.label_studio_sync import after_promotion, preannotate, project_tasks
 from trainer.policy_training import (
@@ -57,10 +59,12 @@ from trainer.reward_training import (
     correct_choices,
     evaluate,
     laplace_posterior,
+    pair_weights,
     preference_probabilities,
     should_promote,
     split_pairs,
     train_heads,
+    with_reliability,
 )
 from trainer.versions import apply_retention
 
@@ -218,6 +222,9 @@ def train_reward_model(
     cache = EmbeddingCache(lambda prompts, responses: store.embed(candidate, prompts, responses))
     cache.add(pairs)
     embeddings = cache.matrix()
+    reliability = Reliability({})
+    if config.annotator_reliability:
+        train, reliability = with_reliability(train, cache, candidate.config.prior_scale)
     started = time.monotonic()
     chosen, rejected, target = cache.pair_indices(train)
     stats = train_heads(
@@ -230,6 +237,7 @@ def train_reward_model(
         candidate.config.num_heads,
         training,
         on_step=progress or Progress(f"project {project_id} reward model"),
+        pair_weight=pair_weights(train),
     )
     seconds = time.monotonic() - started
     posterior = laplace_posterior(
@@ -249,6 +257,7 @@ def train_reward_model(
         "heldout_pairs": len(heldout),
         "train_seconds": round(seconds, 3),
         "samples_per_second": round(len(train) * training.epochs / max(seconds, 1e-9), 1),
+        "reliability": {**reliability.as_dict(), "agreement": project_agreement(records)},
         **stats,
     }
     snapshot = {

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from rlhf_core.acquisition import Posterior, pair_features, prior_precision
 from rlhf_core.fields import documented
+from rlhf_core.reliability import Reliability, ReliabilityConfig, estimate_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,10 @@ class Pair:
     chosen: str
     rejected: str
     tie: bool = False
-    annotator: int | None = None
+    annotator: int | str | None = None
     group: str = ""  # what the held-out split is keyed on (the task), so no task leaks
+    weight: float = 1.0  # what the label counts in the loss (rlhf_core.reliability)
+    gold: bool = False  # from an annotation Label Studio marks as ground truth
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Pair:
@@ -78,6 +81,7 @@ class Pair:
             tie=bool(record.get("tie")),
             annotator=record.get("annotator"),
             group=f"{record.get('project')}:{record.get('task')}",
+            gold=bool(record.get("ground_truth")),
         )
 
 
@@ -91,6 +95,11 @@ def split_pairs(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[Pa
     train = [p for p in pairs if not is_heldout(p.group, fraction)]
     heldout = [p for p in pairs if is_heldout(p.group, fraction)]
     return train, heldout
+
+
+def pair_weights(pairs: list[Pair]) -> torch.Tensor:
+    """Each pair's weight in the loss: (N,)."""
+    return torch.tensor([p.weight for p in pairs], dtype=torch.float32)
 
 
 EmbedFn = Callable[[list[str], list[str]], torch.Tensor]  # (prompts, responses) -> (N, H)
@@ -128,6 +137,27 @@ class EmbeddingCache:
         return chosen, rejected, target
 
 
+def with_reliability(
+    pairs: list[Pair],
+    cache: EmbeddingCache,
+    prior_scale: float,
+    config: ReliabilityConfig | None = None,
+) -> tuple[list[Pair], Reliability]:
+    """``pairs`` weighted by their annotators' reliability (:mod:`rlhf_core.reliability`, a
+    flagged swapper's turned round), estimated on the frozen embeddings in ``cache`` (which
+    holds every pair's texts): what the service's training job and the simulator both train
+    on. With fewer than two annotators and no gold there is nothing to compare: unchanged."""
+    if len({str(p.annotator) for p in pairs}) < 2 and not any(p.gold for p in pairs):
+        return list(pairs), Reliability({})
+    emb = cache.matrix().numpy()
+    chosen, rejected, _ = cache.pair_indices(pairs)
+    features = pair_features(emb[chosen], emb[rejected])  # (N, H), as labelled
+    reliability = estimate_pairs(
+        pairs, features, prior_precision(emb.shape[1], prior_scale), config
+    )
+    return reliability.weigh(pairs), reliability
+
+
 def train_heads(
     heads: torch.nn.Module,
     head_fn: HeadFn,
@@ -138,14 +168,20 @@ def train_heads(
     num_heads: int,
     config: RewardTrainingConfig,
     on_step: Callable[[int, int, float], None] | None = None,
+    pair_weight: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Bradley–Terry on (chosen, rejected) rows of ``embeddings`` (N, H); returns loss stats."""
+    """Bradley–Terry on (chosen, rejected) rows of ``embeddings`` (N, H); returns loss stats.
+
+    ``pair_weight`` (N,): what each label counts (:func:`pair_weights`), so the loss is
+    ``-w · log σ(r_c - r_r)`` averaged over the weights."""
     generator = torch.Generator().manual_seed(config.seed)
     n = len(chosen)
     if config.bootstrap:  # (n, K) Poisson(1) weights: each head sees its own resample
         weights = torch.poisson(torch.ones(n, num_heads), generator=generator)
     else:
         weights = torch.ones(n, num_heads)
+    if pair_weight is not None:
+        weights = weights * pair_weight[:, None]
     optimizer = torch.optim.AdamW(
         [p for p in heads.parameters() if p.requires_grad],
         lr=config.learning_rate,

@@ -3,6 +3,11 @@
 ``rlhf-backend simulate --pool POOL.jsonl --labels LABELS.jsonl --eval EVAL.jsonl
 --strategy NAME --budget 400 --batch-size 50 --seed 0 --out RESULT.json [--plot CURVE.png]``
 
+A LABELS line may name its ``"annotator"`` (any string): the heads then train on the labels
+weighted by each annotator's reliability, estimated by the function the service's training job
+calls (:func:`trainer.reward_training.with_reliability`), and each curve point says who is
+flagged (``reliability``).
+
 The oracle reveals a pool pair's label only when the strategy asks for it. After each batch the
 reward-model heads are retrained (warm start, as in production) and evaluated on EVAL, which is
 never trained on. The backbone is frozen, so every text is embedded exactly once per run.
@@ -29,8 +34,10 @@ from trainer.reward_training import (
     RewardTrainingConfig,
     expected_calibration_error,
     laplace_posterior,
+    pair_weights,
     preference_probabilities,
     train_heads,
+    with_reliability,
 )
 
 logger = logging.getLogger(__name__)
@@ -85,6 +92,24 @@ def _check_preferred(path: Path, row: dict[str, Any]) -> int:
     return int(row["preferred"])
 
 
+def _check_annotator(path: Path, row: dict[str, Any]) -> str | None:
+    annotator = row.get("annotator")
+    if annotator is None:
+        return None
+    if isinstance(annotator, bool) or not isinstance(annotator, str | int):
+        raise SimulationInputError(
+            f"{path}: id {row['id']!r}: 'annotator' must be a string, got {annotator!r}"
+        )
+    return str(annotator)
+
+
+def load_annotators(labels_path: Path) -> dict[str, str]:
+    """Who gave each label, for the LABELS lines that say (``"annotator"``)."""
+    rows = _read_jsonl(labels_path, {"id": str, "preferred": int})
+    found = {row["id"]: _check_annotator(labels_path, row) for row in rows}
+    return {item: annotator for item, annotator in found.items() if annotator is not None}
+
+
 def load_inputs(
     pool_path: Path, labels_path: Path, eval_path: Path
 ) -> tuple[list[PoolItem], dict[str, int], list[tuple[PoolItem, int]]]:
@@ -99,6 +124,7 @@ def load_inputs(
         if row["id"] not in ids:
             raise SimulationInputError(f"{labels_path}: id {row['id']!r} is not in {pool_path}")
         labels[row["id"]] = _check_preferred(labels_path, row)
+        _check_annotator(labels_path, row)
     unlabeled = ids - labels.keys()
     if unlabeled:
         raise SimulationInputError(
@@ -124,9 +150,9 @@ def fresh_heads(model: Any, seed: int) -> EnsembleHeads:
     )
 
 
-def _as_pair(item: PoolItem, preferred: int) -> Pair:
+def _as_pair(item: PoolItem, preferred: int, annotator: str | None = None) -> Pair:
     chosen, rejected = item.responses[preferred], item.responses[1 - preferred]
-    return Pair(item.prompt, chosen, rejected, group=item.id)
+    return Pair(item.prompt, chosen, rejected, annotator=annotator, group=item.id)
 
 
 def simulate(
@@ -141,12 +167,14 @@ def simulate(
     training: RewardTrainingConfig | None = None,
     cache: EmbeddingCache | None = None,
     also_evaluate: dict[str, list[tuple[PoolItem, int]]] | None = None,
+    annotators: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run the loop; ``model`` is a RewardModel (its heads are reset from ``seed``).
 
     ``cache`` may be shared between runs over the same texts with the same backbone.
     ``also_evaluate`` names more evaluation sets (e.g. the truth behind noisy labels): each
-    curve point gets ``eval_accuracy_NAME`` for each.
+    curve point gets ``eval_accuracy_NAME`` for each. ``annotators``: who gave each pool
+    label (:func:`load_annotators`); training then weighs labels by reliability.
     """
     strategy_name = resolve(strategy)
     if budget > len(pool):
@@ -159,6 +187,7 @@ def simulate(
     model.heads = fresh_heads(model, seed)
     training = training or RewardTrainingConfig(seed=seed, heldout_fraction=0.0)
     extra = also_evaluate or {}
+    who = annotators or {}
 
     cache = cache or EmbeddingCache(model.embed)
     as_first = [Pair(i.prompt, i.responses[0], i.responses[1]) for i in pool]
@@ -192,7 +221,8 @@ def simulate(
             labeled.append(int(index))
             random_pick.append(strategy_name == "random" or position in slots)
             available[index] = False
-        pairs = [_as_pair(pool[i], labels[pool[i].id]) for i in labeled]
+        pairs = [_as_pair(pool[i], labels[pool[i].id], who.get(pool[i].id)) for i in labeled]
+        pairs, reliability = with_reliability(pairs, cache, model.config.prior_scale)
         chosen, rejected, target = cache.pair_indices(pairs)
         if strategy_name == "adaptive":
             new = np.arange(len(labeled)) >= len(labeled) - len(picked)
@@ -211,6 +241,7 @@ def simulate(
             target,
             model.config.num_heads,
             training,
+            pair_weight=pair_weights(pairs),
         )
         posterior = laplace_posterior(
             model.head_rewards, embeddings, chosen, rejected, model.config.prior_scale
@@ -225,6 +256,11 @@ def simulate(
                 point["eval_ece"] = round(expected_calibration_error(p_eval), 6)
         if strategy_name == "adaptive":
             point["random_share"] = round(mix.share, 3)
+        if reliability.annotators:
+            point["reliability"] = {
+                a: {"labels": r.labels, "reliability": r.reliability, "flag": r.flag}
+                for a, r in sorted(reliability.annotators.items())
+            }
         curve.append(point)
         logger.info(
             "%s: %d labels, eval accuracy %.3f", strategy, len(labeled), point["eval_accuracy"]
