@@ -234,12 +234,12 @@ class BackendConfig:
         "earlier promoted version (one response each) for the dashboard's human-judged "
         "leaderboard (0: never).",
     )
-    annotator_reliability: bool = _setting(
-        True,
+    annotator_reliability: int = _setting(
+        1,
         "RLHF_ANNOTATOR_RELIABILITY",
         "Weigh each annotator's labels in reward training by their reliability, estimated from "
         "gold, overlaps and agreement with a model fitted without them (a flagged A/B swapper's "
-        "labels are turned round); false: every label counts the same.",
+        "labels are turned round); 0: every label counts the same.",
     )
     relook_contradiction: float = _setting(
         0.9,
@@ -322,6 +322,8 @@ class BackendConfig:
             raise ConfigError("RLHF_ARENA_SHARE must be in [0, 1].")
         if not 0.5 < self.relook_contradiction <= 1.0:
             raise ConfigError("RLHF_RELOOK_CONTRADICTION must be in (0.5, 1].")
+        if self.annotator_reliability not in (0, 1):
+            raise ConfigError("RLHF_ANNOTATOR_RELIABILITY must be 1 (on) or 0 (off).")
         if self.metrics_max_annotators < 0:
             raise ConfigError("RLHF_METRICS_MAX_ANNOTATORS must be 0 (none) or more.")
 
@@ -363,10 +365,6 @@ def _env_name(field_name: str) -> str:
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:
     kind = type(f.default)
-    if kind is bool:
-        if raw.lower() not in ("true", "false", "1", "0"):
-            raise ConfigError(f"{f.metadata['env']}={raw!r} must be true or false.")
-        return raw.lower() in ("true", "1")
     if kind is int:
         try:
             return int(raw)

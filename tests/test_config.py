@@ -56,6 +56,9 @@ EVERY_VARIABLE = {
     "RLHF_PREDICT_TIME_BUDGET_S": ("30", 30.0),
     "RLHF_SECRET_KEY": ("k" * 32, "k" * 32),
     "RLHF_WEBHOOK_SECRET": ("w" * 16, "w" * 16),
+    "RLHF_ANNOTATOR_RELIABILITY": ("0", 0),
+    "RLHF_RELOOK_CONTRADICTION": ("0.99", 0.99),
+    "RLHF_METRICS_MAX_ANNOTATORS": ("10", 10),
     "LOG_LEVEL": ("DEBUG", "DEBUG"),
     "RLHF_ARTIFACT_DIR": ("/mnt/shared/artifacts", "/mnt/shared/artifacts"),
 }
@@ -82,6 +85,8 @@ def test_from_env_reads_every_variable_with_its_type():
         ({"RLHF_RECONCILE_EVERY_S": "-1"}, "RLHF_RECONCILE_EVERY_S"),
         ({"RLHF_JOB_STALE_AFTER_S": "0"}, "RLHF_JOB_STALE_AFTER_S"),
         ({"RLHF_DATABASE_URL": "mysql://db/rlhf"}, "RLHF_DATABASE_URL"),
+        ({"RLHF_RELOOK_CONTRADICTION": "0.3"}, "RLHF_RELOOK_CONTRADICTION"),
+        ({"RLHF_ANNOTATOR_RELIABILITY": "2"}, "RLHF_ANNOTATOR_RELIABILITY"),
     ],
 )
 def test_bad_values_are_rejected_with_the_variable_named(env, message):

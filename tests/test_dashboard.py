@@ -263,6 +263,7 @@ def test_a_new_project_has_an_empty_dashboard_not_an_error(client):
         "versions": [],
         "jobs": [],
         "annotators": [],
+        "agreement": {"items": 0, "labels": 0, "percent": None, "alpha": None},
         "leaderboard": [],
         "arena": {"tasks": 0, "length_coefficient": None, "length_ci": None},
     }
