@@ -260,10 +260,3 @@ def test_simulate_with_annotator_ids_learns_past_a_planted_swapper_and_clicker(t
     assert "reliability" not in without
     assert with_ids["eval_accuracy"] >= without["eval_accuracy"] + 0.05
 
-
-def test_the_examples_in_the_module_docs_hold():
-    import doctest
-
-    import trainer.reliability
-
-    assert doctest.testmod(trainer.reliability).failed == 0
