@@ -260,3 +260,37 @@ def test_simulate_with_annotator_ids_learns_past_a_planted_swapper_and_clicker(t
     assert "reliability" not in without
     assert with_ids["eval_accuracy"] >= without["eval_accuracy"] + 0.05
 
+
+def test_a_training_job_records_and_exports_the_reliability_it_trained_with(tmp_path, tiny_model):
+    from rlhf_core.conversion import Provenance, convert
+    from rlhf_core.label_schema import parse_label_config
+    from rlhf_core.store import IncomingAnnotation
+    from trainer.jobs import registry_for, train_job
+
+    xml = captured_body("01_setup")["schema"]
+    config = BackendConfig(
+        data_dir=tmp_path, reward_backbone=tiny_model.config.backbone, policy_training="off"
+    )
+    store = Store(config.db_path).initialize()
+    store.upsert_project(1, xml)
+    schema, rng = parse_label_config(xml), random.Random(0)
+    for i in range(90):
+        polite, rude = f"thank you, here is step {i}", f"go away {i}, no"
+        left = rng.random() < 0.5
+        data = {"prompt": f"question {i}", "answer1": polite if left else rude}
+        data["answer2"] = rude if left else polite
+        annotator = 7 + i % 3  # 7 and 8 prefer the polite answer, 9 swaps the sides
+        side = "left" if left == (annotator != 9) else "right"
+        result = [{"from_name": "comparison", "to_name": "answer1", "type": "pairwise"}]
+        result[0]["value"] = {"selected": side}
+        incoming = IncomingAnnotation(i + 1, 1, i + 1, annotator, data, result, False, "t", xml)
+        provenance = Provenance(1, i + 1, i + 1, annotator)
+        store.upsert_annotation(incoming, convert(result, data, schema, provenance))
+    store.enqueue_training(1, "test")
+    assert train_job(config, store.claim_job("test"))["trained"]
+    served = registry_for(config).versions(1, REWARD_MODEL)[-1]
+    recorded = served.metrics["reliability"]
+    assert recorded["flagged"] == {"9": SWAPPED}
+    assert recorded["annotators"]["7"]["weight"] > 0.5
+    metrics = Metrics(store, registry_for(config)).exposition().decode()
+    assert 'rlhf_annotator_flagged{annotator="9",flag="swapped",project="1"} 1.0' in metrics
