@@ -217,6 +217,9 @@ def _simulate(config: BackendConfig, args: argparse.Namespace) -> int:
     print(
         f"{args.strategy}: {final['labels']} labels -> eval accuracy {final['eval_accuracy']:.3f}"
     )
+    flagged = {a: r["flag"] for a, r in final.get("reliability", {}).items() if r["flag"]}
+    if flagged:
+        print("flagged annotators: " + ", ".join(f"{a} ({f})" for a, f in flagged.items()))
     return 0
 
 
