@@ -179,10 +179,12 @@ def estimate(
     if not labels:
         return Reliability({})
     names = sorted({j.annotator for j in labels})
-    who = np.array([names.index(j.annotator) for j in labels])  # (N,)
+    name_index = {name: i for i, name in enumerate(names)}
+    who = np.array([name_index[j.annotator] for j in labels])  # (N,)
     gold = np.array([j.gold for j in labels])
-    items = sorted({j.item for j in labels})
-    item_of = np.array([items.index(j.item) for j in labels])  # (N,)
+    item_index = {item: i for i, item in enumerate(sorted({j.item for j in labels}))}
+    items = list(item_index)
+    item_of = np.array([item_index[j.item] for j in labels])  # (N,)
     sign = np.array([1.0 if j.first else -1.0 for j in labels])  # +1: says "first"
     gold_logit = np.zeros(len(items))
     for j in np.flatnonzero(gold):
