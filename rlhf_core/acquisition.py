@@ -124,7 +124,7 @@ class Posterior:
         """The posterior after the labelled pairs ``features`` (N, D), at probabilities ``p``."""
         x = np.asarray(features, dtype=np.float64)
         weight = np.clip(p * (1.0 - p), 1e-4, 0.25)
-        return cls(np.eye(x.shape[1]) * precision + (x * weight[:, None]).T @ x)
+        return cls(logistic_hessian(x, weight, precision))
 
     def covariance(self) -> np.ndarray:
         """``A^-1`` (D, D), computed once per posterior (callers must not modify it)."""
