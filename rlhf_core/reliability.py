@@ -25,8 +25,8 @@ random clicker, 1 for a perfect annotator; the expected share of a label's gradi
 points the right way). An annotator flagged ``swapped`` (``P(q < 0.5) >= flag_confidence``) has
 their labels turned round and counted ``1 - 2q``: a systematic inversion carries as much
 information as a careful label, so dropping it would waste labels; the flag needs that much
-evidence because a wrong flip costs twice. Nobody holding the majority of the labels is flipped
-(without gold, the majority is what defines the direction). Gold labels count 1.
+evidence because a wrong flip costs twice. Without gold, nobody holding the majority of the
+labels is flipped (the majority is then what defines the direction). Gold labels count 1.
 
 Example: two careful annotators and one who always swaps, each labelling every pair once more:
 
@@ -193,7 +193,8 @@ def estimate(
     rated = ~gold  # the labels each annotator is judged on (a gold label is the answer)
     fold = np.arange(len(names)) % config.max_folds  # (A,)
     counts = np.bincount(who[rated], minlength=len(names))
-    majority = counts > 0.5 * counts.sum()
+    # Without gold, the labels' majority is what defines which side is right: never turned.
+    majority = (counts > 0.5 * counts.sum()) & (not is_gold_item.any())
 
     components = _principal(np.asarray(features, dtype=np.float64), config.dimensions)
     q = np.full(len(names), config.prior_right / (config.prior_right + config.prior_wrong))
@@ -214,10 +215,9 @@ def estimate(
             q = (config.prior_right + np.bincount(who[rated], right[rated], len(names))) / (
                 config.prior_right + config.prior_wrong + counts
             )
-        low_mean, low_sd = _beta(config, right, who, rated, len(names))
-        swapped = (_normal_cdf((0.5 - low_mean) / low_sd) >= config.flag_confidence) & ~majority
+        mean, sd = _beta(config, right, who, rated, len(names))
+        swapped = (_normal_cdf((0.5 - mean) / sd) >= config.flag_confidence) & ~majority
 
-    mean, sd = _beta(config, right, who, rated, len(names))
     careless = _normal_cdf((config.careless_below - mean) / sd) >= config.flag_confidence
     weights = _weights(q, swapped)
     result = {}

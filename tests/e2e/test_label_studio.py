@@ -212,3 +212,28 @@ def test_basic_auth_connects_and_fixes_the_webhook_header(
 
     ls.annotations.create(id=project.task_ids[0], result=pairwise("right"))
     assert_store_matches(ls, auth_backend, project)
+
+
+def test_ground_truth_marks_reach_the_training_records(
+    label_studio: LabelStudioServer, backend: Backend, ls: LabelStudio, make_project: Any
+) -> None:
+    project = make_project()
+    connect(label_studio, project.id, backend)
+    t0, t1, _ = project.task_ids
+
+    gold = ls.annotations.create(id=t0, result=pairwise("left"), ground_truth=True)
+    plain = ls.annotations.create(id=t1, result=pairwise("right"))
+
+    def marks() -> dict[int, bool]:
+        records = backend.store.records(project.id, kind="preference")
+        return {r["annotation"]: r.get("ground_truth", False) for r in records}
+
+    wait_for(
+        lambda: marks() == {gold.id: True, plain.id: False},
+        what=lambda: f"the gold mark on annotation {gold.id} only; records say {marks()}",
+    )
+    ls.annotations.update(id=plain.id, ground_truth=True)  # a reviewer marks it later
+    wait_for(
+        lambda: marks() == {gold.id: True, plain.id: True},
+        what=lambda: f"the later mark on annotation {plain.id}; records say {marks()}",
+    )
