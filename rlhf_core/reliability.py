@@ -205,8 +205,8 @@ def estimate(
             components, who, fold, gold, _weights(q, swapped), swapped, precision
         )
         model_logit = sign * _logit(p_model)  # (N,) in the item's "first" direction
-        prior = np.bincount(item_of, weights=model_logit, minlength=len(items))
-        prior /= np.maximum(np.bincount(item_of, minlength=len(items)), 1)
+        seen = np.maximum(np.bincount(item_of, minlength=len(items)), 1)
+        prior = np.bincount(item_of, weights=model_logit, minlength=len(items)) / seen
         prior = np.where(is_gold_item, gold_logit, prior)
         for _ in range(config.em_steps):
             votes = np.where(rated, sign * _logit(q[who]), 0.0)

@@ -251,7 +251,7 @@ def project_agreement(preferences: Iterable[dict[str, Any]]) -> dict[str, Any]:
     ...                    label(2, "d", "c", 2), label(3, "e", "f", 1), label(3, "f", "e", 2)])
     {'items': 3, 'labels': 6, 'percent': 0.6667, 'alpha': 0.4444}
     """
-    coincidence: Counter[tuple[str, str]] = Counter()
+    coincidence: dict[tuple[str, str], float] = defaultdict(float)
     agree = total = items = labels = 0
     for by_annotator in verdicts(preferences).values():
         values = list(by_annotator.values())
@@ -267,7 +267,7 @@ def project_agreement(preferences: Iterable[dict[str, Any]]) -> dict[str, Any]:
                     total += 1
     if not items:
         return {"items": 0, "labels": 0, "percent": None, "alpha": None}
-    marginal: Counter[str] = Counter()
+    marginal: dict[str, float] = defaultdict(float)
     for (mine, _), count in coincidence.items():
         marginal[mine] += count
     n = sum(marginal.values())
