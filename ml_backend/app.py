@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import time
-from collections import defaultdict
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
@@ -18,7 +17,6 @@ from ml_backend import dashboard
 from ml_backend.metrics import CONTENT_TYPE, Metrics, action_label, kind_label, method_label
 from ml_backend.trust import admit_webhook
 from rlhf_core.config import BackendConfig
-from rlhf_core.conversion import preference_pairs
 from rlhf_core.credentials import WEBHOOK_SECRET_HEADER, Credentials
 from rlhf_core.db import database_for
 from rlhf_core.errors import BackendError, BadRequest, NotFound, TooLarge, Unauthorized
@@ -26,7 +24,7 @@ from rlhf_core.intake import MAX_ID, handle_event
 from rlhf_core.label_schema import check_label_config
 from rlhf_core.label_studio import WebhookSync
 from rlhf_core.notify import notify_workers
-from rlhf_core.predict import PREDICT_CHUNK, predict_in_time
+from rlhf_core.predict import PREDICT_CHUNK, labels_by_task, predict_in_time
 from rlhf_core.registry import Registry
 from rlhf_core.serving import ModelServer, release_memory
 from rlhf_core.store import JOB_PREANNOTATE, JOB_RECONCILE, Store
@@ -209,7 +207,12 @@ def _register_routes(app: Flask, services: Services) -> None:
                 services.config.strategy,
                 budget_s=services.config.predict_time_budget_s,
                 posterior=services.models.posterior(project_id),
-                labels=_labels_by_task(project_id, tasks),
+                labels=labels_by_task(
+                    services.store,
+                    project_id,
+                    services.config.max_ranking_pairs,
+                    {task.get("id") for task in tasks} - {None},
+                ),
                 contradiction=services.config.relook_contradiction,
             )
             answer: dict[str, Any] = {"results": timed.results}
@@ -219,24 +222,6 @@ def _register_routes(app: Flask, services: Services) -> None:
         finally:
             if len(tasks) > PREDICT_CHUNK:
                 release_memory()
-
-    def _labels_by_task(
-        project_id: int, tasks: list[dict[str, Any]]
-    ) -> dict[Any, list[dict[str, Any]]]:
-        """The stored preference pairs of the request's tasks, by task id (what decides whether
-        a task needs another look)."""
-        wanted = {task.get("id") for task in tasks} - {None}
-        found: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-        if not wanted:
-            return found
-        store = services.store
-        for record in preference_pairs(
-            [r for r in store.records(project_id, "preference") if r.get("task") in wanted],
-            [r for r in store.records(project_id, "ranking") if r.get("task") in wanted],
-            services.config.max_ranking_pairs,
-        ):
-            found[record["task"]].append(record)
-        return found
 
     def _hand_off(project_id: int, unreached: int) -> dict[str, Any]:
         """Tasks /predict had no time for go to the project's pre-annotation job, which uploads

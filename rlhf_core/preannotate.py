@@ -24,7 +24,7 @@ version, and tasks that already have responses are only predicted, never regener
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,7 +35,14 @@ from rlhf_core.acquisition import Posterior
 from rlhf_core.arena import Arena
 from rlhf_core.conversion import field_text
 from rlhf_core.label_schema import RLHFSchema
-from rlhf_core.predict import Candidates, build_prediction, most_informative_pair, task_candidates
+from rlhf_core.predict import (
+    Candidates,
+    build_prediction,
+    most_informative_pair,
+    task_candidates,
+    task_verdicts,
+)
+from rlhf_core.reliability import needs_another_look
 from rlhf_core.selection import score_tasks
 
 logger = logging.getLogger(__name__)
@@ -103,6 +110,7 @@ class PreannotateReport:
     generated: int = 0
     predicted: int = 0
     skipped: int = 0
+    another_look: int = 0  # labelled tasks sent back to the front (disagreement, contradiction)
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -160,9 +168,14 @@ def preannotate_project(
     strategy: str = "default",
     progress: bool = False,
     arena: Arena | None = None,
+    labelled: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]] = (),
+    contradiction: float = 0.9,
 ) -> PreannotateReport:
     """``arena``: pit the served policy against earlier versions on a share of the prompt-only
-    tasks (:mod:`rlhf_core.arena`); None: every candidate comes from the served policy."""
+    tasks (:mod:`rlhf_core.arena`); None: every candidate comes from the served policy.
+    ``labelled``: labelled tasks (``id``, ``data``) with their stored preference records; those
+    whose labels call for another look (:func:`rlhf_core.reliability.needs_another_look`) get a
+    prediction scoring 0, so Label Studio shows them first again."""
     version = models.served_version(project_id)
     posterior = models.posterior(project_id)
     report = PreannotateReport(model_version=version)
@@ -198,8 +211,38 @@ def preannotate_project(
             )
             tasks.create_prediction(task.task_id, prediction)
             report.predicted += 1
+    for task in _another_look(project_id, schema, models, labelled, contradiction, batch_size):
+        _, [score] = score_tasks(
+            strategy, [(task.head_rewards, task.embeddings)], posterior, another_look=[True]
+        )
+        prediction = build_prediction(
+            schema, task.candidates, task.head_rewards, version, float(score)
+        )
+        tasks.create_prediction(task.task_id, prediction)
+        report.another_look += 1
     tasks.set_project_model_version(project_id, version)
     return report
+
+
+def _another_look(
+    project_id: int,
+    schema: RLHFSchema,
+    models: Models,
+    labelled: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]],
+    contradiction: float,
+    batch_size: int,
+) -> list[ScoredTask]:
+    """The labelled tasks whose annotators disagree, or whose single label the served reward
+    model contradicts."""
+    found = []
+    for start in range(0, len(labelled), batch_size):
+        batch = labelled[start : start + batch_size]
+        records = {task["id"]: task_records for task, task_records in batch}
+        for task in _score(project_id, schema, models, [task for task, _ in batch]):
+            verdicts = task_verdicts(task.candidates, records[task.task_id])
+            if needs_another_look(verdicts, task.head_rewards, contradiction):
+                found.append(task)
+    return found
 
 
 def _score(

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
@@ -29,11 +30,12 @@ from typing import Any
 import numpy as np
 
 from rlhf_core.acquisition import Posterior, prior_precision
-from rlhf_core.conversion import field_text, list_item_texts
+from rlhf_core.conversion import field_text, list_item_texts, preference_pairs
 from rlhf_core.errors import AnnotationMismatch
 from rlhf_core.label_schema import TEXT_OBJECTS, RLHFSchema, TextField
 from rlhf_core.reliability import Verdict, needs_another_look
 from rlhf_core.selection import score_tasks, task_pairs
+from rlhf_core.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +272,23 @@ def predict_in_time(
             )
             results[index] = [prediction]
     return TimedPredictions(results, len(tasks) - reached)
+
+
+def labels_by_task(
+    store: Store, project_id: int, max_ranking_pairs: int, tasks: Collection[Any] | None = None
+) -> dict[Any, list[dict[str, Any]]]:
+    """The project's stored preference pairs (each ranking's implied ones too), by task id;
+    ``tasks``: only these. What decides whether a task needs another look."""
+    found: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    if tasks is not None and not tasks:
+        return found
+    preferences, rankings = (
+        [r for r in store.records(project_id, kind) if tasks is None or r.get("task") in tasks]
+        for kind in ("preference", "ranking")
+    )
+    for record in preference_pairs(preferences, rankings, max_ranking_pairs):
+        found[record.get("task")].append(record)
+    return found
 
 
 def task_verdicts(candidates: Candidates, records: list[dict[str, Any]]) -> list[Verdict]:

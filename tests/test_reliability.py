@@ -294,3 +294,36 @@ def test_a_training_job_records_and_exports_the_reliability_it_trained_with(tmp_
     assert recorded["annotators"]["7"]["weight"] > 0.5
     metrics = Metrics(store, registry_for(config)).exposition().decode()
     assert 'rlhf_annotator_flagged{annotator="9",flag="swapped",project="1"} 1.0' in metrics
+
+
+def test_the_pool_order_after_a_promotion_sends_disagreeing_and_contradicted_tasks_back():
+    from test_preannotate import PAIRWISE, FakeLabelStudio, FakeModels
+
+    from rlhf_core.label_schema import parse_label_config
+    from rlhf_core.preannotate import preannotate_project
+
+    unlabeled = [{"id": 1, "data": {"prompt": "q1", "answer1": "short", "answer2": "a longer"}}]
+    ls = FakeLabelStudio(unlabeled)
+
+    def labelled(task_id, left, right, *verdicts):
+        task = {"id": task_id, "data": {"prompt": f"q{task_id}", "answer1": left, "answer2": right}}
+        return task, [record(task_id, c, r, a) for a, (c, r) in enumerate(verdicts)]
+
+    # FakeModels rewards length: "a much longer answer" beats "no" with p ~ 0.86.
+    long, short = "a much longer answer", "no"
+    tasks = [
+        labelled(2, long, short, (long, short), (short, long)),  # two annotators disagree
+        labelled(3, long, short, (short, long)),  # one label, against the model
+        labelled(4, long, short, (long, short)),  # one label, with the model
+        labelled(5, long, short, (long, short), (long, short)),  # two who agree
+    ]
+    report = preannotate_project(
+        1, parse_label_config(PAIRWISE), FakeModels(), ls, 2, labelled=tasks, contradiction=0.8
+    )
+    assert report.another_look == 2
+    assert {task: [p["score"] for p in found] for task, found in ls.predictions.items()} == {
+        1: [ls.predictions[1][0]["score"]],
+        2: [0.0],
+        3: [0.0],
+    }
+    assert ls.predictions[1][0]["score"] > 0.0

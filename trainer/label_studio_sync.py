@@ -18,6 +18,7 @@ from rlhf_core.config import BackendConfig
 from rlhf_core.db import database_for
 from rlhf_core.label_schema import parse_label_config
 from rlhf_core.label_studio import LabelStudioTasks, client
+from rlhf_core.predict import labels_by_task
 from rlhf_core.registry import POLICY, REWARD_MODEL, Registry, Sync
 from rlhf_core.serving import ModelServer
 from rlhf_core.store import Store
@@ -70,8 +71,25 @@ def preannotate(
         strategy=config.strategy,
         progress=progress,
         arena=_arena(config, store, models, project_id),
+        labelled=labelled_tasks(config, store, project_id, version),
+        contradiction=config.relook_contradiction,
     )
     return report.as_dict()
+
+
+def labelled_tasks(
+    config: BackendConfig, store: Store, project_id: int, version: str
+) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """The project's labelled tasks (``id``, ``data``) with their preference records, leaving
+    out those ``version`` already scored (a rerun at the same version uploads nothing twice)."""
+    scored = {task for task, (_, by) in store.task_models(project_id).items() if by == version}
+    data = {a.task_id: a.task_data for a in store.annotations(project_id) if a.task_id}
+    by_task = labels_by_task(store, project_id, config.max_ranking_pairs)
+    return [
+        ({"id": task, "data": data[task]}, by_task[task])
+        for task in sorted(data)
+        if task in by_task and task not in scored
+    ]
 
 
 def _arena(config: BackendConfig, store: Store, models: ModelServer, project_id: int) -> Arena:
