@@ -1,6 +1,6 @@
 """The one conversion from a Label Studio annotation to the records the trainer learns from.
 
-Three record kinds come out, each tagged with where it came from (project, task, annotation,
+Four record kinds come out, each tagged with where it came from (project, task, annotation,
 annotator) so that nothing a human said is anonymous or unattributable:
 
 ``preference``: ``{"prompt", "chosen", "rejected", "tie", "source", "control", ...}``
@@ -11,6 +11,14 @@ annotator) so that nothing a human said is anonymous or unattributable:
                 at most ``RLHF_MAX_RANKING_PAIRS`` per ranking.
 ``feedback``:   ``{"prompt", "response", "feedback", "control", ...}`` (``response`` is None for
                 feedback on the whole item)
+``unpaired``:   ``{"prompt", "response", "desirable", "source", "control", ...}``: a verdict on
+                one response (``source``: ``thumbs``, ``rating`` with its ``rating``, or
+                ``both_bad``, one record per response of a "both bad" answer), which KTO
+                learns from; never a pair.
+
+A graded choice (``A is slightly better``) adds ``"strength"`` (``significantly``, ``better``,
+``slightly``, ``negligibly``) and ``"margin"`` (its Bradley–Terry margin,
+``ml_backend.label_schema.STRENGTH_MARGINS``) to its preference records.
 
 Example, with the pairwise template and ``selected: right``:
 
@@ -48,7 +56,15 @@ from typing import Any
 
 from rlhf_core.config import BackendConfig
 from rlhf_core.errors import AnnotationMismatch
-from rlhf_core.label_schema import TIE, RankerControl, RLHFSchema, TextField
+from rlhf_core.label_schema import (
+    BOTH_BAD,
+    STRENGTH_MARGINS,
+    TIE,
+    RankerControl,
+    RLHFSchema,
+    TextField,
+    UnpairedControl,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +105,7 @@ def convert(
     pairs += _choices_pairs(by_control, task_data, schema)
     pairs += _rating_pairs(by_control, task_data, schema)
     pairs = _drop_empty(pairs)
+    strengths = _picked_strengths(by_control, schema)
     records: list[Record] = [
         (
             "preference",
@@ -100,9 +117,15 @@ def convert(
                 "tie": tie,
                 "source": source,
                 "control": control,
+                **strengths.get(control, {}),
             },
         )
         for chosen, rejected, tie, source, control in pairs
+    ]
+    records += [
+        ("unpaired", {**base, "prompt": prompt, **verdict})
+        for verdict in _both_bad(by_control, task_data, schema)
+        + _unpaired_verdicts(by_control, task_data, schema)
     ]
     records += [
         (
@@ -148,16 +171,14 @@ def _drop_empty(pairs: list[Pair]) -> list[Pair]:
 def _pairwise_pairs(
     by_control: dict[str, dict[str, Any]], task_data: dict[str, Any], schema: RLHFSchema
 ) -> list[Pair]:
-    tie_selected = any(
-        by_control.get(c.name, {}).get("choices")
-        for c in schema.choices
-        if set(c.choice_to_index.values()) == {TIE}
-    )
+    buttons = _picked_buttons(by_control, schema)
     pairs = []
     for control in schema.pairwise:
         left = field_text(task_data, control.left)
         right = field_text(task_data, control.right)
-        if tie_selected:
+        if BOTH_BAD in buttons:
+            continue
+        if TIE in buttons:
             pairs.append((left, right, True, "pairwise", control.name))
             continue
         selected = by_control.get(control.name, {}).get("selected")
@@ -170,6 +191,95 @@ def _pairwise_pairs(
         chosen, rejected = (left, right) if selected == "left" else (right, left)
         pairs.append((chosen, rejected, False, "pairwise", control.name))
     return pairs
+
+
+def _picked(by_control: dict[str, dict[str, Any]], name: str) -> list[str]:
+    """The choices a Choices control's answer picked."""
+    picked = by_control.get(name, {}).get("choices") or []
+    if not isinstance(picked, list) or not all(isinstance(v, str) for v in picked):
+        raise AnnotationMismatch(f"Choices {name!r}: value.choices must be a list of strings")
+    return picked
+
+
+def _picked_buttons(by_control: dict[str, dict[str, Any]], schema: RLHFSchema) -> set[int]:
+    """TIE and/or BOTH_BAD, where a Choices of only such buttons (next to a Pairwise) is ticked."""
+    picked = set()
+    for control in schema.choices:
+        if control in schema.preference_choices:
+            continue
+        for value in _picked(by_control, control.name):
+            picked.add(control.choice_to_index.get(value, TIE))
+    return picked
+
+
+def _picked_strengths(
+    by_control: dict[str, dict[str, Any]], schema: RLHFSchema
+) -> dict[str, dict[str, Any]]:
+    """Per graded Choices control answered: the strength and margin its pairs carry."""
+    found = {}
+    for control in schema.preference_choices:
+        picked = _picked(by_control, control.name)
+        strength = control.choice_to_strength.get(picked[0]) if picked else None
+        if strength is not None:
+            found[control.name] = {"strength": strength, "margin": STRENGTH_MARGINS[strength]}
+    return found
+
+
+def _both_bad(
+    by_control: dict[str, dict[str, Any]], task_data: dict[str, Any], schema: RLHFSchema
+) -> list[dict[str, Any]]:
+    """A "both bad" answer: each response, undesirable (blank responses left out)."""
+    verdicts = []
+    for control in schema.choices:  # a "both bad" button next to a Pairwise names its two
+        picked = _picked(by_control, control.name)
+        if BOTH_BAD not in {control.choice_to_index.get(v) for v in picked}:
+            continue
+        for field in control.responses:
+            text = field_text(task_data, field)
+            if text.strip():
+                verdict = {"desirable": False, "source": "both_bad", "control": control.name}
+                verdicts.append({"response": text, **verdict})
+    return verdicts
+
+
+def _unpaired_verdicts(
+    by_control: dict[str, dict[str, Any]], task_data: dict[str, Any], schema: RLHFSchema
+) -> list[dict[str, Any]]:
+    verdicts = []
+    for control in schema.unpaired:
+        value = by_control.get(control.name)
+        if not value:
+            continue
+        verdict = _verdict(control, value)
+        text = field_text(task_data, control.target)
+        if verdict is not None and text.strip():
+            verdicts.append({"response": text, **verdict, "control": control.name})
+    return verdicts
+
+
+def _verdict(control: UnpairedControl, value: dict[str, Any]) -> dict[str, Any] | None:
+    """Thumbs: the choice's verdict. Rating: above the scale's middle is desirable, below it
+    undesirable; the middle itself (3 of 5) says neither and gives no record."""
+    if control.choice_to_desirable:
+        picked = value.get("choices") or []
+        if not isinstance(picked, list) or (
+            picked and picked[0] not in control.choice_to_desirable
+        ):
+            raise AnnotationMismatch(f"Choices {control.name!r}: unknown choice {picked!r}")
+        return (
+            {"desirable": control.choice_to_desirable[picked[0]], "source": "thumbs"}
+            if picked
+            else None
+        )
+    rating = value.get("rating")
+    if rating is None:
+        return None
+    if isinstance(rating, bool) or not isinstance(rating, int | float):
+        raise AnnotationMismatch(f"Rating {control.name!r}: rating must be a number")
+    middle = (1 + control.max_rating) / 2
+    if rating == middle:
+        return None
+    return {"desirable": rating > middle, "source": "rating", "rating": rating}
 
 
 def _choices_pairs(
@@ -187,6 +297,8 @@ def _choices_pairs(
             raise AnnotationMismatch(f"Choices {control.name!r}: unknown choice {value!r}")
         texts = [field_text(task_data, r) for r in control.responses]
         index = control.choice_to_index[value]
+        if index == BOTH_BAD:
+            continue  # not a pair: its responses are undesirable examples (_both_bad)
         if index == TIE:
             pairs += [(a, b, True, "choices", control.name) for a, b in combinations(texts, 2)]
         else:

@@ -12,6 +12,15 @@ and ``$answer2``. What the backend recognises:
 * **Choices** whose every choice names a response or a tie (``A is better``, ``Response 2``,
   ``Tie``; a ``Choice``'s ``alias`` is read first): the chosen response is better. A Choices
   with only tie-like choices is an optional "tie" button next to a Pairwise.
+* **Graded Choices**: choices that also say how much better (``A is significantly better``,
+  ``A is better``, ``A is slightly better``, ``A is negligibly better / unsure``, as Llama 2
+  collected them): each strength becomes a margin of the Bradley–Terry loss
+  (:data:`STRENGTH_MARGINS`). A choice such as ``Both are bad`` / ``Neither is acceptable`` is
+  "both bad" (:data:`BOTH_BAD`): kept as undesirable examples, not a pair.
+* **Unpaired verdicts** on a single response: a Choices on it whose choices are a thumbs up and
+  a thumbs down (``Good`` / ``Bad``, ``👍`` / ``👎``, ``Acceptable`` / ``Unacceptable``), or a
+  Rating when only one response is rated (above the middle of the scale is desirable, below it
+  undesirable, the middle neutral). The policy learns from them with KTO.
 * **TextArea** on a response: language feedback on that response; on anything else: feedback
   on the whole item.
 
@@ -24,7 +33,7 @@ import hashlib
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
@@ -33,6 +42,28 @@ from rlhf_core.errors import LabelConfigTooLarge, UnsupportedLabelConfig
 
 TEXT_OBJECTS = ("Text", "HyperText", "Paragraphs")
 TIE = -1
+BOTH_BAD = -2
+
+# Llama 2's four levels (Touvron et al. 2023, table 27, "margin small"): the margin m of
+# -log sigmoid(r_chosen - r_rejected - m). A choice naming a response without a strength word
+# is "better" when its control offers other strengths, else it carries no margin.
+STRENGTH_MARGINS = {"significantly": 1.0, "better": 2 / 3, "slightly": 1 / 3, "negligibly": 0.0}
+_STRENGTH_WORDS = {
+    "significantly": re.compile(r"\b(significantly|much|far|strongly|clearly)\b", re.I),
+    "slightly": re.compile(r"\b(slightly|somewhat|a little)\b", re.I),
+    "negligibly": re.compile(r"\b(negligibly|marginally|barely|unsure|not sure)\b", re.I),
+}
+_BOTH_BAD_WORDS = re.compile(
+    r"\bboth\b.*\b(bad|poor|wrong|unacceptable|unusable)\b"
+    r"|\bneither\b.*\b(good|acceptable|usable|ok|okay|fine)\b",
+    re.I,
+)
+_UNDESIRABLE_WORDS = re.compile(
+    r"\b(bad|no|not|unacceptable|unhelpful|wrong|incorrect|dislike|down|reject)\b|\U0001f44e", re.I
+)
+_DESIRABLE_WORDS = re.compile(
+    r"\b(good|yes|acceptable|helpful|correct|like|up|approve|accept)\b|\U0001f44d", re.I
+)
 
 _TIE_WORDS = re.compile(r"\b(tie|tied|equal|equally|same|both|neither|draw|no preference)\b", re.I)
 _POSITION_WORDS = [
@@ -86,8 +117,23 @@ class RatingControl:
 class ChoicesPreference:
     name: str
     responses: tuple[TextField, ...]
-    choice_to_index: dict[str, int]  # choice value -> index into responses, or TIE
+    choice_to_index: dict[str, int]  # choice value -> index into responses, TIE or BOTH_BAD
     to_name: str  # the object the control points at: where Label Studio expects its results
+    # Graded choices: choice value -> strength (a STRENGTH_MARGINS key); empty when ungraded.
+    choice_to_strength: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UnpairedControl:
+    """A verdict on one response: thumbs up/down (a Choices) or a rating (a Rating).
+
+    ``choice_to_desirable`` maps each choice of a Choices to desirable (True) or not; it is
+    empty for a Rating, whose ``max_rating`` sets the scale."""
+
+    name: str
+    target: TextField
+    choice_to_desirable: dict[str, bool] = field(default_factory=dict)
+    max_rating: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,16 +151,21 @@ class RLHFSchema:
     ratings: tuple[RatingControl, ...]
     choices: tuple[ChoicesPreference, ...]
     feedback: tuple[FeedbackControl, ...]
+    unpaired: tuple[UnpairedControl, ...] = ()
 
     @property
     def learns_preferences(self) -> bool:
-        rated = len({r.target.name for r in self.ratings}) >= 2
-        return bool(self.pairwise or self.rankers or rated or self.preference_choices)
+        return bool(self.pairwise or self.rankers or self.rated_pairs or self.preference_choices)
+
+    @property
+    def rated_pairs(self) -> bool:
+        """Two or more responses are rated: ratings compare them (one alone is unpaired)."""
+        return len({r.target.name for r in self.ratings}) >= 2
 
     @property
     def preference_choices(self) -> tuple[ChoicesPreference, ...]:
-        """Choices that pick a response (not only a tie button)."""
-        return tuple(c for c in self.choices if any(i != TIE for i in c.choice_to_index.values()))
+        """Choices that pick a response (not only a tie or "both bad" button)."""
+        return tuple(c for c in self.choices if any(i >= 0 for i in c.choice_to_index.values()))
 
 
 PARSE_CACHE_BYTES = 16 * 1024 * 1024
@@ -200,7 +251,8 @@ def _parse(xml: str) -> RLHFSchema:
     if not responses:
         for choice in choices:
             responses = choice.responses
-    response_names = {r.name for r in responses}
+    unpaired = _unpaired(controls, objects, ratings, responses, choices)
+    response_names = {r.name for r in responses} | {u.target.name for u in unpaired}
     feedback = tuple(
         FeedbackControl(c.name, _feedback_target(c, objects, response_names))
         for c in controls
@@ -215,12 +267,13 @@ def _parse(xml: str) -> RLHFSchema:
             "label config has no <Text> tag for the prompt: add e.g. "
             '<Text name="prompt" value="$prompt"/> next to the responses'
         )
-    schema = RLHFSchema(prompt, responses, pairwise, rankers, ratings, choices, feedback)
-    if not schema.learns_preferences and not any(f.target for f in feedback):
+    schema = RLHFSchema(prompt, responses, pairwise, rankers, ratings, choices, feedback, unpaired)
+    if not schema.learns_preferences and not any(f.target for f in feedback) and not unpaired:
         raise UnsupportedLabelConfig(
             "label config has no control tag the RLHF backend can learn from: add a <Pairwise> "
             "over two responses, a <Ranker> over a <List>, a <Rating> per response, a <Choices> "
-            "naming the better response, or a <TextArea> on a response (see label_configs/)"
+            "naming the better response, a thumbs up/down <Choices> or a <Rating> on one "
+            "response, or a <TextArea> on a response (see label_configs/)"
         )
     return schema
 
@@ -347,10 +400,26 @@ def _choices_preference(
             return None
         mapping[key] = index
     to_name = control.to_name[0] if control.to_name else candidates[0].name
-    return ChoicesPreference(control.name, tuple(candidates), mapping, to_name)
+    strengths = _strengths(choices, mapping)
+    return ChoicesPreference(control.name, tuple(candidates), mapping, to_name, strengths)
+
+
+def _strengths(choices: dict[str, list[str]], mapping: dict[str, int]) -> dict[str, str]:
+    """Each response-naming choice's strength, when the control offers more than one."""
+    strengths = {
+        key: next(
+            (s for s, words in _STRENGTH_WORDS.items() if any(words.search(t) for t in texts)),
+            "better",
+        )
+        for key, texts in choices.items()
+        if mapping[key] >= 0
+    }
+    return strengths if len(set(strengths.values())) > 1 else {}
 
 
 def _choice_index(value: str, candidates: tuple[TextField, ...]) -> int | None:
+    if _BOTH_BAD_WORDS.search(value):
+        return BOTH_BAD
     if _TIE_WORDS.search(value):
         return TIE
     # Whole words only: a response named "a" is not meant by "Answer B is better".
@@ -377,3 +446,42 @@ def _feedback_target(
     targets = _targets(control, objects)
     in_responses = [t for t in targets if t.name in response_names and t.tag != "List"]
     return in_responses[0] if len(in_responses) == 1 else None
+
+
+def _unpaired(
+    controls: list[Any],
+    objects: dict[str, TextField],
+    ratings: tuple[RatingControl, ...],
+    responses: tuple[TextField, ...],
+    choices: tuple[ChoicesPreference, ...],
+) -> tuple[UnpairedControl, ...]:
+    """Verdicts on a single response: a thumbs Choices on a task text that is not the first
+    one (the prompt), and each Rating when only one response is rated."""
+    found: list[UnpairedControl] = []
+    if len({r.target.name for r in ratings}) == 1:
+        found += [
+            UnpairedControl(r.name, r.target, max_rating=r.max_rating)
+            for r in ratings
+            if r.target.tag in TEXT_OBJECTS and r.target.is_variable
+        ]
+    preference_names = {c.name for c in choices}
+    texts = _task_texts(objects)
+    for control in controls:
+        if control.tag != "Choices" or control.name in preference_names:
+            continue
+        targets = _targets(control, objects)
+        if len(targets) != 1 or targets[0] not in texts[1:] or targets[0] in responses:
+            continue
+        verdicts = {key: _desirable(texts_) for key, texts_ in _choice_texts(control).items()}
+        if verdicts and None not in verdicts.values() and len(set(verdicts.values())) == 2:
+            found.append(UnpairedControl(control.name, targets[0], verdicts))  # type: ignore[arg-type]
+    return tuple(found)
+
+
+def _desirable(texts: list[str]) -> bool | None:
+    """True for a thumbs-up choice, False for a thumbs-down one, None for anything else."""
+    if any(_UNDESIRABLE_WORDS.search(t) for t in texts):
+        return False
+    if any(_DESIRABLE_WORDS.search(t) for t in texts):
+        return True
+    return None

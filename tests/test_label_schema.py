@@ -255,7 +255,8 @@ def test_no_prompt_text_is_unsupported():
 NO_LEARNABLE_CONTROL = (
     "label config has no control tag the RLHF backend can learn from: add a <Pairwise> "
     "over two responses, a <Ranker> over a <List>, a <Rating> per response, a <Choices> "
-    "naming the better response, or a <TextArea> on a response (see label_configs/)"
+    "naming the better response, a thumbs up/down <Choices> or a <Rating> on one "
+    "response, or a <TextArea> on a response (see label_configs/)"
 )
 
 
@@ -267,12 +268,8 @@ NO_LEARNABLE_CONTROL = (
         '<Choice value="Negative"/></Choices></View>',
         '<View><Text name="prompt" value="$prompt"/><TextArea name="notes" toName="prompt"/>'
         "</View>",
-        # Two Ratings on one response compare nothing.
-        '<View><Text name="prompt" value="$prompt"/><Text name="answer1" value="$answer1"/>'
-        '<Rating name="helpful" toName="answer1"/><Rating name="harmless" toName="answer1"/>'
-        "</View>",
     ],
-    ids=["classification", "feedback-on-prompt-only", "ratings-on-one-response"],
+    ids=["classification", "feedback-on-prompt-only"],
 )
 def test_no_learnable_control_is_unsupported(xml):
     assert unsupported_message(xml) == NO_LEARNABLE_CONTROL
