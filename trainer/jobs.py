@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from typing import Any
 
@@ -43,7 +44,9 @@ from trainer.distributed import ONE_PROCESS, Ranks
 from trainer.label_studio_sync import after_promotion, preannotate, project_tasks
 from trainer.policy_training import (
     FeedbackExample,
+    GateResult,
     PolicyTrainingConfig,
+    UnpairedExample,
     grpo_gate,
     policy_gate,
     save_policy,
@@ -59,6 +62,7 @@ from trainer.reward_training import (
     correct_choices,
     evaluate,
     laplace_posterior,
+    pair_margins,
     pair_weights,
     preference_probabilities,
     should_promote,
@@ -92,12 +96,12 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
                 store.records(job.project_id, "ranking"),
                 config.max_ranking_pairs,
             ),
-            store.records(job.project_id, "feedback") if config.policy_training != "off" else [],
+            policy_records(store, job.project_id) if config.policy_training != "off" else [],
         )
         if ranks.is_main
         else ([], [])
     )
-    if len(records) < MIN_PAIRS:
+    if len(records) < MIN_PAIRS and not feedback:
         return {"trained": False, "reason": f"{len(records)} preference pairs; need {MIN_PAIRS}"}
     result: dict[str, Any] = {}
     if ranks.is_main:  # this job holds the project's one training: no one else writes there
@@ -107,7 +111,10 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
         after_promotion(config, registry, job.project_id)
         served = registry.served_version(job.project_id)
         return {"trained": False, "reason": f"an earlier attempt promoted {served}"}
-    if ranks.is_main:
+    if ranks.is_main and len(records) < MIN_PAIRS:  # language feedback or verdicts only
+        reason = f"{len(records)} preference pairs; the reward model needs {MIN_PAIRS}"
+        result = {"trained": False, "passed": False, "version": None, "reason": reason}
+    elif ranks.is_main:
         result = _earlier_reward_model(earlier.get(REWARD_MODEL), records) or train_reward_model(
             config,
             registry,
@@ -142,6 +149,24 @@ def train_job(config: BackendConfig, job: Job, ranks: Ranks = ONE_PROCESS) -> di
             if pruned:
                 result["pruned"] = [p.version for p in pruned]
     return result
+
+
+def policy_records(store: Store, project_id: int) -> list[dict[str, Any]]:
+    """What the policy learns from besides pairs: language feedback and unpaired verdicts.
+
+    Feedback on the whole item (``response`` None) gets as its draft the response the same
+    annotation ranked best, where it ranked one."""
+    best: dict[int, str] = {}
+    for record in store.records(project_id, "ranking"):
+        best.setdefault(record["annotation"], record["ranking"][0][0])
+    for record in store.records(project_id, "preference"):
+        if not record.get("tie"):
+            best.setdefault(record["annotation"], record["chosen"])
+    feedback = [
+        {**r, "response": r.get("response") or best.get(r["annotation"], "")}
+        for r in store.records(project_id, "feedback")
+    ]
+    return feedback + store.records(project_id, "unpaired")
 
 
 def _earlier_reward_model(
@@ -238,6 +263,7 @@ def train_reward_model(
         training,
         on_step=progress or Progress(f"project {project_id} reward model"),
         pair_weight=pair_weights(train),
+        margins=pair_margins(train),
     )
     seconds = time.monotonic() - started
     posterior = laplace_posterior(
@@ -333,10 +359,17 @@ def train_policy_version(
     if not gate_prompts:  # too few tasks for a held-out split yet
         gate_prompts = list(dict.fromkeys(p.prompt for p in pairs))
     feedback = [
-        FeedbackExample(r["prompt"], r["response"], r["feedback"])
+        FeedbackExample(r["prompt"], r.get("response") or "", r["feedback"])
         for r in feedback_records
-        if r.get("response") and r.get("feedback")
+        if r.get("feedback")
     ]
+    unpaired = [
+        UnpairedExample(r["prompt"], r["response"], bool(r["desirable"]))
+        for r in feedback_records
+        if "desirable" in r
+    ]
+    if not gate_prompts:  # no pairs at all: the prompts the policy was told about
+        gate_prompts = list(dict.fromkeys(r["prompt"] for r in feedback_records))
     served_rm = judge_version or registry.served(project_id, REWARD_MODEL)
     judge = load_version(config, served_rm)
     served = registry.served(project_id, POLICY)
@@ -350,11 +383,22 @@ def train_policy_version(
         on_step=progress or Progress(f"project {project_id} policy (rank {ranks.index})"),
         ranks=ranks,
         judge=judge.score_heads,
+        unpaired=unpaired,
     )
     reached("policy trained")
     if not ranks.is_main:
         return {"rank": ranks.index, "passed": False, "metrics": stats}
-    if training.method == "grpo":  # optimised against the judge: humans' held-out pairs decide
+    if not pairs and not judge.trained:
+        gate = GateResult(
+            math.nan,
+            0,
+            False,
+            "no trained reward model to judge the candidate yet (the project has fewer than "
+            f"{MIN_PAIRS} preference pairs): recorded, not promoted; serve it with "
+            "`rlhf-backend serve-version` if you want it",
+            {"rule": "no judge"},
+        )
+    elif training.method == "grpo":  # optimised against the judge: humans' pairs decide
         gate = grpo_gate(judge.score_heads, candidate, serving, heldout, training)
     else:
         gate = policy_gate(judge.score_heads, candidate, serving, gate_prompts, training)

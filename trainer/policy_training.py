@@ -9,6 +9,13 @@
   prompt, response and feedback; the refinement most similar to the feedback (cosine similarity of
   the reward model's backbone embeddings) is kept, and the policy is fine-tuned on
   (prompt → refinement) with TRL's ``SFTTrainer``. It runs before DPO, on the same candidate.
+  Feedback on the whole item (``ranking.xml``'s notes box) refines the response that annotation
+  ranked best; where the annotation ranked none, the policy answers the prompt anew with the
+  feedback as guidance.
+- **KTO** (Ethayarajh et al., 2024; TRL's ``KTOTrainer``) on unpaired verdicts: thumbs up/down or
+  a rating of a single response, and each response of a "both bad" answer as undesirable. It
+  runs after DPO, on the same candidate. DPO in the installed TRL has no per-pair margin, so a
+  graded pair trains DPO like any decisive pair; its strength reaches the reward model only.
 - **The gate** (DPO): the candidate and the serving policy answer the same held-out prompts,
   ``gate_samples`` answers each, with the same sampling seed; the reward model the job serves
   judges each pair (Bradley–Terry probability, mean of the heads). The win rate is averaged per
@@ -57,6 +64,9 @@ LORA_AUTO_PARAMETERS = 300_000_000  # above this, "auto" trains a LoRA adapter, 
 REFINE_TEMPLATE = (
     "{prompt}\n\nA draft answer:\n{response}\n\nFeedback on the draft:\n{feedback}\n\n"
     "An improved answer that follows the feedback:\n"
+)
+GUIDED_TEMPLATE = (  # feedback on the whole item, with no draft to refine
+    "{prompt}\n\nWhat a good answer should do:\n{feedback}\n\nAn answer that does this:\n"
 )
 
 
@@ -125,8 +135,17 @@ class PolicyTrainingConfig:
 @dataclass(frozen=True)
 class FeedbackExample:
     prompt: str
-    response: str
+    response: str  # the draft the feedback is about; "" for guidance without a draft
     feedback: str
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """A verdict on one response (KTO): desirable or not."""
+
+    prompt: str
+    completion: str
+    label: bool
 
 
 StepReport = Callable[[int, int, float], None]
@@ -149,9 +168,11 @@ def train_policy(
     on_step: StepReport | None = None,
     ranks: Ranks = ONE_PROCESS,
     judge: Judge | None = None,
+    unpaired: Sequence[UnpairedExample] = (),
 ) -> tuple[Policy, dict[str, Any]]:
     """A trained copy of ``policy`` (the original is untouched) and what the training did.
 
+    ``unpaired`` verdicts train it with KTO after DPO (or GRPO).
     ``similarity(texts, feedbacks)`` scores each refinement against its feedback for ILF; without
     it, or without feedback, ILF is skipped. ``judge`` rewards GRPO's samples (required for
     ``method="grpo"``, which trains on the pairs' prompts instead of their labels). Across
@@ -163,7 +184,12 @@ def train_policy(
     candidate = Policy(
         policy.config, copy.deepcopy(policy.model), policy.tokenizer, f"{policy.version}+trained"
     )
-    stats: dict[str, Any] = {"dpo_pairs": 0, "ilf_examples": 0, "processes": ranks.count}
+    stats: dict[str, Any] = {
+        "dpo_pairs": 0,
+        "ilf_examples": 0,
+        "kto_examples": 0,
+        "processes": ranks.count,
+    }
     started = time.monotonic()
     if feedback and similarity is not None and config.ilf_refinements:
         refined = ranks.share(
@@ -182,6 +208,9 @@ def train_policy(
     elif usable:
         stats["dpo_pairs"] = len(usable)
         stats["dpo"] = _fit(candidate, "dpo", [p.__dict__ for p in usable], config, on_step)
+    if unpaired:
+        stats["kto_examples"] = len(unpaired)
+        stats["kto"] = _fit(candidate, "kto", [u.__dict__ for u in unpaired], config, on_step)
     stats["train_seconds"] = round(time.monotonic() - started, 3)
     candidate.model.eval()
     return candidate, stats
@@ -206,7 +235,9 @@ def ilf_refinements(
     similarity: Callable[[list[str], list[str]], np.ndarray],
 ) -> list[dict[str, str]]:
     """ILF's data: per feedback, the one of ``n`` refinements that best matches the feedback."""
-    prompts = [REFINE_TEMPLATE.format(**f.__dict__) for f in feedback]
+    prompts = [
+        (REFINE_TEMPLATE if f.response else GUIDED_TEMPLATE).format(**f.__dict__) for f in feedback
+    ]
     refinements = policy.generate(prompts, n)
     examples = []
     for item, texts in zip(feedback, refinements, strict=True):
@@ -226,14 +257,24 @@ def _fit(
     on_step: StepReport | None,
     reward: Callable[..., list[float]] | None = None,
 ) -> dict[str, float]:
-    """One TRL run (``dpo``, ``sft`` or ``grpo`` with ``reward``) on ``policy.model``, in place.
+    """One TRL run (``dpo``, ``kto``, ``sft`` or ``grpo`` with ``reward``) on ``policy.model``,
+    in place.
 
     A policy that answers in its chat template is trained in it too: the rows go to TRL as
     conversations (user prompt, assistant answer), and TRL applies the template.
     """
     from datasets import Dataset
     from transformers import PrinterCallback
-    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+    from trl import (
+        DPOConfig,
+        DPOTrainer,
+        GRPOConfig,
+        GRPOTrainer,
+        KTOConfig,
+        KTOTrainer,
+        SFTConfig,
+        SFTTrainer,
+    )
 
     lora = uses_lora(config, policy.model)
     common: dict[str, Any] = dict(
@@ -261,6 +302,20 @@ def _fit(
         trainer: Any = DPOTrainer(
             model=policy.model,
             args=DPOConfig(beta=config.beta, max_length=config.max_length, **common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    elif method == "kto":
+        trainer = KTOTrainer(
+            model=policy.model,
+            # KTO estimates its KL term from the other examples of a batch: at least two.
+            args=KTOConfig(
+                beta=config.beta,
+                max_length=config.max_length,
+                **{**common, "per_device_train_batch_size": max(2, config.batch_size)},
+            ),
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
@@ -321,6 +376,8 @@ def _as_conversations(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
         for key in ("chosen", "rejected", "completion"):
             if key in row:
                 turns[key] = [{"role": "assistant", "content": row[key]}]
+        if "label" in row:  # KTO's verdict
+            turns["label"] = row["label"]
         conversations.append(turns)
     return conversations
 

@@ -4,7 +4,9 @@ The backbone stays frozen and every distinct (prompt, response) is embedded once
 retrain costs one backbone pass over the new texts plus a few hundred cheap head updates. Each
 head trains on its own bootstrap resample of the pairs (Poisson(1) weights), which is what makes
 the heads disagree where the data is thin: the epistemic uncertainty active learning feeds on.
-Ties train towards p = 0.5 rather than being dropped.
+Ties train towards p = 0.5 rather than being dropped. A graded pair ("A is significantly
+better") carries a margin m, and its loss is Llama 2's -log sigmoid(r_chosen - r_rejected - m):
+the stronger the preference, the wider the reward gap it asks for.
 
 TRL's RewardTrainer fine-tunes one scalar head through the whole model per step; that is the
 wrong tool for an ensemble on cached embeddings retrained after every batch of labels, so this
@@ -71,6 +73,7 @@ class Pair:
     group: str = ""  # what the held-out split is keyed on (the task), so no task leaks
     weight: float = 1.0  # what the label counts in the loss (rlhf_core.reliability)
     gold: bool = False  # from an annotation Label Studio marks as ground truth
+    margin: float = 0.0  # a graded preference's Bradley–Terry margin (0: ungraded)
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Pair:
@@ -82,6 +85,7 @@ class Pair:
             annotator=record.get("annotator"),
             group=f"{record.get('project')}:{record.get('task')}",
             gold=bool(record.get("ground_truth")),
+            margin=float(record.get("margin") or 0.0),
         )
 
 
@@ -158,6 +162,11 @@ def with_reliability(
     return reliability.weigh(pairs), reliability
 
 
+def pair_margins(pairs: list[Pair]) -> torch.Tensor:
+    """Each pair's Bradley–Terry margin (N,): 0 for ungraded pairs and ties."""
+    return torch.tensor([0.0 if p.tie else p.margin for p in pairs])
+
+
 def train_heads(
     heads: torch.nn.Module,
     head_fn: HeadFn,
@@ -169,13 +178,16 @@ def train_heads(
     config: RewardTrainingConfig,
     on_step: Callable[[int, int, float], None] | None = None,
     pair_weight: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Bradley–Terry on (chosen, rejected) rows of ``embeddings`` (N, H); returns loss stats.
 
     ``pair_weight`` (N,): what each label counts (:func:`pair_weights`), so the loss is
-    ``-w · log σ(r_c - r_r)`` averaged over the weights."""
+    ``-w · log σ(r_c - r_r - m)`` averaged over the weights; ``margins`` (N,): each pair's
+    required reward gap m (:func:`pair_margins`; default 0)."""
     generator = torch.Generator().manual_seed(config.seed)
     n = len(chosen)
+    margins = torch.zeros(n) if margins is None else margins
     if config.bootstrap:  # (n, K) Poisson(1) weights: each head sees its own resample
         weights = torch.poisson(torch.ones(n, num_heads), generator=generator)
     else:
@@ -195,7 +207,11 @@ def train_heads(
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, config.batch_size):
             batch = order[start : start + config.batch_size]
-            margin = head_fn(embeddings[chosen[batch]]) - head_fn(embeddings[rejected[batch]])
+            margin = (  # Llama 2: -log sigmoid(r_chosen - r_rejected - m), (B, K)
+                head_fn(embeddings[chosen[batch]])
+                - head_fn(embeddings[rejected[batch]])
+                - margins[batch, None]
+            )
             loss_per = torch.nn.functional.binary_cross_entropy_with_logits(
                 margin, target[batch, None].expand_as(margin), reduction="none"
             )  # (B, K)
