@@ -214,6 +214,7 @@ def _register_routes(app: Flask, services: Services) -> None:
                     {task.get("id") for task in tasks} - {None},
                 ),
                 contradiction=services.config.relook_contradiction,
+                preselect=bool(services.config.preselect),
             )
             answer: dict[str, Any] = {"results": timed.results}
             if timed.unreached:

@@ -227,6 +227,15 @@ class BackendConfig:
         "carries the share between batches), mixed (half of every batch eig, half random), or "
         "default (mixed).",
     )
+    preselect: int = _setting(
+        0,
+        "RLHF_PRESELECT",
+        "1: predictions pre-select the model's answer (the response it prefers, its ranking, "
+        "its stars), which Label Studio fills in when the project's 'Use predictions to "
+        "prelabel tasks' is on. 0 (default): predictions carry only their score and model "
+        "version, ordering the Data Manager and the labeling queue without suggesting an "
+        "answer, so annotators are not anchored on the model's own choice.",
+    )
     arena_share: float = _setting(
         0.1,
         "RLHF_ARENA_SHARE",
@@ -318,6 +327,8 @@ class BackendConfig:
             raise ConfigError("RLHF_RECONCILE_EVERY_S must be 0 (off) or a number of seconds.")
         if not 0.0 <= self.promotion_tolerance <= 1.0:
             raise ConfigError("RLHF_PROMOTION_TOLERANCE must be in [0, 1].")
+        if self.preselect not in (0, 1):
+            raise ConfigError("RLHF_PRESELECT must be 0 (no pre-selected answer) or 1.")
         if not 0.0 <= self.arena_share <= 1.0:
             raise ConfigError("RLHF_ARENA_SHARE must be in [0, 1].")
         if not 0.5 < self.relook_contradiction <= 1.0:

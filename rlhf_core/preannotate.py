@@ -170,6 +170,7 @@ def preannotate_project(
     arena: Arena | None = None,
     labelled: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]] = (),
     contradiction: float = 0.9,
+    preselect: bool = True,
 ) -> PreannotateReport:
     """``arena``: pit the served policy against earlier versions on a share of the prompt-only
     tasks (:mod:`rlhf_core.arena`); None: every candidate comes from the served policy.
@@ -207,7 +208,7 @@ def preannotate_project(
         ):
             task = scored[int(index)]
             prediction = build_prediction(
-                schema, task.candidates, task.head_rewards, version, float(scores[index])
+                schema, task.candidates, task.head_rewards, version, float(scores[index]), preselect
             )
             tasks.create_prediction(task.task_id, prediction)
             report.predicted += 1
@@ -216,7 +217,7 @@ def preannotate_project(
             strategy, [(task.head_rewards, task.embeddings)], posterior, another_look=[True]
         )
         prediction = build_prediction(
-            schema, task.candidates, task.head_rewards, version, float(score)
+            schema, task.candidates, task.head_rewards, version, float(score), preselect
         )
         tasks.create_prediction(task.task_id, prediction)
         report.another_look += 1

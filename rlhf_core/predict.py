@@ -12,7 +12,9 @@ the simulator's batches, so the tasks of a request sort in the order the strateg
 labelled. With one task, ``score = 1 − u``, ``u`` in [0, 1] the value of the task's most
 informative pair (for the default, the information a label would carry about the reward
 model's weights). A score near 0 means "a human label here teaches the reward model most";
-near 1, "the model is already sure". Tasks with only a prompt get no prediction from
+near 1, "the model is already sure". Without ``preselect`` (RLHF_PRESELECT=0, the service's
+default) the prediction's ``result`` is empty: the score orders the tasks, and no answer is
+suggested for an annotator to anchor on. Tasks with only a prompt get no prediction from
 ``/predict`` (Label Studio cannot take new task data from a prediction): the pre-annotation job
 generates their candidates.
 """
@@ -32,7 +34,7 @@ import numpy as np
 from rlhf_core.acquisition import Posterior, prior_precision
 from rlhf_core.conversion import field_text, list_item_texts, preference_pairs
 from rlhf_core.errors import AnnotationMismatch
-from rlhf_core.label_schema import TEXT_OBJECTS, RLHFSchema, TextField
+from rlhf_core.label_schema import STRENGTH_MARGINS, TEXT_OBJECTS, RLHFSchema, TextField
 from rlhf_core.reliability import Verdict, needs_another_look
 from rlhf_core.selection import score_tasks, task_pairs
 from rlhf_core.store import Store
@@ -133,9 +135,13 @@ def build_prediction(
     head_rewards: np.ndarray,
     model_version: str,
     score: float,
+    preselect: bool = True,
 ) -> dict[str, Any]:
     """One Label Studio prediction for a task, from its responses' per-head rewards (n, K) and
-    its selection ``score`` (:func:`rlhf_core.selection.score_tasks`)."""
+    its selection ``score`` (:func:`rlhf_core.selection.score_tasks`); with ``preselect`` False,
+    the score and version alone (an empty ``result``: nothing pre-selected)."""
+    if not preselect:
+        return {"model_version": model_version, "score": round(score, 6), "result": []}
     rewards = head_rewards.mean(axis=1)  # (n,)
     result: list[dict[str, Any]] = []
     for control in schema.pairwise:
@@ -159,7 +165,9 @@ def build_prediction(
             stars = 1 + round((rating.max_rating - 1) / (1.0 + np.exp(-reward)))
             result.append(_region(rating.name, rating.target.name, "rating", {"rating": stars}))
     for choice in schema.preference_choices:
-        picked = _predicted_choice(choice.choice_to_index, choice.responses, candidates, rewards)
+        picked = _predicted_choice(
+            choice.choice_to_index, choice.responses, candidates, rewards, choice.choice_to_strength
+        )
         if picked is not None:
             region = _region(choice.name, choice.to_name, "choices", {"choices": [picked]})
             result.append(region)
@@ -171,12 +179,18 @@ def _predicted_choice(
     responses: tuple[TextField, ...],
     candidates: Candidates,
     rewards: np.ndarray,
+    strengths: dict[str, str] | None = None,
 ) -> str | None:
     positions = [candidates.index(r.name) for r in responses]
     if any(p is None for p in positions):
         return None
-    best = int(np.argmax([rewards[p] for p in positions]))
-    return next((key for key, index in choice_to_index.items() if index == best), None)
+    chosen = [rewards[p] for p in positions]
+    best = int(np.argmax(chosen))
+    keys = [key for key, index in choice_to_index.items() if index == best]
+    if strengths and len(chosen) == 2:  # graded: the strength whose margin is nearest the gap
+        gap = abs(chosen[0] - chosen[1])
+        keys.sort(key=lambda key: abs(STRENGTH_MARGINS.get(strengths.get(key, ""), 0.0) - gap))
+    return keys[0] if keys else None
 
 
 def _ranker_value(name: str, buckets: tuple[str, ...], order: list[str]) -> dict[str, list[str]]:
@@ -201,11 +215,12 @@ def predict_tasks(
     model_version: str,
     strategy: str = "default",
     posterior: Posterior | None = None,
+    preselect: bool = True,
 ) -> list[list[dict[str, Any]]]:
     """One list of predictions per task (empty for prompt-only tasks), ordered among themselves
     by the selection strategy (``posterior``: the served reward model's, default the prior)."""
     return predict_in_time(
-        schema, tasks, score_fn, model_version, strategy, posterior=posterior
+        schema, tasks, score_fn, model_version, strategy, posterior=posterior, preselect=preselect
     ).results
 
 
@@ -228,6 +243,7 @@ def predict_in_time(
     posterior: Posterior | None = None,
     labels: Mapping[Any, list[dict[str, Any]]] | None = None,
     contradiction: float = 0.9,
+    preselect: bool = True,
 ) -> TimedPredictions:
     """Predictions scored ``chunk`` tasks at a time while ``budget_s`` seconds (None: no limit)
     leave room for one more: a chunk is started only if the slowest chunk so far still fits, so
@@ -268,7 +284,7 @@ def predict_in_time(
         )
         for (index, candidates, head_rewards, _), score in zip(scored, scores):
             prediction = build_prediction(
-                schema, candidates, head_rewards, model_version, float(score)
+                schema, candidates, head_rewards, model_version, float(score), preselect
             )
             results[index] = [prediction]
     return TimedPredictions(results, len(tasks) - reached)

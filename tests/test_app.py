@@ -82,7 +82,23 @@ def test_setup_requires_schema_and_project(http):
     assert http.post("/setup", json={"schema": "<View/>"}).status_code == 400
 
 
-def test_predict_answers_each_task_with_a_pairwise_choice_of_the_served_version(http):
+def test_predict_by_default_scores_each_task_without_preselecting_an_answer(http):
+    """No anchoring unless asked for: the score orders the tasks, the result suggests nothing
+    (Label Studio's "Use predictions to prelabel tasks" then has nothing to fill in)."""
+    http.post("/setup", json=capture("01_setup.json"))
+    body = capture("04_predict.json")
+    results = http.post("/predict", json=body).get_json()["results"]
+    assert len(results) == len(body["tasks"]) == 2
+    for [prediction] in results:
+        assert prediction["model_version"] == "rm-untrained.policy-base"
+        assert prediction["result"] == []
+        assert 0.0 <= prediction["score"] <= 1.0
+
+
+def test_predict_with_preselect_answers_each_task_with_a_pairwise_choice(tmp_path):
+    http = webhook_client(
+        BackendConfig(data_dir=tmp_path, webhook_secret=TEST_WEBHOOK_SECRET, preselect=1)
+    )
     http.post("/setup", json=capture("01_setup.json"))
     body = capture("04_predict.json")
     response = http.post("/predict", json=body)

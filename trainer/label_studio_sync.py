@@ -73,6 +73,7 @@ def preannotate(
         arena=_arena(config, store, models, project_id),
         labelled=labelled_tasks(config, store, project_id, version),
         contradiction=config.relook_contradiction,
+        preselect=bool(config.preselect),
     )
     return report.as_dict()
 
