@@ -252,7 +252,10 @@ def _parse(xml: str) -> RLHFSchema:
         for choice in choices:
             responses = choice.responses
     unpaired = _unpaired(controls, objects, ratings, responses, choices)
-    response_names = {r.name for r in responses} | {u.target.name for u in unpaired}
+    responses += tuple(
+        {u.target.name: u.target for u in unpaired if u.target not in responses}.values()
+    )
+    response_names = {r.name for r in responses}
     feedback = tuple(
         FeedbackControl(c.name, _feedback_target(c, objects, response_names))
         for c in controls

@@ -266,6 +266,13 @@ def _score(
     ]
 
 
+def _has_its_one_response(data: dict[str, Any], schema: RLHFSchema) -> bool:
+    """A single-response task (thumbs up/down, one rating) whose response is filled in."""
+    if len(schema.responses) != 1:
+        return False
+    return bool(str(data.get(schema.responses[0].key) or "").strip())
+
+
 def _generate_where_needed(
     project_id: int,
     schema: RLHFSchema,
@@ -281,7 +288,7 @@ def _generate_where_needed(
     empty = []
     for task in batch:
         data = task.get("data") or {}
-        if task_candidates(data, schema) is not None:
+        if task_candidates(data, schema) is not None or _has_its_one_response(data, schema):
             continue
         if not str(data.get(schema.prompt.key) or "").strip():
             report.errors.append(f"task {task['id']}: no {schema.prompt.key!r} to generate from")

@@ -17,7 +17,7 @@ from rlhf_core.label_schema import parse_label_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "label_configs"
 TEMPLATES = sorted(path.stem for path in CONFIG_DIR.glob("*.xml"))
-REQUIRED = {"pairwise", "ranking", "rating", "pairwise_custom_fields"}
+REQUIRED = {"pairwise", "ranking", "rating", "pairwise_custom_fields", "graded", "thumbs"}
 
 PROVENANCE = Provenance(project=5, task=101, annotation=2024, annotator=7)
 IDS = {"project": 5, "task": 101, "annotation": 2024, "annotator": 7}
@@ -76,7 +76,7 @@ def test_every_control_points_to_object_tags_the_way_the_editor_needs(name):
 def test_template_is_learnable(name):
     schema = parse_label_config(config(name))
 
-    assert schema.learns_preferences
+    assert schema.learns_preferences or schema.unpaired
     assert schema.feedback
 
 
@@ -255,7 +255,74 @@ def pairwise_chat_case() -> tuple[int, list, list]:
     return 2, result, records
 
 
+def unpaired(prompt: str, response: str, desirable: bool, source: str, control: str, **extra):
+    verdict = {"desirable": desirable, "source": source, "control": control, **extra}
+    return ("unpaired", {**IDS, "prompt": prompt, "response": response, **verdict})
+
+
+def graded_case() -> tuple[int, list, list]:
+    data = tasks("graded")[2]["data"]
+    result = [
+        item("preference", "prompt", "choices", {"choices": ["B is slightly better"]}),
+        item("feedback_answer1", "answer1", "textarea", {"text": ["Misses the second step."]}),
+    ]
+    prompt, answer1, answer2 = data["prompt"], data["answer1"], data["answer2"]
+    kind, record = preference(prompt, answer2, answer1, "choices", "preference")
+    records = [
+        (kind, {**record, "strength": "slightly", "margin": 1 / 3}),
+        feedback(prompt, answer1, "Misses the second step.", "feedback_answer1"),
+    ]
+    return 2, result, records
+
+
+def graded_tie_case() -> tuple[int, list, list]:
+    data = tasks("graded")[0]["data"]
+    result = [item("preference", "prompt", "choices", {"choices": ["Tie: equally good"]})]
+    records = [
+        preference(
+            data["prompt"], data["answer1"], data["answer2"], "choices", "preference", tie=True
+        )
+    ]
+    return 0, result, records
+
+
+def graded_both_bad_case() -> tuple[int, list, list]:
+    data = tasks("graded")[3]["data"]
+    result = [item("preference", "prompt", "choices", {"choices": ["Both are bad"]})]
+    prompt = data["prompt"]
+    records = [
+        unpaired(prompt, data["answer1"], False, "both_bad", "preference"),
+        unpaired(prompt, data["answer2"], False, "both_bad", "preference"),
+    ]
+    return 3, result, records
+
+
+def thumbs_case() -> tuple[int, list, list]:
+    data = tasks("thumbs")[1]["data"]
+    result = [
+        item("verdict", "response", "choices", {"choices": ["Thumbs down: bad response"]}),
+        item("feedback", "response", "textarea", {"text": ["Say how long to wait."]}),
+    ]
+    prompt, response = data["prompt"], data["response"]
+    records = [
+        unpaired(prompt, response, False, "thumbs", "verdict"),
+        feedback(prompt, response, "Say how long to wait.", "feedback"),
+    ]
+    return 1, result, records
+
+
+def thumbs_up_case() -> tuple[int, list, list]:
+    data = tasks("thumbs")[0]["data"]
+    result = [item("verdict", "response", "choices", {"choices": ["Thumbs up: good response"]})]
+    return 0, result, [unpaired(data["prompt"], data["response"], True, "thumbs", "verdict")]
+
+
 CASES = {
+    "graded": graded_case,
+    "graded_tie": graded_tie_case,
+    "graded_both_bad": graded_both_bad_case,
+    "thumbs": thumbs_case,
+    "thumbs_up": thumbs_up_case,
     "pairwise": pairwise_case,
     "pairwise_tie": pairwise_tie_case,
     "pairwise_custom_fields": pairwise_custom_fields_case,
@@ -266,7 +333,13 @@ CASES = {
 
 
 def template_of(case: str) -> str:
-    return "pairwise" if case == "pairwise_tie" else case
+    variants = {
+        "pairwise_tie": "pairwise",
+        "graded_tie": "graded",
+        "graded_both_bad": "graded",
+        "thumbs_up": "thumbs",
+    }
+    return variants.get(case, case)
 
 
 def test_every_template_has_a_conversion_case():
