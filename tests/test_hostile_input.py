@@ -27,7 +27,8 @@ def post(http, path: str, body: Any):
 
 @pytest.fixture
 def config(tmp_path) -> BackendConfig:
-    return BackendConfig(data_dir=tmp_path, webhook_secret=TEST_WEBHOOK_SECRET)
+    # preselect: these tests read the answers a prediction pre-selects (RLHF_PRESELECT=1).
+    return BackendConfig(data_dir=tmp_path, webhook_secret=TEST_WEBHOOK_SECRET, preselect=1)
 
 
 @pytest.fixture

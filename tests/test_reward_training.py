@@ -13,6 +13,7 @@ from trainer.reward_training import (
     evaluate,
     expected_calibration_error,
     is_heldout,
+    pair_margins,
     paired_bootstrap_interval,
     preference_probabilities,
     should_promote,
@@ -95,6 +96,63 @@ def test_ties_train_towards_one_half():
     )
     p = preference_probabilities(heads, emb, chosen, rejected).mean(axis=1)
     assert np.abs(p - 0.5).mean() < 0.1
+
+
+def margin_world(n=100, seed=0):
+    """Pairs that differ in feature 0 (annotators: "significantly better") or in feature 1
+    ("negligibly better"), the better side +1 in that feature, and one label in five the other
+    way round in both groups (so the best fit is a finite gap): the same evidence either way."""
+    rng = np.random.default_rng(seed)
+    emb = torch.tensor(rng.normal(scale=0.1, size=(2 * n, H)), dtype=torch.float32)
+    emb[:n:2, 0] += 1.0  # even rows of the first half: the better side, feature 0
+    emb[n::2, 1] += 1.0  # even rows of the second half: the better side, feature 1
+    better, worse = torch.arange(0, 2 * n, 2), torch.arange(1, 2 * n, 2)
+    flipped = torch.arange(n) % 5 == 0
+    chosen, rejected = torch.where(flipped, worse, better), torch.where(flipped, better, worse)
+    strong = torch.arange(n) < n // 2
+    return emb, chosen, rejected, strong
+
+
+def learned_gaps(margins):
+    emb, chosen, rejected, strong = margin_world()
+    torch.manual_seed(0)
+    heads = Heads()
+    config = RewardTrainingConfig(epochs=100, learning_rate=0.05, bootstrap=False, weight_decay=0.0)
+    stats = train_heads(
+        heads, heads, emb, chosen, rejected, torch.ones(len(chosen)), K, config, margins=margins
+    )
+    better = torch.where(torch.arange(len(chosen)) % 5 == 0, rejected, chosen)
+    worse = torch.where(torch.arange(len(chosen)) % 5 == 0, chosen, rejected)
+    with torch.no_grad():
+        gap = (heads(emb[better]) - heads(emb[worse])).mean(axis=1)  # (N,)
+    return float(gap[strong].mean()), float(gap[~strong].mean()), stats, heads
+
+
+def test_a_graded_margin_asks_a_wider_reward_gap_of_strong_preferences():
+    """Llama 2's -log sigmoid(r_c - r_r - m): with the same direction of evidence, the pairs
+    labelled "significantly better" (m = 3) end with a wider reward gap than the "negligibly
+    better" ones (m = 0); without margins both get the same gap."""
+    _, strong = margin_world()[2:]
+    margins = torch.where(strong, 3.0, 0.0)
+    strong_gap, weak_gap, with_margin, heads_with = learned_gaps(margins)
+    plain_strong, plain_weak, without, heads_without = learned_gaps(None)
+
+    assert strong_gap > weak_gap + 1.0, (strong_gap, weak_gap)
+    assert abs(plain_strong - plain_weak) < 0.2 * plain_weak, (plain_strong, plain_weak)
+    assert weak_gap < 1.2 * plain_weak  # m = 0 asks nothing more of the weak pairs
+    assert with_margin["final_loss"] > without["final_loss"]  # a harder target to meet
+    assert not torch.allclose(heads_with.linear.weight, heads_without.linear.weight, atol=1e-2)
+
+
+def test_pair_margins_come_from_graded_records_and_ties_have_none():
+    base = {"prompt": "p", "chosen": "a", "rejected": "b", "project": 1, "task": 2}
+    pairs = [
+        Pair.from_record({**base, "strength": "significantly", "margin": 1.0}),
+        Pair.from_record(base),
+        Pair.from_record({**base, "tie": True, "margin": 1.0}),
+    ]
+    assert [p.margin for p in pairs] == [1.0, 0.0, 1.0]
+    assert pair_margins(pairs).tolist() == [1.0, 0.0, 0.0]
 
 
 def test_heldout_split_is_stable_and_keyed_by_task():
