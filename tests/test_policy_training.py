@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +15,12 @@ from rlhf_core.policy import Policy, PolicyConfig
 from rlhf_core.registry import POLICY, REJECTED, REWARD_MODEL
 from rlhf_core.store import Store
 from rlhf_core.tiny import ensure_tiny_encoder
-from trainer.jobs import registry_for, train_job, train_policy_version
+from trainer.jobs import policy_records, registry_for, train_job, train_policy_version
 from trainer.policy_training import (
+    GUIDED_TEMPLATE,
     FeedbackExample,
     PolicyTrainingConfig,
+    UnpairedExample,
     grpo_gate,
     ilf_refinements,
     penalized_reward,
@@ -163,6 +166,43 @@ def test_ilf_fine_tunes_on_the_kept_refinements(policy):
         not torch.equal(v, policy.model.state_dict()[k])
         for k, v in trained.model.state_dict().items()
     )
+
+
+def test_kto_moves_the_policy_towards_desirable_answers_and_away_from_undesirable_ones(policy):
+    """Unpaired verdicts (thumbs up on one answer, down on another, never side by side)."""
+    unpaired = [
+        UnpairedExample(f"Question {i}:", CHOSEN if i % 2 else REJECTED_TEXT, bool(i % 2))
+        for i in range(8)
+    ]
+
+    def margin(p: Policy) -> float:
+        return log_prob(p, "Question 99:", CHOSEN) - log_prob(p, "Question 99:", REJECTED_TEXT)
+
+    before = margin(policy)
+    original = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    trained, stats = train_policy(policy, [], [], PolicyTrainingConfig(**FAST), unpaired=unpaired)
+    assert stats["kto_examples"] == 8 and stats["kto"]["steps"] >= 1 and stats["dpo_pairs"] == 0
+    assert any(not torch.equal(v, original[k]) for k, v in trained.model.state_dict().items())
+    assert margin(trained) > before + 1.0, (before, margin(trained), stats)
+
+
+def test_feedback_without_a_draft_is_guidance_for_a_new_answer(policy, monkeypatch):
+    asked: list[str] = []
+    generate = policy.generate
+    monkeypatch.setattr(
+        policy, "generate", lambda prompts, n, **kw: asked.extend(prompts) or generate(prompts, n)
+    )
+    feedback = [
+        FeedbackExample("Name a prime.", "", "say why it is prime"),
+        FeedbackExample("Add 2 and 2.", "5", "check the sum"),
+    ]
+    examples = ilf_refinements(policy, feedback, 2, lambda t, f: np.zeros(len(t)))
+
+    assert asked[0] == GUIDED_TEMPLATE.format(
+        prompt="Name a prime.", feedback="say why it is prime"
+    )
+    assert "A draft answer:\n5" in asked[1]
+    assert [e["prompt"] for e in examples] == ["Name a prime.", "Add 2 and 2."]
 
 
 def test_gate_promotes_only_a_policy_the_reward_model_prefers(policy):
@@ -373,3 +413,117 @@ def test_grpo_gate_judges_on_held_out_human_pairs(policy):
     assert same.evidence["n"] == 12 and same.evidence["ci_low"] == same.evidence["ci_high"] == 0
     assert not same.evidence["over_optimisation_alarm"]
     assert grpo_gate(calm, policy, policy, [], config).promote is False  # nothing to judge on
+
+
+THUMBS = Path(__file__).resolve().parents[1] / "label_configs" / "thumbs.xml"
+RANKING = Path(__file__).resolve().parents[1] / "label_configs" / "ranking.xml"
+
+
+def store_annotations(store: Store, xml: str, annotations: list[tuple[dict, list]]) -> None:
+    """Annotations of project 1 converted as the webhook would (task i+1, annotator 7)."""
+    from rlhf_core.conversion import Provenance, convert
+    from rlhf_core.label_schema import parse_label_config
+    from rlhf_core.store import IncomingAnnotation
+
+    store.upsert_project(1, xml)
+    schema = parse_label_config(xml)
+    for i, (data, result) in enumerate(annotations):
+        incoming = IncomingAnnotation(i + 1, 1, i + 1, 7, data, result, False, "t", xml)
+        store.upsert_annotation(
+            incoming, convert(result, data, schema, Provenance(1, i + 1, i + 1, 7))
+        )
+
+
+def thumbs_annotation(i: int) -> tuple[dict, list]:
+    good = i % 2 == 0
+    data = {"prompt": f"question {i}", "response": f"{'thank you' if good else 'go away'} {i}"}
+    verdict = "Thumbs up: good response" if good else "Thumbs down: bad response"
+    result = [
+        {
+            "from_name": "verdict",
+            "to_name": "response",
+            "type": "choices",
+            "value": {"choices": [verdict]},
+        },
+    ]
+    if i % 4 == 1:
+        result.append(
+            {
+                "from_name": "feedback",
+                "to_name": "response",
+                "type": "textarea",
+                "value": {"text": ["be polite and say thank you"]},
+            }
+        )
+    return data, result
+
+
+def test_a_project_with_only_thumbs_and_feedback_trains_its_policy_with_kto_and_ilf(config):
+    """No preference pair at all: no reward model, but the policy still learns (and, with no
+    trained reward model to judge it, is recorded, not promoted)."""
+    store = Store(config.db_path).initialize()
+    store_annotations(store, THUMBS.read_text(), [thumbs_annotation(i) for i in range(8)])
+    store.enqueue_training(1, "test")
+    result = train_job(config, store.claim_job("test"))
+
+    assert result["trained"] is False and "reward model needs 2" in result["reason"]
+    policy = result["policy"]
+    metrics = policy["metrics"]
+    assert metrics["kto_examples"] == 8 and metrics["kto"]["steps"] >= 1
+    assert metrics["ilf_examples"] == 2
+    registry = registry_for(config)
+    version = registry.get(1, POLICY, policy["version"])
+    assert not policy["promoted"] and "no trained reward model" in version.reason
+    assert registry.served(1, POLICY).version == "policy-base"
+
+
+def ranking_annotation(i: int, notes: bool, ranked: bool) -> tuple[dict, list]:
+    candidates = [
+        {"id": "c1", "title": "Candidate 1", "body": f"thank you, the answer is {i}"},
+        {"id": "c2", "title": "Candidate 2", "body": f"go away {i}"},
+    ]
+    data = {"prompt": f"question {i}", "candidates": candidates}
+    tiers = {"_": [], "best": ["c1"], "good": [], "weak": [], "unacceptable": ["c2"]}
+    result = []
+    if ranked:
+        result.append(
+            {
+                "from_name": "rank",
+                "to_name": "candidates",
+                "type": "ranker",
+                "value": {"ranker": tiers},
+            }
+        )
+    if notes:
+        result.append(
+            {
+                "from_name": "notes",
+                "to_name": "prompt",
+                "type": "textarea",
+                "value": {"text": ["mention the number twice"]},
+            }
+        )
+    return data, result
+
+
+def test_prompt_level_notes_refine_the_response_the_annotation_ranked_best(config):
+    store = Store(config.db_path).initialize()
+    annotations = [ranking_annotation(i, notes=i < 2, ranked=i != 1) for i in range(6)]
+    store_annotations(store, RANKING.read_text(), annotations)
+
+    feedback = sorted(
+        (r for r in policy_records(store, 1) if "feedback" in r), key=lambda r: r["annotation"]
+    )
+    assert [(r["prompt"], r["response"]) for r in feedback] == [
+        ("question 0", "thank you, the answer is 0"),  # its own annotation's best tier
+        ("question 1", ""),  # nothing ranked: guidance for a new answer
+    ]
+    records = store.records(1, "ranking")
+    from rlhf_core.conversion import preference_pairs
+
+    pairs = preference_pairs(store.records(1, "preference"), records)
+    training = PolicyTrainingConfig(**FAST)
+    result = train_policy_version(
+        config, registry_for(config), 1, pairs, policy_records(store, 1), training=training
+    )
+    assert result["metrics"]["ilf_examples"] == 2 and result["metrics"]["ilf"]["steps"] >= 1
