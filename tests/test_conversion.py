@@ -489,3 +489,88 @@ def test_list_item_texts_reads_body_then_text_then_title():
         "2": "only title",
         "3": "plain string",
     }
+
+
+# -- graded preferences, "both bad" and unpaired verdicts --------------------------------------
+
+PAIRWISE_WITH_BUTTONS = (
+    '<View><Text name="prompt" value="$prompt"/>'
+    '<Pairwise name="comparison" toName="answer1,answer2"/>'
+    '<Text name="answer1" value="$answer1"/><Text name="answer2" value="$answer2"/>'
+    '<Choices name="extra" toName="prompt"><Choice value="Tie"/>'
+    '<Choice value="Neither is acceptable"/></Choices></View>'
+)
+
+
+def unpaired(response: str, desirable: bool, source: str, control: str, prompt="2+2?", **kw):
+    verdict = {"desirable": desirable, "source": source, "control": control, **kw}
+    return ("unpaired", {**IDS, "prompt": prompt, "response": response, **verdict})
+
+
+def test_both_bad_button_next_to_a_pairwise_gives_two_undesirable_examples_and_no_pair():
+    items = [
+        result("comparison", "pairwise", {"selected": "left"}),
+        result("extra", "choices", {"choices": ["Neither is acceptable"]}, "prompt"),
+    ]
+    assert run(PAIRWISE_WITH_BUTTONS, items, PAIR_TASK) == [
+        unpaired("4", False, "both_bad", "extra"),
+        unpaired("5", False, "both_bad", "extra"),
+    ]
+
+
+def test_graded_choices_read_their_strength_from_the_alias():
+    xml = (
+        '<View><Text name="prompt" value="$prompt"/><Text name="answer1" value="$answer1"/>'
+        '<Text name="answer2" value="$answer2"/><Choices name="pick" toName="prompt">'
+        '<Choice value="Antwort 1 ist viel besser" alias="A is much better"/>'
+        '<Choice value="Antwort 1 ist besser" alias="A is better"/>'
+        '<Choice value="Antwort 2 ist besser" alias="B is better"/>'
+        '<Choice value="Antwort 2 ist viel besser" alias="B is much better"/></Choices></View>'
+    )
+    items = [result("pick", "choices", {"choices": ["B is much better"]}, "prompt")]
+    kind, record = preference("5", "4", "choices", "pick")
+    assert run(xml, items, PAIR_TASK) == [
+        (kind, {**record, "strength": "significantly", "margin": 1.0})
+    ]
+
+
+def test_ungraded_choices_carry_no_strength():
+    xml = (
+        '<View><Text name="prompt" value="$prompt"/><Text name="answer1" value="$answer1"/>'
+        '<Text name="answer2" value="$answer2"/><Choices name="pick" toName="prompt">'
+        '<Choice value="A is better"/><Choice value="B is better"/></Choices></View>'
+    )
+    items = [result("pick", "choices", {"choices": ["A is better"]}, "prompt")]
+    assert run(xml, items, PAIR_TASK) == [preference("4", "5", "choices", "pick")]
+
+
+SINGLE_RATING = (
+    '<View><Text name="prompt" value="$prompt"/><Text name="answer" value="$answer"/>'
+    '<Rating name="stars" toName="answer" maxRating="5"/></View>'
+)
+
+
+@pytest.mark.parametrize(("stars", "desirable"), [(5, True), (4, True), (2, False), (1, False)])
+def test_a_rating_of_a_single_response_is_an_unpaired_verdict(stars, desirable):
+    items = [result("stars", "rating", {"rating": stars}, "answer")]
+    assert run(SINGLE_RATING, items, {"prompt": "2+2?", "answer": "4"}) == [
+        unpaired("4", desirable, "rating", "stars", rating=stars)
+    ]
+
+
+def test_the_middle_of_the_scale_says_neither_and_gives_no_record():
+    items = [result("stars", "rating", {"rating": 3}, "answer")]
+    assert run(SINGLE_RATING, items, {"prompt": "2+2?", "answer": "4"}) == []
+
+
+def test_thumbs_read_by_emoji_and_an_unknown_choice_is_a_mismatch():
+    xml = (
+        '<View><Text name="prompt" value="$prompt"/><Text name="answer" value="$answer"/>'
+        '<Choices name="thumb" toName="answer"><Choice value="\U0001f44d"/>'
+        '<Choice value="\U0001f44e"/></Choices></View>'
+    )
+    task = {"prompt": "2+2?", "answer": "5"}
+    down = [result("thumb", "choices", {"choices": ["\U0001f44e"]}, "answer")]
+    assert run(xml, down, task) == [unpaired("5", False, "thumbs", "thumb")]
+    with pytest.raises(AnnotationMismatch):
+        run(xml, [result("thumb", "choices", {"choices": ["meh"]}, "answer")], task)

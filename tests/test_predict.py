@@ -187,3 +187,41 @@ def test_every_strategy_yields_scores_in_unit_interval(strategy):
     tasks = [{"data": {"prompt": "p", "answer1": "a", "answer2": "b"}}]
     [[prediction]] = predict_tasks(parse_label_config(PAIRWISE), tasks, fn, "v", strategy)
     assert 0.0 <= prediction["score"] <= 1.0
+
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "label_configs"
+
+
+@pytest.mark.parametrize("name", ["pairwise", "graded", "rating", "ranking", "pairwise_chat"])
+def test_without_preselect_a_prediction_scores_the_task_and_suggests_no_answer(name):
+    """No anchoring: the same score (the order Label Studio shows tasks in), no result that
+    "Use predictions to prelabel tasks" could fill in."""
+    xml = (TEMPLATES / f"{name}.xml").read_text()
+    sample = json.loads((TEMPLATES / f"{name}.tasks.json").read_text())
+    schema = parse_label_config(xml)
+    tasks = [t for t in sample if task_candidates(t["data"], schema) is not None]
+
+    def score_fn(items):
+        rewards = [np.array([[len(t) / 100.0, -len(t) / 90.0] for t in r]) for _, r in items]
+        return rewards, [np.stack([embedding(t) for t in r]) for _, r in items]
+
+    anchored = predict_tasks(schema, tasks, score_fn, "v")
+    plain = predict_tasks(schema, tasks, score_fn, "v", preselect=False)
+
+    assert len(plain) == len(tasks) >= 5
+    for [with_answer], [without] in zip(anchored, plain, strict=True):
+        assert with_answer["result"] and without["result"] == []
+        assert without["score"] == with_answer["score"]
+        assert without["model_version"] == "v"
+
+
+def test_a_graded_prediction_picks_the_strength_nearest_the_reward_gap():
+    xml = (TEMPLATES / "graded.xml").read_text()
+    schema = parse_label_config(xml)
+    data = {"prompt": "p", "answer1": "close", "answer2": "far"}
+    for gap, expected in [(0.05, "negligibly"), (0.3, "slightly"), (0.7, "better"), (3, "signif")]:
+        fn = fixed_rewards({"close": [0.0], "far": [float(gap)]})
+        [[prediction]] = predict_tasks(schema, [{"data": data}], fn, "v")
+        [region] = prediction["result"]
+        assert region["value"]["choices"][0].startswith(f"B is {expected}"), (gap, region)
+        assert valid(xml, prediction) == []
