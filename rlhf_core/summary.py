@@ -42,6 +42,7 @@ def project_summary(store: Store, registry: Registry, project_id: int) -> dict[s
         "jobs": jobs(store, project_id),
         "annotators": annotators(store, preferences, reward_model),
         "agreement": project_agreement(preferences),
+        "labels": label_counts(preferences, store.records(project_id, "unpaired")),
         "leaderboard": with_reward_model_rates(board["rows"], reward_model_win_rates(arena_rows)),
         "arena": {
             "tasks": len({row["task_id"] for row in arena_rows}),
@@ -299,3 +300,19 @@ def with_reward_model_rates(
 ) -> list[dict[str, Any]]:
     empty = {"rm_win_rate": None, "rm_comparisons": 0}
     return [{**row, **rates.get(row["policy"], empty)} for row in rows]
+
+
+def label_counts(
+    preferences: list[dict[str, Any]], unpaired: list[dict[str, Any]]
+) -> dict[str, int]:
+    """What the project's labels say, by kind: decisive and graded pairs, ties, "both bad"
+    answers (kept out of the pair loss, used as undesirable examples) and single verdicts."""
+    verdicts = [r for r in unpaired if r.get("source") != "both_bad"]
+    return {
+        "pairs": sum(not p.get("tie") for p in preferences),
+        "graded_pairs": sum("strength" in p for p in preferences),
+        "ties": sum(bool(p.get("tie")) for p in preferences),
+        "both_bad": len({r["annotation"] for r in unpaired if r.get("source") == "both_bad"}),
+        "desirable": sum(bool(r["desirable"]) for r in verdicts),
+        "undesirable": sum(not r["desirable"] for r in verdicts),
+    }

@@ -417,3 +417,69 @@ def test_exporting_an_unknown_version_names_the_known_ones(populated, tmp_path, 
     )
     assert code == 2
     assert "no rm-0007; versions of this kind: rm-untrained" in capsys.readouterr().err
+
+
+GRADED_TASKS = [
+    (
+        41,
+        PAIR_TASK,
+        [item("preference", "prompt", "choices", {"choices": ["A is slightly better"]})],
+    ),
+    (
+        42,
+        {"prompt": "2+2?", "answer1": "5", "answer2": "22"},
+        [item("preference", "prompt", "choices", {"choices": ["Both are bad"]})],
+    ),
+]
+THUMBS_TASKS = [
+    (
+        51,
+        {"prompt": "hi", "response": "hello"},
+        [item("verdict", "response", "choices", {"choices": ["Thumbs up: good response"]})],
+    ),
+    (
+        52,
+        {"prompt": "hi", "response": "go away"},
+        [item("verdict", "response", "choices", {"choices": ["Thumbs down: bad response"]})],
+    ),
+]
+
+
+def test_graded_margins_both_bad_and_thumbs_are_exported_and_counted(
+    client, client_store, app_config, tmp_path
+):
+    from ml_backend.summary import label_counts
+
+    deliver(client, 4, "graded", GRADED_TASKS)
+    deliver(client, 5, "thumbs", THUMBS_TASKS)
+    export(app_config, 4, tmp_path / "4")
+    export(app_config, 5, tmp_path / "5")
+
+    [pair] = read_jsonl(tmp_path / "4" / "preferences.jsonl")  # "both bad" is not a pair
+    assert (pair["chosen"], pair["rejected"], pair["margin"]) == ("Paris", "Lyon", 1 / 3)
+    kto = read_jsonl(tmp_path / "4" / "kto.jsonl")
+    assert [(k["completion"], k["label"], k["source"]) for k in kto] == [
+        ("Paris", True, "choices"),
+        ("Lyon", False, "choices"),
+        ("5", False, "both_bad"),
+        ("22", False, "both_bad"),
+    ]
+    card = (tmp_path / "4" / "README.md").read_text()
+    assert '1 "both bad" answers' in card and "Graded pairs (with a strength): 1" in card
+    thumbs = read_jsonl(tmp_path / "5" / "kto.jsonl")
+    assert [(k["completion"], k["label"], k["source"]) for k in thumbs] == [
+        ("hello", True, "thumbs"),
+        ("go away", False, "thumbs"),
+    ]
+    graded = label_counts(
+        client_store.records(4, "preference"), client_store.records(4, "unpaired")
+    )
+    assert graded == {
+        "pairs": 1,
+        "graded_pairs": 1,
+        "ties": 0,
+        "both_bad": 1,
+        "desirable": 0,
+        "undesirable": 0,
+    }
+    assert label_counts([], client_store.records(5, "unpaired"))["undesirable"] == 1

@@ -10,15 +10,17 @@ so deleted and forgotten annotations are not in it):
      "annotation": 7, "annotator": 3, "generated_by": "rm-0001.policy-base",
      "scored_by": "rm-0001.policy-base", "chosen_by": "policy-base", "rejected_by": "policy-base"}
 
-  ``margin`` is the rating difference for rating-derived pairs (None where the template gives
-  no strength); ``split`` is the trainer's stable held-out split; ``generated_by``/``scored_by``
-  are the model versions that wrote the task's responses and scored it, where pre-annotation did,
-  and ``chosen_by``/``rejected_by`` the policy version that wrote each response (the arena's
+  ``margin`` is the graded pair's Bradley–Terry margin (``graded.xml``), or the rating
+  difference for rating-derived pairs (None where the template gives no strength); ``split`` is
+  the trainer's stable held-out split; ``generated_by``/``scored_by`` are the model versions
+  that wrote the task's responses and scored it, where pre-annotation did, and
+  ``chosen_by``/``rejected_by`` the policy version that wrote each response (the arena's
   record where the task was one of its, else the policy of ``generated_by``);
 * ``feedback.jsonl``: prompt, response, feedback text, annotator (and provenance);
 * ``kto.jsonl``: TRL's unpaired format (``prompt``, ``completion``, ``label``): each decisive pair
   gives its chosen response as desirable and its rejected one as undesirable, as TRL's own
-  ``unpair_preference_dataset`` does;
+  ``unpair_preference_dataset`` does, then every unpaired verdict (thumbs, a single response's
+  rating, each response of a "both bad" answer) with its ``source``;
 * ``README.md``: a data card (counts, annotators, label sources, agreement, versions covered);
 * with ``hf``: ``hf/``, the three as a ``datasets.DatasetDict`` saved with ``save_to_disk``.
 
@@ -122,7 +124,7 @@ def export_dataset(
         feedback=feedback_rows(store.records(project_id, "feedback")),
         kto=[],
     )
-    export.kto = kto_rows(export.preferences)
+    export.kto = kto_rows(export.preferences) + unpaired_rows(store.records(project_id, "unpaired"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in ((PREFERENCES, export.preferences), (FEEDBACK, export.feedback)):
@@ -188,7 +190,10 @@ def preference_rows(
 
 
 def _margin(record: dict[str, Any], annotation: StoredAnnotation | None) -> float | None:
-    """The rating difference of a rating-derived pair (its ``control`` is ``"r_a,r_b"``)."""
+    """A graded pair's margin, or the rating difference of a rating-derived pair (its
+    ``control`` is ``"r_a,r_b"``)."""
+    if "margin" in record:
+        return float(record["margin"])
     if record.get("source") != "rating" or annotation is None:
         return None
     ratings = {
@@ -234,9 +239,26 @@ def kto_rows(preferences: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "task": p["task"],
                     "annotation": p["annotation"],
                     "annotator": p["annotator"],
+                    "source": p["source"],
                 }
             )
     return rows
+
+
+def unpaired_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """TRL's unpaired format for the verdicts on single responses."""
+    return [
+        {
+            "prompt": r["prompt"],
+            "completion": r["response"],
+            "label": bool(r["desirable"]),
+            "task": r.get("task"),
+            "annotation": r["annotation"],
+            "annotator": r.get("annotator"),
+            "source": r.get("source"),
+        }
+        for r in sorted(records, key=lambda r: r["annotation"])
+    ]
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -269,7 +291,7 @@ def _save_hf(path: Path, export: DatasetExport) -> Path:
         ),
         "kto": _features(
             datasets,
-            text=("prompt", "completion"),
+            text=("prompt", "completion", "source"),
             flags=("label",),
             ids=("task", "annotation", "annotator"),
         ),
@@ -337,7 +359,12 @@ def data_card(
         f"({len(prefs) - ties} decisive, {ties} ties), "
         f"{sum(r['split'] == 'heldout' for r in prefs)} of them in the trainer's held-out split",
         f"- Feedback texts (`{FEEDBACK}`): {len(feedback)}",
-        f"- Unpaired rows for TRL's KTO (`{KTO}`): {len(export.kto)}",
+        f"- Unpaired rows for TRL's KTO (`{KTO}`): {len(export.kto)}, of them "
+        f"{sum(r.get('source') == 'thumbs' for r in export.kto)} thumbs, "
+        f"{sum(r.get('source') == 'rating' for r in export.kto)} single-response ratings and "
+        f"{len({r['annotation'] for r in export.kto if r.get('source') == 'both_bad'})} "
+        '"both bad" answers',
+        f"- Graded pairs (with a strength): {sum(r['margin'] is not None for r in prefs)}",
         "",
         "## Label sources",
         "",
