@@ -7,7 +7,10 @@ promoted; Label Studio's project then carries the new model version and the unla
 predictions of it. An update and a deletion in Label Studio are reflected in the training data.
 
 The backend here trains only the reward model (RLHF_POLICY_TRAINING=off) to keep CI short; the
-DPO round is in test_training_round.py.
+DPO round is in test_training_round.py. It pre-selects answers (RLHF_PRESELECT=1) so that Label
+Studio's own validation checks every answer a prediction can carry; the default, predictions
+that only score, has its own test here with the graded template, and the thumbs template (no
+pairs: its labels train the policy with KTO) has its own round.
 """
 
 from __future__ import annotations
@@ -45,7 +48,11 @@ from .harness import (
 from .harness import wait_for as _wait_for
 
 TEMPLATE_DIR = REPO / "label_configs"
-TEMPLATES = sorted(path.stem for path in TEMPLATE_DIR.glob("*.xml"))
+TEMPLATES = sorted(  # the templates whose labels are pairs (the others: their own tests)
+    path.stem
+    for path in TEMPLATE_DIR.glob("*.xml")
+    if parse_label_config(path.read_text(encoding="utf-8")).learns_preferences
+)
 TRAIN_EVERY = 3
 ROUNDS = 2  # each labels TRAIN_EVERY tasks; the rest stay unlabeled
 JOB_TIMEOUT_S = 600.0
@@ -68,6 +75,7 @@ def templates_backend(
         RLHF_POLICY_TRAINING="off",
         # One held-out task decides the gate this early; the gate has its own tests.
         RLHF_PROMOTION_TOLERANCE="1",
+        RLHF_PRESELECT="1",
         LABEL_STUDIO_URL=label_studio.url,
     )
     try:
@@ -109,7 +117,7 @@ def annotate(xml: str, data: dict[str, Any], prefer_longer: bool = True) -> list
     elif schema.choices:
         control = schema.choices[0]
         best = ordered([text(data[r.key]) for r in control.responses])[0]
-        [choice] = [c for c, index in control.choice_to_index.items() if index == best]
+        choice = next(c for c, index in control.choice_to_index.items() if index == best)
         result.append(item(control.name, "choices", {"choices": [choice]}))
     elif schema.ratings:
         ranks = ordered([text(data[r.target.key]) for r in schema.ratings])
@@ -319,3 +327,115 @@ def test_template_in_label_studio_predict_preannotate_annotate_retrain(
     ls.annotations.delete(id=second.id)
     assert_store_matches(ls, backend, project, schema)
     assert second.id not in {a.annotation_id for a in backend.store.annotations(project.id)}
+
+
+# -- graded preferences without pre-selection; thumbs trained with KTO -------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_backend(tmp_path_factory: pytest.TempPathFactory, label_studio: LabelStudioServer):
+    """The defaults (no pre-selected answers), training on every 4 labels, policy training on."""
+    data_dir = tmp_path_factory.mktemp("plain-backend") / "data"
+    server = start_backend(data_dir, RLHF_TRAIN_EVERY="4", LABEL_STUDIO_URL=label_studio.url)
+    try:
+        yield server
+    finally:
+        server.process.stop()
+
+
+def retrieve_predictions(label_studio: LabelStudioServer, project_id: int) -> None:
+    action = label_studio.api(
+        "POST",
+        "/api/dm/actions",
+        params={"id": "retrieve_tasks_predictions", "project": project_id},
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
+    assert action.status_code == 200, action.text
+
+
+def choice_item(control: str, to_name: str, choice: str) -> dict[str, Any]:
+    value = {"choices": [choice]}
+    return {"from_name": control, "to_name": to_name, "type": "choices", "value": value}
+
+
+def test_graded_template_scores_without_preselecting_and_keeps_strength_and_both_bad(
+    label_studio: LabelStudioServer, plain_backend: Backend, ls: LabelStudio
+) -> None:
+    xml = (TEMPLATE_DIR / "graded.xml").read_text(encoding="utf-8")
+    sample = json.loads((TEMPLATE_DIR / "graded.tasks.json").read_text(encoding="utf-8"))
+    schema = parse_label_config(xml)
+    project = create_project(ls, "template graded, no preselection", sample, label_config=xml)
+    with_responses = sorted(
+        t for t, d in project.task_data.items() if task_candidates(d, schema) is not None
+    )
+    ml = connect(label_studio, project.id, plain_backend)
+    check_test_prediction(label_studio, ml["id"])
+
+    # Predictions order the tasks (Label Studio stores their scores) and pre-select nothing.
+    retrieve_predictions(label_studio, project.id)
+    predicted = {p.task: p for p in ls.predictions.list(project=project.id)}
+    assert sorted(predicted) == with_responses
+    for prediction in predicted.values():
+        assert prediction.result == [] and 0.0 <= prediction.score <= 1.0, prediction
+    shown = data_manager_order(ls, project.id, with_responses)
+    assert [predicted[t].score for t in shown] == sorted(p.score for p in predicted.values())
+
+    # A graded answer keeps its strength; a tie is a tie; "both bad" is two undesirable examples.
+    answers = ["B is slightly better", "Tie: equally good", "Both are bad", "A is better"]
+    for task_id, answer in zip(with_responses, answers, strict=False):
+        result = [choice_item("preference", "prompt", answer)]
+        ls.annotations.create(id=task_id, result=result)
+    assert_store_matches(ls, plain_backend, project, schema)
+    preferences = plain_backend.store.records(project.id, "preference")
+    assert sorted(p.get("strength", "tie") for p in preferences) == ["better", "slightly", "tie"]
+    both_bad = plain_backend.store.records(project.id, "unpaired")
+    assert [r["source"] for r in both_bad] == ["both_bad", "both_bad"]
+    assert not any(r["desirable"] for r in both_bad)
+
+
+def test_thumbs_template_in_label_studio_trains_the_policy_with_kto(
+    label_studio: LabelStudioServer, plain_backend: Backend, ls: LabelStudio
+) -> None:
+    from trainer.registry import POLICY
+
+    xml = (TEMPLATE_DIR / "thumbs.xml").read_text(encoding="utf-8")
+    sample = json.loads((TEMPLATE_DIR / "thumbs.tasks.json").read_text(encoding="utf-8"))
+    schema = parse_label_config(xml)
+    project = create_project(ls, "template thumbs", sample, label_config=xml)
+    prompt_only = {t for t, d in project.task_data.items() if is_blank(d["response"])}
+    assert prompt_only and len(prompt_only) < len(project.task_ids)
+    connect(label_studio, project.id, plain_backend)
+
+    # Pre-annotation writes the policy's answer into the prompt-only tasks, and only there.
+    preannotate(label_studio, plain_backend, project.id, queue=False)
+    tasks = {t.id: dict(t.data) for t in ls.tasks.list(project=project.id, fields="all")}
+    assert all(not is_blank(tasks[t]["response"]) for t in prompt_only)
+    assert all(tasks[t] == project.task_data[t] for t in set(tasks) - prompt_only)
+
+    # Thumbs (up for the longer half of the answers) and one written feedback: 4 labels, a job.
+    labelled = sorted(set(project.task_ids) - prompt_only)[:4]
+    lengths = sorted(len(tasks[t]["response"]) for t in labelled)
+    for task_id in labelled:
+        good = len(tasks[task_id]["response"]) >= lengths[2]
+        verdict = "Thumbs up: good response" if good else "Thumbs down: bad response"
+        result = [choice_item("verdict", "response", verdict)]
+        if task_id == labelled[0]:
+            feedback = {"text": ["Give the exact steps."]}
+            result.append(
+                {
+                    "from_name": "feedback",
+                    "to_name": "response",
+                    "type": "textarea",
+                    "value": feedback,
+                }
+            )
+        ls.annotations.create(id=task_id, result=result)
+    assert_store_matches(ls, plain_backend, project, schema)
+    wait_for(lambda: trainings_done(plain_backend, project.id) >= 1, "the training job")
+
+    registry = registry_for(BackendConfig(data_dir=plain_backend.store.path.parent))
+    [version] = [v for v in registry.versions(project.id) if v.kind == POLICY]
+    assert version.metrics["kto_examples"] == 4 and version.metrics["kto"]["steps"] >= 1
+    assert version.metrics["ilf_examples"] == 1
+    assert "no trained reward model" in version.reason  # nothing to judge it: not served
+    assert registry.served(project.id, POLICY).version == "policy-base"
