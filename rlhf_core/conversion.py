@@ -261,16 +261,12 @@ def _verdict(control: UnpairedControl, value: dict[str, Any]) -> dict[str, Any] 
     """Thumbs: the choice's verdict. Rating: above the scale's middle is desirable, below it
     undesirable; the middle itself (3 of 5) says neither and gives no record."""
     if control.choice_to_desirable:
-        picked = value.get("choices") or []
-        if not isinstance(picked, list) or (
-            picked and picked[0] not in control.choice_to_desirable
-        ):
-            raise AnnotationMismatch(f"Choices {control.name!r}: unknown choice {picked!r}")
-        return (
-            {"desirable": control.choice_to_desirable[picked[0]], "source": "thumbs"}
-            if picked
-            else None
-        )
+        picked = _picked({control.name: value}, control.name)
+        if not picked:
+            return None
+        if picked[0] not in control.choice_to_desirable:
+            raise AnnotationMismatch(f"Choices {control.name!r}: unknown choice {picked[0]!r}")
+        return {"desirable": control.choice_to_desirable[picked[0]], "source": "thumbs"}
     rating = value.get("rating")
     if rating is None:
         return None
