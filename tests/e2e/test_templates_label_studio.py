@@ -332,17 +332,6 @@ def test_template_in_label_studio_predict_preannotate_annotate_retrain(
 # -- graded preferences without pre-selection; thumbs trained with KTO -------------------------
 
 
-@pytest.fixture(scope="module")
-def plain_backend(tmp_path_factory: pytest.TempPathFactory, label_studio: LabelStudioServer):
-    """The defaults (no pre-selected answers), training on every 4 labels, policy training on."""
-    data_dir = tmp_path_factory.mktemp("plain-backend") / "data"
-    server = start_backend(data_dir, RLHF_TRAIN_EVERY="4", LABEL_STUDIO_URL=label_studio.url)
-    try:
-        yield server
-    finally:
-        server.process.stop()
-
-
 def retrieve_predictions(label_studio: LabelStudioServer, project_id: int) -> None:
     action = label_studio.api(
         "POST",
@@ -359,7 +348,7 @@ def choice_item(control: str, to_name: str, choice: str) -> dict[str, Any]:
 
 
 def test_graded_template_scores_without_preselecting_and_keeps_strength_and_both_bad(
-    label_studio: LabelStudioServer, plain_backend: Backend, ls: LabelStudio
+    label_studio: LabelStudioServer, training_backend: Backend, ls: LabelStudio
 ) -> None:
     xml = (TEMPLATE_DIR / "graded.xml").read_text(encoding="utf-8")
     sample = json.loads((TEMPLATE_DIR / "graded.tasks.json").read_text(encoding="utf-8"))
@@ -368,7 +357,7 @@ def test_graded_template_scores_without_preselecting_and_keeps_strength_and_both
     with_responses = sorted(
         t for t, d in project.task_data.items() if task_candidates(d, schema) is not None
     )
-    ml = connect(label_studio, project.id, plain_backend)
+    ml = connect(label_studio, project.id, training_backend)
     check_test_prediction(label_studio, ml["id"])
 
     # Predictions order the tasks (Label Studio stores their scores) and pre-select nothing.
@@ -385,16 +374,16 @@ def test_graded_template_scores_without_preselecting_and_keeps_strength_and_both
     for task_id, answer in zip(with_responses, answers, strict=False):
         result = [choice_item("preference", "prompt", answer)]
         ls.annotations.create(id=task_id, result=result)
-    assert_store_matches(ls, plain_backend, project, schema)
-    preferences = plain_backend.store.records(project.id, "preference")
+    assert_store_matches(ls, training_backend, project, schema)
+    preferences = training_backend.store.records(project.id, "preference")
     assert sorted(p.get("strength", "tie") for p in preferences) == ["better", "slightly", "tie"]
-    both_bad = plain_backend.store.records(project.id, "unpaired")
+    both_bad = training_backend.store.records(project.id, "unpaired")
     assert [r["source"] for r in both_bad] == ["both_bad", "both_bad"]
     assert not any(r["desirable"] for r in both_bad)
 
 
 def test_thumbs_template_in_label_studio_trains_the_policy_with_kto(
-    label_studio: LabelStudioServer, plain_backend: Backend, ls: LabelStudio
+    label_studio: LabelStudioServer, training_backend: Backend, ls: LabelStudio
 ) -> None:
     from trainer.registry import POLICY
 
@@ -404,10 +393,10 @@ def test_thumbs_template_in_label_studio_trains_the_policy_with_kto(
     project = create_project(ls, "template thumbs", sample, label_config=xml)
     prompt_only = {t for t, d in project.task_data.items() if is_blank(d["response"])}
     assert prompt_only and len(prompt_only) < len(project.task_ids)
-    connect(label_studio, project.id, plain_backend)
+    connect(label_studio, project.id, training_backend)
 
     # Pre-annotation writes the policy's answer into the prompt-only tasks, and only there.
-    preannotate(label_studio, plain_backend, project.id, queue=False)
+    preannotate(label_studio, training_backend, project.id, queue=False)
     tasks = {t.id: dict(t.data) for t in ls.tasks.list(project=project.id, fields="all")}
     assert all(not is_blank(tasks[t]["response"]) for t in prompt_only)
     assert all(tasks[t] == project.task_data[t] for t in set(tasks) - prompt_only)
@@ -430,10 +419,10 @@ def test_thumbs_template_in_label_studio_trains_the_policy_with_kto(
                 }
             )
         ls.annotations.create(id=task_id, result=result)
-    assert_store_matches(ls, plain_backend, project, schema)
-    wait_for(lambda: trainings_done(plain_backend, project.id) >= 1, "the training job")
+    assert_store_matches(ls, training_backend, project, schema)
+    wait_for(lambda: trainings_done(training_backend, project.id) >= 1, "the training job")
 
-    registry = registry_for(BackendConfig(data_dir=plain_backend.store.path.parent))
+    registry = registry_for(BackendConfig(data_dir=training_backend.store.path.parent))
     [version] = [v for v in registry.versions(project.id) if v.kind == POLICY]
     assert version.metrics["kto_examples"] == 4 and version.metrics["kto"]["steps"] >= 1
     assert version.metrics["ilf_examples"] == 1
