@@ -266,6 +266,14 @@ def test_a_new_project_has_an_empty_dashboard_not_an_error(client):
         "agreement": {"items": 0, "labels": 0, "percent": None, "alpha": None},
         "leaderboard": [],
         "arena": {"tasks": 0, "length_coefficient": None, "length_ci": None},
+        "labels": {
+            "pairs": 0,
+            "graded_pairs": 0,
+            "ties": 0,
+            "both_bad": 0,
+            "desirable": 0,
+            "undesirable": 0,
+        },
     }
 
 
