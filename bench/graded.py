@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.synthetic_world import OPENERS
 from bench.worlds import response_bank
-from ml_backend.label_schema import STRENGTH_MARGINS
-from trainer.reward_model import RewardModel, RewardModelConfig
+from rlhf_core.label_schema import STRENGTH_MARGINS
+from rlhf_core.reward_model import RewardModel, RewardModelConfig
 from trainer.reward_training import (
     EmbeddingCache,
     Pair,

@@ -18,7 +18,7 @@ annotator) so that nothing a human said is anonymous or unattributable:
 
 A graded choice (``A is slightly better``) adds ``"strength"`` (``significantly``, ``better``,
 ``slightly``, ``negligibly``) and ``"margin"`` (its Bradley–Terry margin,
-``ml_backend.label_schema.STRENGTH_MARGINS``) to its preference records.
+``rlhf_core.label_schema.STRENGTH_MARGINS``) to its preference records.
 
 Example, with the pairwise template and ``selected: right``:
 

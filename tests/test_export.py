@@ -448,7 +448,7 @@ THUMBS_TASKS = [
 def test_graded_margins_both_bad_and_thumbs_are_exported_and_counted(
     client, client_store, app_config, tmp_path
 ):
-    from ml_backend.summary import label_counts
+    from rlhf_core.summary import label_counts
 
     deliver(client, 4, "graded", GRADED_TASKS)
     deliver(client, 5, "thumbs", THUMBS_TASKS)

@@ -385,7 +385,7 @@ def test_graded_template_scores_without_preselecting_and_keeps_strength_and_both
 def test_thumbs_template_in_label_studio_trains_the_policy_with_kto(
     label_studio: LabelStudioServer, training_backend: Backend, ls: LabelStudio
 ) -> None:
-    from trainer.registry import POLICY
+    from rlhf_core.registry import POLICY
 
     xml = (TEMPLATE_DIR / "thumbs.xml").read_text(encoding="utf-8")
     sample = json.loads((TEMPLATE_DIR / "thumbs.tasks.json").read_text(encoding="utf-8"))
