@@ -221,7 +221,8 @@ def preannotate_project(
         )
         tasks.create_prediction(task.task_id, prediction)
         report.another_look += 1
-    tasks.set_project_model_version(project_id, version)
+    if schema.learns_preferences:  # Label Studio refuses a version that no prediction carries
+        tasks.set_project_model_version(project_id, version)
     return report
 
 

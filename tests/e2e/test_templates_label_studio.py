@@ -360,14 +360,24 @@ def test_graded_template_scores_without_preselecting_and_keeps_strength_and_both
     ml = connect(label_studio, project.id, training_backend)
     check_test_prediction(label_studio, ml["id"])
 
-    # Predictions order the tasks (Label Studio stores their scores) and pre-select nothing.
+    # Predictions pre-select nothing; Label Studio stores their scores and sorts by them.
     retrieve_predictions(label_studio, project.id)
     predicted = {p.task: p for p in ls.predictions.list(project=project.id)}
     assert sorted(predicted) == with_responses
     for prediction in predicted.values():
         assert prediction.result == [] and 0.0 <= prediction.score <= 1.0, prediction
-    shown = data_manager_order(ls, project.id, with_responses)
-    assert [predicted[t].score for t in shown] == sorted(p.score for p in predicted.values())
+    preannotate(label_studio, training_backend, project.id, queue=False)  # the prompt-only ones
+    version = served_version(training_backend, project.id)
+    scores = {
+        p.task: p.score
+        for p in ls.predictions.list(project=project.id)
+        if p.model_version == version
+    }
+    assert sorted(scores) == sorted(project.task_ids)
+    assert all(p.result == [] for p in ls.predictions.list(project=project.id))
+    shown = data_manager_order(ls, project.id, project.task_ids)
+    assert [scores[t] for t in shown] == sorted(scores.values()), (shown, scores)
+    with_responses = sorted(project.task_ids)
 
     # A graded answer keeps its strength; a tie is a tie; "both bad" is two undesirable examples.
     answers = ["B is slightly better", "Tie: equally good", "Both are bad", "A is better"]
