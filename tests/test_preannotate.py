@@ -123,6 +123,29 @@ def test_tasks_with_responses_are_predicted_not_regenerated():
     assert report.predicted == 1
 
 
+THUMBS = """<View><Text name="prompt" value="$prompt"/><Text name="response" value="$response"/>
+<Choices name="verdict" toName="response"><Choice value="Good"/><Choice value="Bad"/></Choices>
+</View>"""
+
+
+def test_a_single_response_task_gets_the_policys_answer_once_and_no_prediction():
+    """Thumbs up/down: the prompt-only task gets one answer written in; a task that has its
+    response keeps it; there is no pair to predict, so no model version to show either (Label
+    Studio refuses a version that no prediction carries)."""
+    tasks = [
+        {"id": 1, "data": {"prompt": "q1", "response": ""}},
+        {"id": 2, "data": {"prompt": "q2", "response": "already here"}},
+    ]
+    models = FakeModels()
+    ls = FakeLabelStudio(tasks)
+    report = preannotate_project(1, parse_label_config(THUMBS), models, ls, num_candidates=4)
+
+    assert models.generated_for == ["q1"] and report.generated == 1
+    assert ls.tasks[1]["data"]["response"].startswith("q1 answer")
+    assert ls.tasks[2]["data"] == {"prompt": "q2", "response": "already here"}
+    assert ls.predictions == {} and ls.project_versions == {}
+
+
 def test_crash_halfway_leaves_whole_tasks_and_a_rerun_continues():
     ls = FakeLabelStudio(prompt_tasks(6), crash_after_updates=4)
     schema = parse_label_config(PAIRWISE)
