@@ -229,6 +229,9 @@ def annotator_kappa(preferences: Iterable[dict[str, Any]]) -> dict[str, float | 
             pairs[annotator] += [(verdict, t) for o, t in by_annotator.items() if o != annotator]
     kappas: dict[str, float | None] = {}
     for annotator, together in pairs.items():
+        if not together:  # every comparison of theirs was judged by them alone
+            kappas[annotator] = None
+            continue
         observed = sum(mine == theirs for mine, theirs in together) / len(together)
         mine = Counter(m for m, _ in together)
         theirs = Counter(t for _, t in together)

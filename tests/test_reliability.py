@@ -129,6 +129,16 @@ def test_gold_accuracy_agreement_and_alpha_on_a_hand_computed_example():
     assert annotator_kappa(records)["1"] == round((0.4 - 0.48) / 0.52, 4)
 
 
+def test_an_annotator_nobody_overlaps_has_no_kappa_rather_than_breaking_the_summary():
+    """One annotator alone (the usual start of a project): κ is undefined, not a crash."""
+    records = [
+        {"task": 1, "prompt": "p", "chosen": "a", "rejected": "b", "annotator": 1},
+        {"task": 2, "prompt": "q", "chosen": "c", "rejected": "d", "annotator": 1},
+    ]
+    assert annotator_kappa(records) == {"1": None}
+    assert project_agreement(records)["items"] == 0
+
+
 def test_ground_truth_travels_with_the_records_of_a_gold_annotation(client, client_store):
     gold = annotation_event(1, task_id=1, completed_by=9, selected="left")
     gold["annotation"]["ground_truth"] = True
