@@ -236,8 +236,14 @@ class Database:
         """Hold a lock named ``key`` until the transaction ends, on PostgreSQL (an advisory
         lock, shared by every machine). On SQLite a write transaction already holds the one
         database-wide write lock."""
-        if self.is_postgresql:
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key(*key)})
+        self.lock_all(conn, key)
+
+    def lock_all(self, conn: Connection, *keys: tuple[Any, ...]) -> None:
+        """:meth:`lock` for each key, in the order given, in one round trip."""
+        if self.is_postgresql and keys:
+            names = [f"pg_advisory_xact_lock(:key{i})" for i in range(len(keys))]
+            params = {f"key{i}": advisory_key(*key) for i, key in enumerate(keys)}
+            conn.execute(text(f"SELECT {', '.join(names)}"), params)
 
     def now(self) -> float:
         """The database's clock, in seconds since the epoch."""

@@ -1,7 +1,8 @@
 """Annotation intake: validate a Label Studio webhook, store it durably, then answer.
 
 The request path never trains: at most it queues a training job (a row in the store) for the
-trainer worker. Everything here is one or two short SQLite transactions.
+trainer worker. An annotation event is one read (the project) and one write transaction (the
+annotation, its records and the training trigger, committed together before the answer).
 """
 
 from __future__ import annotations
@@ -74,14 +75,14 @@ def handle_event(
         return _delete_annotations(store, action, payload)
     if action == START_TRAINING:
         if proven:
-            project_id, kept = _known_project(store, payload, max_label_config_bytes)
+            project_id, _, kept = _known_project(store, payload, max_label_config_bytes)
         else:
             project_id, kept = _connected_project(store, payload), {}
         job = store.enqueue_training(project_id, trigger="start_training")
         status = "queued" if job else "coalesced"
         return IntakeResult(action, status, {"job_id": job.job_id if job else None, **kept})
     if action == PROJECT_UPDATED:
-        project_id, kept = _known_project(store, payload, max_label_config_bytes)
+        project_id, _, kept = _known_project(store, payload, max_label_config_bytes)
         return IntakeResult(action, "updated", {"project": project_id, **kept})
     logger.info("ignoring webhook action %r", action[:64])
     return IntakeResult(action, "ignored", {})
@@ -106,10 +107,10 @@ def _connected_project(store: Store, payload: dict[str, Any]) -> int:
 
 def _known_project(
     store: Store, payload: dict[str, Any], max_label_config_bytes: int
-) -> tuple[int, dict[str, str]]:
-    """The event's project id, and what became of a label config the event carries: it
-    replaces the stored one if ``/setup`` would accept it, else the stored one is kept (the
-    second value then says why for the answer)."""
+) -> tuple[int, str, dict[str, str]]:
+    """The event's project id, the label config in force, and what became of a label config
+    the event carries: it replaces the stored one if ``/setup`` would accept it, else the
+    stored one is kept (the third value then says why for the answer)."""
     project = project_payload(payload)
     project_id = project["id"]
     label_config = project.get("label_config")
@@ -123,14 +124,16 @@ def _known_project(
             if stored is None:
                 raise
             logger.warning("project %s: kept the working label config: %s", project_id, exc)
-            return project_id, {"label_config": f"refused, the working one kept: {exc.message}"}
+            kept = {"label_config": f"refused, the working one kept: {exc.message}"}
+            return project_id, stored.label_config, kept
         store.upsert_project(project_id, label_config)
-    elif stored is None:
+        return project_id, label_config, {}
+    if stored is None:
         raise NotFound(
             f"project {project_id} is unknown: connect this backend to it in Label Studio "
             "(POST /setup) or send the project's label_config with the event"
         )
-    return project_id, {}
+    return project_id, stored.label_config, {}
 
 
 def _store_annotation(
@@ -156,9 +159,7 @@ def _store_annotation(
     task = payload.get("task")
     if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
         raise BadRequest(f"{action} needs a 'task' object with a 'data' object")
-    project_id, kept = _known_project(store, payload, max_label_config_bytes)
-    project = store.project(project_id)
-    assert project is not None  # _known_project registered it or raised
+    project_id, label_config, kept = _known_project(store, payload, max_label_config_bytes)
     incoming = IncomingAnnotation(
         annotation_id=annotation_id,
         project_id=project_id,
@@ -168,21 +169,19 @@ def _store_annotation(
         result=result,
         was_cancelled=bool(was_cancelled),
         ls_updated_at=ls_updated_at,
-        label_config=project.label_config,
+        label_config=label_config,
     )
     gold = annotation.get("ground_truth") is True
     records = [] if incoming.was_cancelled else _records(incoming, gold)
-    if not store.upsert_annotation(incoming, records):
+    # One write transaction: the annotation, its records and the training trigger commit
+    # together (or not at all), after the validation and conversion above.
+    written = store.store_annotation(incoming, records, train_every)
+    if not written.stored:
         logger.info("annotation %s: stale or deleted, kept the stored state", annotation_id)
         return IntakeResult(action, "stale", {"annotation": annotation_id, **kept})
-    job = (
-        store.enqueue_training(project_id, "annotations", min_new=train_every)
-        if train_every
-        else None
-    )
     detail: dict[str, Any] = {"annotation": annotation_id, "records": len(records), **kept}
-    if job is not None:
-        detail["job_id"] = job.job_id
+    if written.job is not None:
+        detail["job_id"] = written.job.job_id
     return IntakeResult(action, "stored", detail)
 
 

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, exists, func, insert, select, update
+from sqlalchemy import Connection, Insert, RowMapping, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rlhf_core.db import Database, db_now
@@ -60,14 +60,13 @@ class JobQueue:
 
     def enqueue_job(self, project_id: int, kind: str, trigger: str, min_new: int = 0) -> Job | None:
         with self.db.write() as conn:
-            self.db.lock(conn, "enqueue", project_id, kind)  # coalescing across machines
-            if _has_job(conn, project_id, kind, JOB_QUEUED):
-                return None
-            if min_new > 0 and _usable_changes_since_last_job(conn, project_id, kind) < min_new:
-                return None
-            job_id = _insert_job(conn, project_id, kind, trigger, status=JOB_QUEUED)
-        logger.info("queued %s job %s for project %s (%s)", kind, job_id, project_id, trigger)
-        return self.job(job_id)
+            self.db.lock(conn, *enqueue_lock(project_id, kind))
+            job = enqueue_in(conn, project_id, kind, trigger, min_new)
+        if job is not None:
+            logger.info(
+                "queued %s job %s for project %s (%s)", kind, job.job_id, project_id, trigger
+            )
+        return job
 
     def claim_job(self, worker: str, kinds: tuple[str, ...] = ALL_KINDS) -> Job | None:
         """Take the oldest queued job whose project has no job of the same kind running."""
@@ -244,15 +243,61 @@ class JobQueue:
         return history
 
 
-def _insert_job(conn: Connection, project_id: int, kind: str, trigger: str, **values: Any) -> int:
-    statement = insert(jobs).values(
+def enqueue_lock(project_id: int, kind: str) -> tuple[Any, ...]:
+    """The lock (:meth:`~rlhf_core.db.Database.lock`) that coalesces a project's queued jobs of
+    a kind across machines; whoever enqueues holds it."""
+    return ("enqueue", project_id, kind)
+
+
+def enqueue_in(
+    conn: Connection, project_id: int, kind: str, trigger: str, min_new: int = 0
+) -> Job | None:
+    """:meth:`JobQueue.enqueue_job` inside the caller's write transaction, which holds
+    :func:`enqueue_lock`: one statement to decide, one to insert (returning the job)."""
+    queued = exists().where(
+        jobs.c.project_id == project_id, jobs.c.kind == kind, jobs.c.status == JOB_QUEUED
+    )
+    if min_new > 0:
+        since = (
+            select(func.max(jobs.c.seq_at_enqueue))
+            .where(jobs.c.project_id == project_id, jobs.c.kind == kind)
+            .scalar_subquery()
+        )
+        changed = (
+            select(func.count())
+            .where(
+                annotations_table.c.project_id == project_id,
+                annotations_table.c.deleted == 0,
+                annotations_table.c.kinds != "",
+                annotations_table.c.seq > func.coalesce(since, 0),
+            )
+            .scalar_subquery()
+        )
+        has_queued, usable = conn.execute(select(queued, changed)).one()
+        if has_queued or usable < min_new:
+            return None
+    elif conn.execute(select(queued)).scalar():
+        return None
+    row = conn.execute(
+        _insert_job_statement(project_id, kind, trigger, status=JOB_QUEUED).returning(*jobs.c)
+    ).mappings()
+    return _job(row.one())
+
+
+def _insert_job_statement(project_id: int, kind: str, trigger: str, **values: Any) -> Insert:
+    seq = select(counters.c.value).where(counters.c.name == "seq").scalar_subquery()
+    return insert(jobs).values(
         project_id=project_id,
         kind=kind,
         trigger=trigger,
-        seq_at_enqueue=current_seq(conn),
+        seq_at_enqueue=func.coalesce(seq, 0),
         created_at=db_now(),
         **values,
     )
+
+
+def _insert_job(conn: Connection, project_id: int, kind: str, trigger: str, **values: Any) -> int:
+    statement = _insert_job_statement(project_id, kind, trigger, **values)
     return int(conn.execute(statement.returning(jobs.c.job_id)).scalar_one())
 
 
@@ -263,29 +308,6 @@ def _has_job(conn: Connection, project_id: int, kind: str, status: str) -> bool:
         )
     ).first()
     return found is not None
-
-
-def current_seq(conn: Connection) -> int:
-    """The store-wide change counter (every annotation write takes the next number)."""
-    value = conn.execute(select(counters.c.value).where(counters.c.name == "seq")).scalar()
-    return int(value or 0)
-
-
-def _usable_changes_since_last_job(conn: Connection, project_id: int, kind: str) -> int:
-    since = conn.execute(
-        select(func.max(jobs.c.seq_at_enqueue)).where(
-            jobs.c.project_id == project_id, jobs.c.kind == kind
-        )
-    ).scalar()
-    count = conn.execute(
-        select(func.count()).where(
-            annotations_table.c.project_id == project_id,
-            annotations_table.c.deleted == 0,
-            annotations_table.c.kinds != "",
-            annotations_table.c.seq > (since or 0),
-        )
-    ).scalar_one()
-    return int(count)
 
 
 def _job(row: RowMapping) -> Job:

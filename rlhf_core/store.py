@@ -44,6 +44,8 @@ from rlhf_core.job_queue import (
     JOB_TRAIN,
     Job,
     JobQueue,
+    enqueue_in,
+    enqueue_lock,
 )
 from rlhf_core.migrate import upgrade
 from rlhf_core.projects import (
@@ -64,6 +66,7 @@ __all__ = [
     "JOB_RECONCILE",
     "JOB_RUNNING",
     "JOB_TRAIN",
+    "AnnotationWrite",
     "IncomingAnnotation",
     "Job",
     "Project",
@@ -88,6 +91,15 @@ class IncomingAnnotation:
     was_cancelled: bool
     ls_updated_at: str
     label_config: str
+
+
+@dataclass(frozen=True)
+class AnnotationWrite:
+    """What :meth:`Store.store_annotation` did: stored (False: a stale or deleted one, the
+    stored state kept), and the training job it queued, if any."""
+
+    stored: bool
+    job: Job | None = None
 
 
 @dataclass(frozen=True)
@@ -142,9 +154,25 @@ class Store(ProjectStore, JobQueue):
 
         ``records`` are ``(kind, payload)`` pairs from :mod:`rlhf_core.conversion`.
         """
+        return self.store_annotation(annotation, records).stored
+
+    def store_annotation(
+        self,
+        annotation: IncomingAnnotation,
+        records: list[tuple[str, dict[str, Any]]],
+        train_every: int = 0,
+    ) -> AnnotationWrite:
+        """Store an annotation and its training records and, with ``train_every`` > 0, queue a
+        training once that many usable annotations changed since the last one was queued: all
+        in one write transaction, so an acknowledged webhook has all of it and a failed one
+        none. ``records`` are ``(kind, payload)`` pairs from :mod:`rlhf_core.conversion`,
+        converted before the transaction opens (it holds the write lock)."""
         key = _annotation_key(annotation.project_id, annotation.annotation_id)
+        locks = [CONTENT_LOCK]
+        if train_every:
+            locks.append(enqueue_lock(annotation.project_id, JOB_TRAIN))
         with self.db.write() as conn:
-            self.db.lock(conn, *CONTENT_LOCK)
+            self.db.lock_all(conn, *locks)
             current = (
                 conn.execute(
                     select(
@@ -159,7 +187,7 @@ class Store(ProjectStore, JobQueue):
             if current is not None and (
                 current["deleted"] or current["ls_updated_at"] > annotation.ls_updated_at
             ):
-                return False
+                return AnnotationWrite(stored=False)
             digest = put_config(self.db, conn, annotation.label_config)
             values = {
                 "task_id": annotation.task_id,
@@ -182,12 +210,20 @@ class Store(ProjectStore, JobQueue):
                         **values,
                     )
                 )
+                _insert_records(conn, annotation.annotation_id, annotation.project_id, records)
             else:
                 conn.execute(update(annotations_table).where(key).values(**values))
-            _replace_records(conn, annotation.annotation_id, annotation.project_id, records)
-            if current is not None and current["config_hash"] not in (None, digest):
-                collect_config(conn, current["config_hash"])
-            return True
+                _replace_records(conn, annotation.annotation_id, annotation.project_id, records)
+                if current["config_hash"] not in (None, digest):
+                    collect_config(conn, current["config_hash"])
+            job = (
+                enqueue_in(conn, annotation.project_id, JOB_TRAIN, "annotations", train_every)
+                if train_every
+                else None
+            )
+        if job is not None:
+            logger.info("queued train job %s for project %s", job.job_id, annotation.project_id)
+        return AnnotationWrite(stored=True, job=job)
 
     def delete_annotations(self, project_id: int, annotation_ids: list[int]) -> None:
         """Tombstone annotations (known or not yet seen) and drop their training records."""
@@ -443,6 +479,15 @@ def _replace_records(
             records.c.project_id == project_id, records.c.annotation_id == annotation_id
         )
     )
+    _insert_records(conn, annotation_id, project_id, new)
+
+
+def _insert_records(
+    conn: Connection,
+    annotation_id: int,
+    project_id: int,
+    new: list[tuple[str, dict[str, Any]]],
+) -> None:
     if new:
         conn.execute(
             insert(records),

@@ -22,12 +22,13 @@ import requests
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import WEBHOOK_HEADERS
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rlhf_cli.main import main
 from rlhf_core import schema
 from rlhf_core.db import Database, normalize_url
+from rlhf_core.intake import handle_event
 from rlhf_core.migrate import copy_store, current_revision, head_revision, upgrade
 from rlhf_core.registry import POLICY, REWARD_MODEL, Registry
 from rlhf_core.store import IncomingAnnotation, Store
@@ -405,6 +406,50 @@ def test_annotation_writes_from_many_threads_get_distinct_change_numbers(databas
         count = conn.execute(select(func.count()).select_from(schema.records)).scalar_one()
     assert len(seqs) == len(set(seqs)) == 40 and count == 40
     assert store.enqueue_training(1, "annotations", min_new=40) is not None
+
+
+# -- one webhook, one write transaction -------------------------------------------------------
+
+
+def fail_on_insert_into(database: Database, table: str) -> None:
+    """Make every ``INSERT INTO <table>`` on ``database`` fail (an injected fault)."""
+
+    @event.listens_for(database.engine, "before_cursor_execute")
+    def _fail(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith(f"INSERT INTO {table.upper()} "):
+            raise RuntimeError(f"injected failure: INSERT INTO {table}")
+
+
+def test_a_webhook_that_fails_at_its_training_trigger_stores_nothing(
+    database_url, annotation_event
+):
+    """The annotation, its records and the queued job commit together: a failure after the
+    records are written (here, queueing the training) leaves none of them, and the webhook
+    is not acknowledged (Label Studio sends it again)."""
+    store = Store(database_url).initialize()
+    handle_event(store, annotation_event(1), train_every=0, proven=True)  # the project known
+    fail_on_insert_into(store.db, "jobs")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        handle_event(store, annotation_event(2, task_id=2), train_every=1, proven=True)
+    assert [a.annotation_id for a in store.annotations(1)] == [1]
+    assert [r["annotation"] for r in store.records(1)] == [1]
+    assert store.jobs() == []
+
+
+def test_an_annotation_webhook_is_one_write_transaction(database_url, annotation_event):
+    store = Store(database_url).initialize()
+    handle_event(store, annotation_event(1), train_every=0, proven=True)  # the project known
+    begun: list[bool] = []
+
+    @event.listens_for(store.db.engine, "begin")
+    def _count(conn: Any) -> None:
+        begun.append(conn.get_execution_options().get("rlhf_write", False))
+
+    result = handle_event(store, annotation_event(2, task_id=2), train_every=1, proven=True)
+    assert result.status == "stored" and result.detail["job_id"] is not None
+    assert begun.count(True) == 1, f"write transactions: {begun.count(True)}"
+    assert len(begun) <= 2, f"transactions in all: {len(begun)}"  # and one read: the project
+    assert [job.job_id for job in store.jobs()] == [result.detail["job_id"]]
 
 
 # -- two servers, one PostgreSQL ----------------------------------------------------------------
