@@ -52,7 +52,8 @@ class BackendConfig:
         "RLHF_ARTIFACT_DIR",
         "Directory of the model checkpoints (each written under a scratch name and renamed into "
         "place; its content hash is checked on load). With several machines, a volume they all "
-        "mount at this same path. Unset: RLHF_DATA_DIR/models.",
+        "mount (each at a path of its own: the registry stores paths relative to it). Unset: "
+        "RLHF_DATA_DIR/models.",
     )
     host: str = _setting("0.0.0.0", "RLHF_HOST", "Address `rlhf-backend serve` binds to.")
     port: int = _setting(9090, "RLHF_PORT", "Port `rlhf-backend serve` listens on.")

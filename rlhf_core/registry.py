@@ -1,9 +1,11 @@
 """The model registry: every trained version of a project's reward model and policy.
 
-A version is a directory under ``<data_dir>/models/project-<id>/<version>/`` (the checkpoint,
+A version is a directory under ``<artifact dir>/project-<id>/<version>/`` (the checkpoint,
 which carries its own config and provenance) plus a row of ``model_versions`` in the store's
 database (:mod:`rlhf_core.db`) with its config, training-data snapshot, metrics, creation time,
-status and the checkpoint's content hash. ``rm-untrained``
+status and the checkpoint's content hash. The row holds the checkpoint's path relative to the
+artifact dir (``RLHF_ARTIFACT_DIR``), resolved by each process under its own, so machines that
+share the artifact volume may mount it at different paths. ``rm-untrained``
 (untrained heads: every prediction says so) and ``policy-base`` (the configured base policy)
 exist implicitly from the start.
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,7 @@ class ModelVersion:
     project_id: int
     kind: str
     version: str
-    path: Path | None  # None for the implicit base versions
+    path: Path | None  # resolved on this machine; None for the implicit base versions
     status: str
     reason: str | None
     config: dict[str, Any]
@@ -120,7 +122,7 @@ class Registry:
                     kind=kind,
                     number=int(version.rsplit("-", 1)[1]),
                     version=version,
-                    path=str(path),
+                    path=self._stored_path(path),
                     status=status,
                     reason=reason,
                     config=json.dumps(config),
@@ -153,17 +155,17 @@ class Registry:
                 .mappings()
                 .first()
             )
-        return _version(row) if row else None
+        return self._resolved(_version(row)) if row else None
 
     def served(self, project_id: int, kind: str) -> ModelVersion:
         """The pinned version of ``kind``, else the newest promoted one, else the base version."""
         with self.db.read() as conn:
-            return _served(conn, project_id, kind)
+            return self._resolved(_served(conn, project_id, kind))
 
     def last_promoted(self, project_id: int, kind: str) -> ModelVersion:
         """The newest promoted version of ``kind``, or the base version (pins aside)."""
         with self.db.read() as conn:
-            return _last_promoted(conn, project_id, kind)
+            return self._resolved(_last_promoted(conn, project_id, kind))
 
     def served_version(self, project_id: int) -> str:
         with self.db.read() as conn:  # one snapshot: never half of a promotion
@@ -247,7 +249,7 @@ class Registry:
             query = query.where(model_versions.c.kind == kind)
         query = query.order_by(model_versions.c.kind, model_versions.c.number)
         with self.db.read() as conn:
-            return [_version(row) for row in conn.execute(query).mappings()]
+            return [self._resolved(_version(row)) for row in conn.execute(query).mappings()]
 
     def recorded_by_job(self, project_id: int, job_id: int) -> list[ModelVersion]:
         """Versions an earlier attempt of training job ``job_id`` recorded (its retry resumes)."""
@@ -266,6 +268,29 @@ class Registry:
 
     def project_dir(self, project_id: int) -> Path:
         return self.models_dir / f"project-{project_id}"
+
+    def _stored_path(self, path: Path) -> str:
+        """A checkpoint's path as the registry stores it: relative to the artifact dir when
+        it lies there, so each machine may mount the shared volume where it likes."""
+        try:
+            return Path(path).relative_to(self.models_dir).as_posix()
+        except ValueError:  # outside the artifact dir: only this absolute path names it
+            return str(path)
+
+    def _resolved(self, version: ModelVersion) -> ModelVersion:
+        """``version`` with its stored path resolved on this machine: a relative one under
+        this process's artifact dir. An absolute one (written by an older backend, or a
+        checkpoint kept outside the artifact dir) stays as it is where it exists; where it does
+        not but its ``project-N/<version>`` does under this artifact dir (an older backend's
+        row read on a machine that mounts the volume elsewhere), that one."""
+        if version.path is None:
+            return version
+        if not version.path.is_absolute():
+            return replace(version, path=self.models_dir / version.path)
+        moved = self.project_dir(version.project_id) / version.path.name
+        if version.path.name == version.version and not version.path.exists() and moved.exists():
+            return replace(version, path=moved)
+        return version
 
     def disk_usage(self, project_id: int) -> int:
         """Bytes of the project's checkpoints on disk."""

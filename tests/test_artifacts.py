@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select, update
 
 from ml_backend.app import create_app
 from rlhf_core.artifacts import (
@@ -18,7 +19,8 @@ from rlhf_core.artifacts import (
     write_atomically,
 )
 from rlhf_core.config import BackendConfig
-from rlhf_core.registry import REWARD_MODEL
+from rlhf_core.registry import REWARD_MODEL, Registry
+from rlhf_core.schema import model_versions
 from rlhf_core.serving import load_version
 from rlhf_core.store import Store
 from tests.test_training_job import seed_annotations
@@ -213,3 +215,72 @@ def test_a_flipped_byte_in_the_promoted_checkpoint_refuses_it_and_keeps_the_prev
     # A training job does not warm-start from it: it fails, saying why.
     with pytest.raises(ArtifactIntegrityError):
         train(store, config)
+
+
+# -- the artifact volume mounted elsewhere on another machine ----------------------------------
+
+
+def machine(tmp_path: Path, name: str, artifact_dir: Path, database_url: str, backbone: str):
+    """One machine's configuration: its own data dir, the shared database, the shared
+    artifact volume mounted at ``artifact_dir``."""
+    return BackendConfig(
+        data_dir=tmp_path / f"data-{name}",
+        database_url=database_url,
+        artifact_dir=str(artifact_dir),
+        reward_backbone=backbone,
+        reward_heads=4,
+        policy_training="off",
+        promotion_tolerance=1.0,
+    )
+
+
+def test_a_version_trained_on_one_machine_is_served_by_one_that_mounts_the_volume_elsewhere(
+    tmp_path: Path, tiny_backbone: str, database_url: str
+) -> None:
+    store = Store(database_url).initialize()
+    seed_annotations(store, 40)
+    first = machine(tmp_path, "a", tmp_path / "mnt-a", database_url, tiny_backbone)
+    train(store, first)
+    assert registry_for(first).served(1, REWARD_MODEL).version == "rm-0001"
+    # The same files, mounted at another path on the second machine (and gone from the first).
+    (tmp_path / "mnt-a").rename(tmp_path / "mnt-b")
+    second = machine(tmp_path, "b", tmp_path / "mnt-b", database_url, tiny_backbone)
+
+    served = registry_for(second).served(1, REWARD_MODEL)
+    assert served.path == tmp_path / "mnt-b" / "project-1" / "rm-0001"
+    load_version(second, served)  # found, and its content hash checked
+    assert predicted_version(create_app(second).test_client()).startswith("rm-0001.")
+
+
+def test_a_version_an_older_backend_stored_with_an_absolute_path_still_loads(
+    tmp_path: Path, database_url: str
+) -> None:
+    Store(database_url).initialize()
+    old = tmp_path / "mnt-a"
+    registry = Registry(database_url, old)
+    version, path = registry.new_version_dir(1, REWARD_MODEL)
+    digest = write_atomically(path, write_checkpoint)
+    registry.record(1, REWARD_MODEL, version, path, {}, {}, {}, artifact_sha256=digest)
+    with registry.db.write() as conn:  # as an older backend stored it: the absolute path
+        conn.execute(update(model_versions).values(path=str(path)))
+
+    assert registry.get(1, REWARD_MODEL, version).path == path  # where it was written
+    old.rename(tmp_path / "mnt-b")  # and where another machine mounts the volume
+    moved = Registry(database_url, tmp_path / "mnt-b").get(1, REWARD_MODEL, version)
+    assert moved.path == tmp_path / "mnt-b" / "project-1" / version
+    verify(moved.path, moved.artifact_sha256)
+
+
+def test_the_registry_stores_checkpoint_paths_relative_to_the_artifact_dir(
+    tmp_path: Path, database_url: str
+) -> None:
+    Store(database_url).initialize()
+    registry = Registry(database_url, tmp_path / "artifacts")
+    version, path = registry.new_version_dir(1, REWARD_MODEL)
+    registry.record(1, REWARD_MODEL, version, path, {}, {}, {})
+    outside = tmp_path / "elsewhere" / "rm-0002"  # a checkpoint kept outside: absolute
+    registry.record(1, REWARD_MODEL, "rm-0002", outside, {}, {}, {})
+    with registry.db.read() as conn:
+        stored = conn.execute(select(model_versions.c.path).order_by(model_versions.c.number))
+        assert list(stored.scalars()) == [f"project-1/{version}", str(outside)]
+    assert [v.path for v in registry.versions(1)] == [path, outside]
