@@ -89,7 +89,7 @@ def test_annotations_retrain_promote_and_label_studio_follows(
     assert set(unlabeled) <= set(fresh), (sorted(fresh), unlabeled)
     for task_id in unlabeled:
         assert 0.0 <= fresh[task_id].score <= 1.0
-        assert fresh[task_id].result[0]["value"]["selected"] in ("left", "right")
+        assert fresh[task_id].result == []  # no anchoring by default (RLHF_PRESELECT=0)
 
     # More labels, then Start Training from Label Studio: a second version is trained.
     for task_id in labeled[4:]:
