@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.synthetic_world import make_pair
 from rlhf_core.config import BackendConfig
+from rlhf_core.db import database_for
+from rlhf_core.migrate import upgrade
 from rlhf_core.reward_model import RewardModel, RewardModelConfig
 from trainer.jobs import registry_for, train_reward_model
 from trainer.reward_training import Pair, RewardTrainingConfig, split_pairs
@@ -57,6 +59,7 @@ def records(n: int, seed: int) -> list[dict]:
 
 def ours(data: list[dict], data_dir: Path) -> tuple[float, dict]:
     config = BackendConfig(data_dir=data_dir, policy_training="off")
+    upgrade(database_for(config))  # the schema, as `serve` and `worker` make it at start
     registry = registry_for(config)
     started = time.perf_counter()
     result = train_reward_model(config, registry, 1, data)
