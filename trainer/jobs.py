@@ -459,15 +459,15 @@ def _reward_gate(
     decisive_heldout = sum(not p.tie for p in heldout)
     in_sample = decisive_heldout < training.min_heldout_pairs or train is heldout
     pairs = list(dict.fromkeys(train + heldout)) if in_sample else heldout
-    chosen, rejected, _ = cache.pair_indices(pairs) if pairs else (None, None, None)
-    correct = [
-        correct_choices(
-            pairs, preference_probabilities(m.head_rewards, cache.matrix(), chosen, rejected)
-        )
-        if pairs
-        else np.zeros(0)
-        for m in (candidate, serving)
-    ]
+    correct = [np.zeros(0), np.zeros(0)]
+    if pairs:
+        chosen, rejected, _ = cache.pair_indices(pairs)
+        correct = [
+            correct_choices(
+                pairs, preference_probabilities(m.head_rewards, cache.matrix(), chosen, rejected)
+            )
+            for m in (candidate, serving)
+        ]
     return should_promote(
         correct[0],
         correct[1],

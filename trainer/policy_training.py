@@ -216,11 +216,12 @@ def train_policy(
     return candidate, stats
 
 
-def penalized_reward(judge: Judge, penalty: float) -> Callable[..., list[float]]:
+def penalized_reward(judge: Judge, penalty: float) -> Callable[..., list[float | None]]:
     """GRPO's reward function: per completion, the heads' mean reward minus ``penalty`` × their
-    standard deviation (TRL calls it with the batch's prompts and completions)."""
+    standard deviation (TRL calls it with the batch's prompts and completions; its type allows
+    None for "no reward", which this one never gives)."""
 
-    def reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+    def reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float | None]:
         items = [(_text(p), [_text(c)]) for p, c in zip(prompts, completions, strict=True)]
         heads = judge(items)
         return [float(h[0].mean() - penalty * h[0].std()) for h in heads]
@@ -255,7 +256,7 @@ def _fit(
     rows: list[dict[str, str]],
     config: PolicyTrainingConfig,
     on_step: StepReport | None,
-    reward: Callable[..., list[float]] | None = None,
+    reward: Callable[..., list[float | None]] | None = None,
 ) -> dict[str, float]:
     """One TRL run (``dpo``, ``kto``, ``sft`` or ``grpo`` with ``reward``) on ``policy.model``,
     in place.

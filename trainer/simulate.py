@@ -113,7 +113,7 @@ def load_annotators(labels_path: Path) -> dict[str, str]:
 def load_inputs(
     pool_path: Path, labels_path: Path, eval_path: Path
 ) -> tuple[list[PoolItem], dict[str, int], list[tuple[PoolItem, int]]]:
-    fields = {"id": str, "prompt": str, "responses": list}
+    fields: dict[str, type] = {"id": str, "prompt": str, "responses": list}
     pool_rows = _read_jsonl(pool_path, fields)
     pool = [PoolItem(r["id"], r["prompt"], _check_responses(pool_path, r)) for r in pool_rows]
     ids = {item.id for item in pool}
