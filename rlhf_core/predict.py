@@ -294,13 +294,11 @@ def labels_by_task(
     store: Store, project_id: int, max_ranking_pairs: int, tasks: Collection[Any] | None = None
 ) -> dict[Any, list[dict[str, Any]]]:
     """The project's stored preference pairs (each ranking's implied ones too), by task id;
-    ``tasks``: only these. What decides whether a task needs another look."""
+    ``tasks``: only these, read from the store by task (not the whole project). What decides
+    whether a task needs another look."""
     found: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    if tasks is not None and not tasks:
-        return found
     preferences, rankings = (
-        [r for r in store.records(project_id, kind) if tasks is None or r.get("task") in tasks]
-        for kind in ("preference", "ranking")
+        store.records(project_id, kind, tasks) for kind in ("preference", "ranking")
     )
     for record in preference_pairs(preferences, rankings, max_ranking_pairs):
         found[record.get("task")].append(record)

@@ -79,10 +79,15 @@ records = Table(
     Column("project_id", ID, nullable=False),
     Column("kind", Text, nullable=False),
     Column("payload", Text, nullable=False),
+    # The annotation's task, kept beside its records so that /predict reads a task's records
+    # by index (``records_task``): joined through annotations, SQLite's planner (it has no
+    # statistics) walks every record of the project's kind through ``records_project``.
+    Column("task_id", ID),
     sqlite_autoincrement=True,
 )
 Index("records_owner", records.c.project_id, records.c.annotation_id)
 Index("records_project", records.c.project_id, records.c.kind)
+Index("records_task", records.c.project_id, records.c.task_id, records.c.kind)
 
 jobs = Table(
     "jobs",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Task ids per statement when records are read by task: SQLite takes at most 999 bound
+# variables in one statement (before 3.32), and /predict may name 20,000 tasks.
+TASK_IDS_PER_QUERY = 900
 
 
 @dataclass(frozen=True)
@@ -210,12 +214,12 @@ class Store(ProjectStore, JobQueue):
                         **values,
                     )
                 )
-                _insert_records(conn, annotation.annotation_id, annotation.project_id, records)
             else:
                 conn.execute(update(annotations_table).where(key).values(**values))
-                _replace_records(conn, annotation.annotation_id, annotation.project_id, records)
+                _delete_records(conn, annotation.project_id, annotation.annotation_id)
                 if current["config_hash"] not in (None, digest):
                     collect_config(conn, current["config_hash"])
+            _insert_records(conn, annotation, records)
             job = (
                 enqueue_in(conn, annotation.project_id, JOB_TRAIN, "annotations", train_every)
                 if train_every
@@ -251,7 +255,7 @@ class Store(ProjectStore, JobQueue):
                         },
                     )
                 )
-                _replace_records(conn, annotation_id, project_id, [])
+                _delete_records(conn, project_id, annotation_id)
 
     def annotations(self, project_id: int) -> list[StoredAnnotation]:
         """Live (not deleted) annotations of a project, in id order."""
@@ -277,14 +281,34 @@ class Store(ProjectStore, JobQueue):
             for row in rows
         ]
 
-    def records(self, project_id: int, kind: str | None = None) -> list[dict[str, Any]]:
-        """Training records of a project (``kind``: ``preference`` or ``feedback``)."""
-        query = select(records.c.payload).where(records.c.project_id == project_id)
+    def records(
+        self, project_id: int, kind: str | None = None, tasks: Collection[Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Training records of a project in the order they were stored (``kind``:
+        ``preference``, ``ranking``, ``feedback`` or ``unpaired``).
+
+        ``tasks``: only the records of these task ids (their annotation's task, which the
+        record's ``task`` field repeats), looked up by index (``records_task``) instead of read
+        from the whole project: what ``/predict`` asks for. An id that is not an integer
+        (``"5"``) matches nothing, as ``5 in {"5"}`` is false; None matches the annotations
+        Label Studio sent without a task.
+        """
+        query = select(records.c.record_id, records.c.payload).where(
+            records.c.project_id == project_id
+        )
         if kind is not None:
             query = query.where(records.c.kind == kind)
-        with self.db.read() as conn:
-            payloads = conn.execute(query.order_by(records.c.record_id)).scalars().all()
-        return [json.loads(payload) for payload in payloads]
+        # By task, no ORDER BY: SQLite would rather walk ``records_project`` in record order
+        # than sort what ``records_task`` finds. The rows are put in stored order here.
+        selections = [query.order_by(records.c.record_id)]
+        if tasks is not None:
+            selections = [query.where(match) for match in _task_matches(tasks)]
+        rows: list[Any] = []
+        with self.db.read() as conn:  # one snapshot for all the chunks
+            for selection in selections:
+                rows += conn.execute(selection).all()
+        rows.sort(key=lambda row: row[0])
+        return [json.loads(payload) for _, payload in rows]
 
     def annotation_counts_by_kind(self) -> dict[str, int]:
         """Live annotations per record kind (``none`` for those that yield no training data)."""
@@ -377,7 +401,7 @@ class Store(ProjectStore, JobQueue):
                         stored_at=db_now(),
                     )
                 )
-                _replace_records(conn, annotation_id, project_id, [])
+                _delete_records(conn, project_id, annotation_id)
             for table in (task_models, arena_responses):
                 task = (table.c.project_id == project_id) & (table.c.task_id == task_id)
                 conn.execute(delete(table).where(task))
@@ -462,39 +486,50 @@ class Store(ProjectStore, JobQueue):
             return [dict(row) for row in rows]
 
 
+def _task_matches(tasks: Collection[Any]) -> list[Any]:
+    """Conditions on ``records.task_id`` that together match ``tasks`` as Python compares
+    them (``2.0 == 2``; ``"2" != 2``): the integer ids, at most ``TASK_IDS_PER_QUERY`` in one,
+    and None. No stored task id is a string, and bound against the integer column a string
+    would fail the whole query on PostgreSQL (there is no ``bigint = varchar``)."""
+    ids: set[int] = set()
+    for task in tasks:
+        if isinstance(task, float) and task.is_integer():
+            task = int(task)
+        if isinstance(task, int) and -(2**63) <= task < 2**63:
+            ids.add(int(task))
+    ordered = sorted(ids)
+    task_id = records.c.task_id
+    return [
+        task_id.in_(ordered[start : start + TASK_IDS_PER_QUERY])
+        for start in range(0, len(ordered), TASK_IDS_PER_QUERY)
+    ] + ([task_id.is_(None)] if None in tasks else [])
+
+
 def _annotation_key(project_id: int, annotation_id: int) -> Any:
     return (annotations_table.c.project_id == project_id) & (
         annotations_table.c.annotation_id == annotation_id
     )
 
 
-def _replace_records(
-    conn: Connection,
-    annotation_id: int,
-    project_id: int,
-    new: list[tuple[str, dict[str, Any]]],
-) -> None:
+def _delete_records(conn: Connection, project_id: int, annotation_id: int) -> None:
     conn.execute(
         delete(records).where(
             records.c.project_id == project_id, records.c.annotation_id == annotation_id
         )
     )
-    _insert_records(conn, annotation_id, project_id, new)
 
 
 def _insert_records(
-    conn: Connection,
-    annotation_id: int,
-    project_id: int,
-    new: list[tuple[str, dict[str, Any]]],
+    conn: Connection, annotation: IncomingAnnotation, new: list[tuple[str, dict[str, Any]]]
 ) -> None:
     if new:
         conn.execute(
             insert(records),
             [
                 {
-                    "annotation_id": annotation_id,
-                    "project_id": project_id,
+                    "annotation_id": annotation.annotation_id,
+                    "project_id": annotation.project_id,
+                    "task_id": annotation.task_id,
                     "kind": kind,
                     "payload": json.dumps(payload),
                 }
