@@ -117,6 +117,29 @@ def test_predict_with_preselect_answers_each_task_with_a_pairwise_choice(tmp_pat
         assert 0.0 <= prediction["score"] <= 1.0
 
 
+def test_predict_reads_the_labels_of_its_tasks_only_not_the_whole_project(
+    http, store, annotation_event, monkeypatch
+):
+    """/predict asks the store for the records of the request's tasks; reading the project's
+    records and filtering them here would fetch every task's."""
+    for task_id in range(1, 13):
+        response = http.post("/webhook", json=annotation_event(task_id, task_id=task_id))
+        assert response.status_code == 200
+    real_records = store.records
+    fetched: list[tuple[object, list[dict]]] = []
+
+    def records_spy(project_id, kind=None, tasks=None):
+        found = real_records(project_id, kind, tasks)
+        fetched.append((tasks, found))
+        return found
+
+    monkeypatch.setattr(store, "records", records_spy)
+    body = capture("04_predict.json")  # tasks 1 and 2
+    assert http.post("/predict", json=body).status_code == 200
+    assert fetched and all(tasks == {1, 2} for tasks, _ in fetched)
+    assert sorted(r["task"] for _, found in fetched for r in found) == [1, 2]
+
+
 def test_predict_rejects_tasks_that_are_not_a_list(http):
     response = http.post("/predict", json={"tasks": {"id": 1}})
     assert response.status_code == 400

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
+from test_store import TASKS, write_annotation
 
+from rlhf_core.conversion import preference_pairs
 from rlhf_core.label_schema import parse_label_config
-from rlhf_core.predict import pair_probabilities, predict_tasks, task_candidates
+from rlhf_core.predict import labels_by_task, pair_probabilities, predict_tasks, task_candidates
+from rlhf_core.store import Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PAIRWISE = json.loads((FIXTURES / "01_setup.json").read_text())["body"]["schema"]
@@ -225,3 +229,26 @@ def test_a_graded_prediction_picks_the_strength_nearest_the_reward_gap():
         [region] = prediction["result"]
         assert region["value"]["choices"][0].startswith(f"B is {expected}"), (gap, region)
         assert valid(xml, prediction) == []
+
+
+def test_labels_by_task_reads_the_tasks_asked_for_as_the_whole_project_read_found_them(
+    database_url,
+):
+    """Preferences and the pairs each ranking implies, by task, for the tasks asked for: the
+    same as reading every record of the project and keeping those tasks' (as /predict did)."""
+    store = Store(database_url).initialize()
+    for annotation_id, task_id in enumerate(TASKS, 1):
+        write_annotation(store, annotation_id, task_id)
+    wanted = {7, 1801, 2, "2", 99}
+
+    def kept(kind: str) -> list[dict]:
+        return [r for r in store.records(1, kind) if r.get("task") in wanted]
+
+    expected = defaultdict(list)
+    for record in preference_pairs(kept("preference"), kept("ranking"), 1):
+        expected[record["task"]].append(record)
+    found = labels_by_task(store, 1, 1, wanted)
+    assert found == expected and set(found) == {7, 1801, 2}
+    assert [len(found[task]) for task in (7, 1801, 2)] == [4, 2, 2]  # one ranking pair each
+    assert set(labels_by_task(store, 1, 1)) == set(TASKS)  # the whole project, as sync reads it
+    assert labels_by_task(store, 1, 1, set()) == {}
