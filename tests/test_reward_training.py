@@ -10,6 +10,7 @@ from trainer.reward_training import (
     EmbeddingCache,
     Pair,
     RewardTrainingConfig,
+    correct_choices,
     evaluate,
     expected_calibration_error,
     is_heldout,
@@ -180,6 +181,30 @@ def test_embedding_cache_embeds_each_distinct_text_once():
     chosen, rejected, target = cache.pair_indices(pairs)
     assert chosen.tolist() == [0, 1, 2] and rejected.tolist() == [1, 0, 3]
     assert target.tolist() == [1.0, 1.0, 0.5]
+
+
+def test_correct_choices_are_per_decisive_pair_whether_the_heads_rank_it_right():
+    def embed(prompts, responses):  # one dimension: +1 for the good answer, -1 for the bad
+        return torch.tensor([[1.0] if r == "good" else [-1.0] for r in responses])
+
+    cache = EmbeddingCache(embed)
+    pairs = [Pair("p", "good", "bad"), Pair("p", "bad", "good"), Pair("p", "good", "bad", True)]
+    cache.add(pairs)
+    correct = correct_choices(lambda x: x.repeat(1, K), cache, pairs)  # reward = embedding
+    assert correct.tolist() == [1.0, 0.0]  # the tie is not a choice
+
+
+def test_correct_choices_of_no_pairs_are_an_empty_float_array_without_asking_the_cache():
+    """The gate's case before any pair is labelled: the cache is empty (no rows to index)."""
+
+    def nothing_to_embed(prompts, responses):
+        raise AssertionError("no text to embed")
+
+    def heads(x):
+        raise AssertionError("no pair to score")
+
+    correct = correct_choices(heads, EmbeddingCache(nothing_to_embed), [])
+    assert correct.shape == (0,) and correct.dtype == np.float64
 
 
 def test_evaluate_reports_accuracy_ece_and_annotator_agreement():

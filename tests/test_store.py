@@ -116,7 +116,8 @@ def test_records_by_task_stay_in_their_project(store):
 def test_reading_by_task_looks_the_tasks_up_rather_than_walking_the_project(tmp_path):
     """Each statement ``records`` sends for tasks searches ``records_task`` (SQLite's plan:
     PostgreSQL's depends on its statistics, and on a table this small is a scan either way)."""
-    store = Store(tmp_path / "store.sqlite3").initialize()
+    path = tmp_path / "store.sqlite3"
+    store = Store(path).initialize()
     write_annotation(store, 1, 7)
     sent: list[tuple[str, Any]] = []
 
@@ -128,7 +129,7 @@ def test_reading_by_task_looks_the_tasks_up_rather_than_walking_the_project(tmp_
     event.remove(store.db.engine, "before_cursor_execute", capture)
     reads = [(s, p) for s, p in sent if "FROM records" in s]
     assert len(reads) == 2  # 1,000 ids: two chunks
-    with sqlite3.connect(store.path) as conn:
+    with sqlite3.connect(path) as conn:
         plans = [conn.execute(f"EXPLAIN QUERY PLAN {s}", p).fetchall() for s, p in reads]
     for plan in plans:
         assert [row[3] for row in plan] == [

@@ -17,8 +17,6 @@ import math
 import time
 from typing import Any
 
-import numpy as np
-
 from rlhf_core.artifacts import remove_leftovers, write_atomically
 from rlhf_core.config import BackendConfig
 from rlhf_core.conversion import preference_pairs
@@ -459,18 +457,9 @@ def _reward_gate(
     decisive_heldout = sum(not p.tie for p in heldout)
     in_sample = decisive_heldout < training.min_heldout_pairs or train is heldout
     pairs = list(dict.fromkeys(train + heldout)) if in_sample else heldout
-    correct = [np.zeros(0), np.zeros(0)]
-    if pairs:
-        chosen, rejected, _ = cache.pair_indices(pairs)
-        correct = [
-            correct_choices(
-                pairs, preference_probabilities(m.head_rewards, cache.matrix(), chosen, rejected)
-            )
-            for m in (candidate, serving)
-        ]
     return should_promote(
-        correct[0],
-        correct[1],
+        correct_choices(candidate.head_rewards, cache, pairs),
+        correct_choices(serving.head_rewards, cache, pairs),
         training.promotion_tolerance,
         training.min_heldout_pairs,
         in_sample=in_sample,

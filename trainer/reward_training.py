@@ -321,10 +321,16 @@ def paired_bootstrap_interval(
     return float(low), float(high)
 
 
-def correct_choices(pairs: list[Pair], p_heads: np.ndarray) -> np.ndarray:
-    """1.0 where the ensemble's mean P(chosen > rejected) > 0.5, per decisive (non-tie) pair."""
+def correct_choices(head_fn: HeadFn, cache: EmbeddingCache, pairs: list[Pair]) -> np.ndarray:
+    """Per decisive (non-tie) pair of ``pairs`` (texts embedded in ``cache``), 1.0 where the
+    heads' mean P(chosen > rejected) > 0.5, else 0.0: (D,) floats. No pairs: an empty (0,)
+    array, and neither the cache (an empty one has no rows to index) nor the heads are asked."""
+    if not pairs:
+        return np.zeros(0)
+    chosen, rejected, _ = cache.pair_indices(pairs)
+    p_heads = preference_probabilities(head_fn, cache.matrix(), chosen, rejected)  # (P, K)
     decisive = np.array([not pair.tie for pair in pairs], dtype=bool)
-    return (p_heads.mean(axis=1)[decisive] > 0.5).astype(float) if len(pairs) else np.zeros(0)
+    return (p_heads.mean(axis=1)[decisive] > 0.5).astype(float)
 
 
 def should_promote(
